@@ -1,0 +1,78 @@
+"""unroll: the one ``lax.scan`` that runs any cell over a sequence."""
+
+import jax
+import jax.numpy as jnp
+
+from rnn_jax.cells import Carry, Cell, Params
+
+
+def unroll(
+    cell: Cell,
+    params: Params,
+    xs: jax.Array,
+    carry: Carry | None = None,
+    *,
+    lengths: jax.Array | None = None,
+    reverse: bool = False,
+    return_sequences: bool = False,
+    unroll: int | bool = 1,
+) -> tuple[Carry, jax.Array]:
+    """Runs ``cell`` over the time axis of ``xs`` with one ``jax.lax.scan``.
+
+    The input half of every step (``x W + b``) is computed for all steps before the scan, as one
+    matrix product (float features) or one row gather (integer tokens); the scan runs only the
+    recurrent half.
+
+    Args:
+      cell: a :class:`rnn_jax.Cell`.
+      params: the cell's parameters.
+      xs: ``(batch, time, input_dim)`` float features or ``(batch, time)`` integer tokens.
+      carry: the initial carry; zeros (``cell.initial_carry``) when None.
+      lengths: optional ``(batch,)`` int: steps at or past ``lengths[b]`` are padding. As with
+        Keras masking, the carry stays frozen there and the output is zero. With ``reverse``
+        the padding is met first, so each sequence's backward pass starts at its own end.
+      reverse: scan from the last step to the first (outputs stay in input order).
+      return_sequences: return every step's output instead of the last one.
+      unroll: ``lax.scan``'s unroll factor (``True`` unrolls fully).
+
+    Returns:
+      ``(final_carry, ys)``: ``ys`` is ``(batch, time, units)`` with ``return_sequences``,
+      else ``(batch, units)``, the output of the last step processed (for each sequence its
+      last real step: ``lengths - 1`` forwards, 0 with ``reverse``).
+    """
+    batch, time = xs.shape[0], xs.shape[1]
+    if carry is None:
+        carry = cell.initial_carry(batch)
+    # Time-major inside: project the transposed tokens/features so no copy of xs is made.
+    zs = cell.project(params, jnp.swapaxes(xs, 0, 1))
+    y0 = jnp.zeros((batch, cell.units), zs.dtype)
+
+    if lengths is None:
+
+        def body(state, z):
+            carry, _ = state
+            carry, y = cell.recur(params, carry, z)
+            return (carry, y), (y if return_sequences else None)
+
+        scanned = zs
+    else:
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
+        valid = jnp.arange(time)[:, None] < lengths[None, :]  # (time, batch)
+
+        def body(state, inputs):
+            z, ok = inputs
+            old_carry, old_y = state
+            new_carry, y = cell.recur(params, old_carry, z)
+            keep = ok[:, None]
+            carry = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_carry, old_carry)
+            y_last = jnp.where(keep, y, old_y)
+            return (carry, y_last), (jnp.where(keep, y, 0.0) if return_sequences else None)
+
+        scanned = (zs, valid)
+
+    (carry, y_last), ys = jax.lax.scan(body, (carry, y0), scanned, reverse=reverse, unroll=unroll)
+    if return_sequences:
+        return carry, jnp.swapaxes(ys, 0, 1)
+    return carry, y_last
