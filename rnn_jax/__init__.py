@@ -1,6 +1,17 @@
 """rnn_jax: SimpleRNN, LSTM and GRU as pure JAX functions, the Keras char-RNN tutorial, BPTT tools."""
 
-from rnn_jax.cells import CELLS, Cell, LSTMCarry, glorot_uniform, gru, identity, lstm, orthogonal, simple_rnn
+from rnn_jax.cells import (
+    CELLS,
+    Cell,
+    LSTMCarry,
+    add_bias,
+    glorot_uniform,
+    gru,
+    identity,
+    lstm,
+    orthogonal,
+    simple_rnn,
+)
 from rnn_jax.checkpoint import CheckpointError, latest_step, restore_checkpoint, save_checkpoint
 from rnn_jax.data import TextError, Vocabulary, Windows, clean_text, get_window_batch, load_text, make_windows
 from rnn_jax.losses import accuracy, masked_mean, softmax_cross_entropy

@@ -73,13 +73,18 @@ def _recurrent_kernel(key, units, blocks, recurrent_init, gain):
     )
 
 
+def add_bias(z: jax.Array, bias: jax.Array) -> jax.Array:
+    """``z (..., n) + bias (n,)`` with the broadcast spelled out (rank promotion stays strict)."""
+    return z + bias.reshape((1,) * (z.ndim - 1) + bias.shape)
+
+
 def _project(params: Params, x: jax.Array, bias: jax.Array | None) -> jax.Array:
     kernel = params["kernel"]
     if jnp.issubdtype(x.dtype, jnp.integer):
         z = jnp.take(kernel, x, axis=0)
     else:
         z = x @ kernel
-    return z if bias is None else z + bias
+    return z if bias is None else add_bias(z, bias)
 
 
 def _make_cell(init, initial_carry, project, recur, units) -> Cell:
@@ -200,7 +205,7 @@ def gru(
         return _project(params, x, bias)
 
     def recur_after(params, h, zx):
-        u = h @ params["recurrent_kernel"] + params["bias"][1]
+        u = add_bias(h @ params["recurrent_kernel"], params["bias"][1])
         a_z, a_r, a_h = jnp.split(zx, 3, axis=-1)
         u_z, u_r, u_h = jnp.split(u, 3, axis=-1)
         z = jax.nn.sigmoid(a_z + u_z)

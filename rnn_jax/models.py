@@ -5,7 +5,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnn_jax.cells import Cell, glorot_uniform
+from rnn_jax.cells import Cell, add_bias, glorot_uniform
 from rnn_jax.scan import unroll
 
 Params = Any
@@ -25,7 +25,7 @@ def dense_init(key: jax.Array, input_dim: int, output_dim: int) -> Params:
 
 def dense(params: Params, x: jax.Array) -> jax.Array:
     """``x @ kernel + bias`` (logits; the softmax lives in the loss)."""
-    return x @ params["kernel"] + params["bias"]
+    return add_bias(x @ params["kernel"], params["bias"])
 
 
 def rnn_classifier(cell: Cell, input_dim: int, num_classes: int, unroll_steps: int | bool = 1):
