@@ -11,7 +11,7 @@ Rerun with the same --workdir to resume from the last finished iteration.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from rnn_jax import char_lm
 from rnn_jax.checkpoint import CheckpointError
@@ -55,6 +55,8 @@ _DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = char_lm.Config(
         cell=_CELL.value, units=_UNITS.value, seq_len=_SEQ_LEN.value, step=_STEP.value,
         batch_size=_BATCH_SIZE.value, iterations=_ITERATIONS.value,

@@ -1,0 +1,17 @@
+# Two entry points, each of which sets up .venv on first use: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+ARGS ?=
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: run test
+run: $(VENV)/.installed
+	$(VENV)/bin/python -m experiments.char_lm $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(ARGS)
