@@ -87,6 +87,40 @@ def _project(params: Params, x: jax.Array, bias: jax.Array | None) -> jax.Array:
     return z if bias is None else add_bias(z, bias)
 
 
+class Recurrence:
+    """A ``recur`` whose carry meets the recurrent kernel in one matrix product, then a gate.
+
+    ``recur(params, carry, zx) -> (new, hidden(new))`` with ``u = hidden(carry) @ U`` (plus
+    ``recurrent_bias(params)`` when given) and ``new = gate(carry, zx + u)`` when ``additive``,
+    else ``new = gate(carry, zx, u)``. The output of a step is the new hidden state. Knowing
+    this shape lets :func:`rnn_jax.unroll` skip the product with a zero initial carry and form
+    the recurrent kernel's gradient of all steps as one matrix product; a ``recur`` of any
+    other shape (a plain function) runs step by step as written.
+
+    Attributes:
+      gate: ``(carry, z) -> carry`` (``additive``) or ``(carry, zx, u) -> carry``; elementwise.
+      hidden: ``carry -> h (batch, units)``, the part multiplied by the recurrent kernel.
+      recurrent_bias: ``params -> (k·units,)`` added to ``u``, or None.
+      additive: the gate reads ``zx`` and ``u`` only through their sum.
+    """
+
+    __slots__ = ("gate", "hidden", "recurrent_bias", "additive")
+
+    def __init__(self, gate, hidden=lambda carry: carry, recurrent_bias=None, additive=True):
+        self.gate, self.hidden = gate, hidden
+        self.recurrent_bias, self.additive = recurrent_bias, additive
+
+    def recurrent_input(self, params: Params, h: jax.Array) -> jax.Array:
+        """``u = h @ recurrent_kernel (+ recurrent bias)``: ``(batch, k·units)``."""
+        u = h @ params["recurrent_kernel"]
+        return u if self.recurrent_bias is None else add_bias(u, self.recurrent_bias(params))
+
+    def __call__(self, params: Params, carry: Carry, zx: jax.Array):
+        u = self.recurrent_input(params, self.hidden(carry))
+        new = self.gate(carry, zx + u) if self.additive else self.gate(carry, zx, u)
+        return new, self.hidden(new)
+
+
 def _make_cell(init, initial_carry, project, recur, units) -> Cell:
     def step(params, carry, x):
         return recur(params, carry, project(params, x))
@@ -124,10 +158,7 @@ def simple_rnn(
     def project(params, x):
         return _project(params, x, params["bias"])
 
-    def recur(params, h, zx):
-        h = act(zx + h @ params["recurrent_kernel"])
-        return h, h
-
+    recur = Recurrence(lambda h, z: act(z))
     return _make_cell(init, lambda batch: jnp.zeros((batch, units)), project, recur, units)
 
 
@@ -160,12 +191,12 @@ def lstm(
     def project(params, x):
         return _project(params, x, params["bias"])
 
-    def recur(params, carry, zx):
-        z = zx + carry.h @ params["recurrent_kernel"]
+    def gate(carry, z):
         z_i, z_f, z_c, z_o = jnp.split(z, 4, axis=-1)
         c = jax.nn.sigmoid(z_f) * carry.c + jax.nn.sigmoid(z_i) * jnp.tanh(z_c)
-        h = jax.nn.sigmoid(z_o) * jnp.tanh(c)
-        return LSTMCarry(h, c), h
+        return LSTMCarry(jax.nn.sigmoid(z_o) * jnp.tanh(c), c)
+
+    recur = Recurrence(gate, hidden=lambda carry: carry.h)
 
     def initial_carry(batch):
         return LSTMCarry(jnp.zeros((batch, units)), jnp.zeros((batch, units)))
@@ -204,15 +235,15 @@ def gru(
         bias = params["bias"][0] if reset_after else params["bias"]
         return _project(params, x, bias)
 
-    def recur_after(params, h, zx):
-        u = add_bias(h @ params["recurrent_kernel"], params["bias"][1])
+    def gate_after(h, zx, u):
         a_z, a_r, a_h = jnp.split(zx, 3, axis=-1)
         u_z, u_r, u_h = jnp.split(u, 3, axis=-1)
         z = jax.nn.sigmoid(a_z + u_z)
         r = jax.nn.sigmoid(a_r + u_r)
         n = jnp.tanh(a_h + r * u_h)
-        h = z * h + (1.0 - z) * n
-        return h, h
+        return z * h + (1.0 - z) * n
+
+    recur_after = Recurrence(gate_after, recurrent_bias=lambda p: p["bias"][1], additive=False)
 
     def recur_before(params, h, zx):
         kernel_zr = params["recurrent_kernel"][:, : 2 * units]

@@ -10,11 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnn_jax import data as data_lib
-from rnn_jax import train
+from rnn_jax import parallel, train
 from rnn_jax.cells import CELLS
 from rnn_jax.losses import accuracy, softmax_cross_entropy
 from rnn_jax.models import rnn_classifier
 from rnn_jax.sample import make_sampler
+
+# --compute_dtype: the dot algorithm of every matrix product in the loss (forward and backward).
+# bfloat16 rounds the inputs of each product to bf16 and accumulates in float32, on the GPU/TPU
+# matrix units; params, optimiser state, carry and elementwise math stay float32. XLA's CPU
+# backend ignores the setting (measured: bit-identical gradients).
+MATMUL_PRECISION = {"float32": None, "bfloat16": "BF16_BF16_F32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +45,8 @@ class Config:
     temperature: float = 0.0
     seed_text: str | None = None
     unroll: int = 0  # 0: unroll the scan fully for windows of up to 32 steps
+    num_devices: int = 1  # data-parallel devices; 0: all (every host's)
+    compute_dtype: str = "float32"  # or "bfloat16" matmul inputs (MATMUL_PRECISION)
 
     def validate(self):
         """Raises ``ValueError`` naming the flag of the first out-of-range value."""
@@ -58,11 +66,21 @@ class Config:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
         if self.unroll < 0:
             raise ValueError(f"--unroll must be >= 0, got {self.unroll}")
+        if self.num_devices < 0:
+            raise ValueError(f"--num_devices must be >= 0 (0: all devices), got {self.num_devices}")
+        if self.compute_dtype not in MATMUL_PRECISION:
+            raise ValueError(f"--compute_dtype must be one of {sorted(MATMUL_PRECISION)}, "
+                             f"got {self.compute_dtype!r}")
 
     def resume_key(self) -> dict:
-        """The fields a resumed run must share with the checkpoint (not iterations, sampling)."""
+        """The fields a resumed run must share with the checkpoint (not iterations, sampling).
+
+        Nor the devices and matmul precision: a run may move between machines, and checkpoints
+        written before those options existed still resume.
+        """
         keep = {f.name for f in dataclasses.fields(self)}
-        keep -= {"iterations", "num_preds", "temperature", "seed_text"}
+        keep -= {"iterations", "num_preds", "temperature", "seed_text", "num_devices",
+                 "compute_dtype"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -72,12 +90,21 @@ def make_model(config: Config, vocab_size: int):
     return cell, rnn_classifier(cell, vocab_size, vocab_size, unroll_steps=unroll)
 
 
-def make_loss(model):
-    """Per-example categorical cross-entropy and accuracy for ``(inputs, labels)`` batches."""
+def make_loss(model, compute_dtype: str = "float32"):
+    """Per-example categorical cross-entropy and accuracy for ``(inputs, labels)`` batches.
+
+    ``compute_dtype="bfloat16"`` runs the model's matrix products on bf16 inputs with float32
+    accumulation (see ``MATMUL_PRECISION``); the loss itself is float32.
+    """
+    precision = MATMUL_PRECISION[compute_dtype]
 
     def loss_fn(params, batch):
         inputs, labels = batch
-        logits = model.apply(params, inputs)
+        if precision is None:  # leave JAX's default (and JAX_DEFAULT_MATMUL_PRECISION) alone
+            logits = model.apply(params, inputs)
+        else:
+            with jax.default_matmul_precision(precision):
+                logits = model.apply(params, inputs)
         return softmax_cross_entropy(logits, labels), {"accuracy": accuracy(logits, labels)}
 
     return loss_fn
@@ -105,6 +132,7 @@ def train_and_evaluate(config: Config, workdir: str | None, text_path: str, out=
     ``workdir`` and resumes from them. Returns ``(state, history, vocabulary)``.
     """
     config.validate()
+    mesh = parallel.make_mesh(config.num_devices) if config.num_devices != 1 else None
     text = data_lib.load_text(text_path, min_length=config.seq_len + 1)
     vocab = data_lib.Vocabulary.from_text(text)
     tokens = vocab.encode(text)
@@ -115,26 +143,33 @@ def train_and_evaluate(config: Config, workdir: str | None, text_path: str, out=
     num_examples = int(windows.starts.shape[0])
 
     cell, model = make_model(config, vocab.size)
-    loss_fn = make_loss(model)
+    loss_fn = make_loss(model, config.compute_dtype)
     optimizer = train.rmsprop(
         config.learning_rate, config.rho, config.epsilon, config.eps_in_sqrt, config.clip_norm
     )
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     state = train.create_train_state(model.init(init_key), optimizer, train_key)
+    if mesh is not None:  # placed once: the corpus and the state whole on every device
+        windows, state = parallel.replicate((windows, state), mesh)
 
     def get_batch(w, idx):
         return data_lib.get_window_batch(w, idx, config.seq_len)
 
-    epoch = train.make_epoch(loss_fn, optimizer, get_batch, num_examples, config.batch_size)
+    epoch = train.make_epoch(
+        loss_fn, optimizer, get_batch, num_examples, config.batch_size, mesh=mesh
+    )
     evaluate = None
     if val_tokens is not None:
         val_windows = data_lib.make_windows(val_tokens, config.seq_len, config.seq_len)
         evaluate = train.make_evaluate(
-            loss_fn, get_batch, int(val_windows.starts.shape[0]), config.batch_size
+            loss_fn, get_batch, int(val_windows.starts.shape[0]), config.batch_size, mesh=mesh
         )
+        if mesh is not None:
+            val_windows = parallel.replicate(val_windows, mesh)
     sampler = make_sampler(cell, config.num_preds, config.temperature)
 
-    out(f"{len(text)} characters, vocabulary of {vocab.size}, {num_examples} training windows")
+    out(f"{len(text)} characters, vocabulary of {vocab.size}, {num_examples} training windows"
+        + (f", batches split over {parallel.data_size(mesh)} devices" if mesh is not None else ""))
 
     def on_iteration(iteration, state, metrics):
         report = {
@@ -167,7 +202,7 @@ def train_and_evaluate(config: Config, workdir: str | None, text_path: str, out=
         epochs_per_iteration=config.epochs_per_iteration, workdir=workdir, meta=meta,
         on_iteration=on_iteration,
     )
-    if workdir is not None:
+    if workdir is not None and jax.process_index() == 0:
         _write_samples(workdir)
     return state, history, vocab
 

@@ -1,0 +1,350 @@
+"""Gradient flow through time: cells × initialisations × T, at init and after training, many seeds.
+
+Run: python -m experiments.gradient_flow --workdir=runs/gradient_flow
+
+For each configuration (SimpleRNN with recurrent gain 0.5/1/1.5/3, IRNN, LSTM with forget bias
+1 and 0, GRU) and each T (default 50 and 200), the loss is the adding problem's MSE on the last
+output (a Dense(1) head), and the probes of :mod:`rnn_jax.gradients` measure, per seed:
+``‖∂L/∂h_t‖`` for every t (float64, so that vanishing gradients do not underflow), the step
+Jacobians' largest singular values and ``‖J_{T-1} ⋯ J_{t+1}‖₂``, and gate/tanh saturation; at
+initialisation and again after --train_steps steps of Adam (lr 1e-2, clip 1.0) on the adding
+problem of that T. Configurations that differ only in their initialisation (the four SimpleRNN
+gains; LSTM forget bias 1 and 0) train and are probed together: one compiled program, vmapped
+over configurations × seeds. Reported: median over seeds and the 10-90 % spread.
+
+Writes ``results.json`` (per-config median/spread curves), ``results.csv`` (the printed table),
+``grad_norms.png`` and ``jacobians.png`` to --workdir.
+
+Measured here (2 CPU cores shared with other jobs): 4.3 min wall (2.1 min of CPU); table and
+plots in docs/gradients.md. At initialisation, over T = 200, log10 ‖∂L/∂h_0‖/‖∂L/∂h_{T-1}‖ is
+about -6 for SimpleRNN (gain 1), -15 for LSTM (forget bias 1), -42 (forget bias 0), -39 for
+GRU: with Keras initialisers the gated cells' gradients decay faster than SimpleRNN's. Gains
+0.5 / 3 give -62 / +22. After 200 steps GRU's ratio rises to about -3 (T = 200) and -1
+(T = 50); the gain-3 RNN at T = 200 does not move at all (its float32 gradient norm overflows,
+so clip_by_global_norm zeroes every update).
+"""
+
+import csv
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from rnn_jax import cells, gradients, tasks
+from rnn_jax.models import dense
+
+# name -> (cell, structural kwargs, initialisation kwargs). Configs with the same cell and
+# structural kwargs run the same functions on differently initialised params: one program.
+CONFIGS = {
+    "rnn_g0.5": ("simple_rnn", {}, {"recurrent_gain": 0.5}),
+    "rnn_g1": ("simple_rnn", {}, {"recurrent_gain": 1.0}),
+    "rnn_g1.5": ("simple_rnn", {}, {"recurrent_gain": 1.5}),
+    "rnn_g3": ("simple_rnn", {}, {"recurrent_gain": 3.0}),
+    "irnn": ("simple_rnn", {"activation": "relu"}, {"recurrent_init": "identity"}),
+    "lstm_fb1": ("lstm", {}, {"forget_bias": 1.0}),
+    "lstm_fb0": ("lstm", {}, {"forget_bias": 0.0}),
+    "lstm_g3": ("lstm", {}, {"recurrent_gain": 3.0}),
+    "gru": ("gru", {}, {}),
+    "gru_g3": ("gru", {}, {"recurrent_gain": 3.0}),
+}
+_DEFAULT_CONFIGS = [
+    "rnn_g0.5", "rnn_g1", "rnn_g1.5", "rnn_g3", "irnn", "lstm_fb1", "lstm_fb0", "gru"
+]
+
+_CONFIGS = flags.DEFINE_list("configs", _DEFAULT_CONFIGS, f"Among {sorted(CONFIGS)}.")
+_LENGTHS = flags.DEFINE_list("lengths", ["50", "200"], "Sequence lengths T.")
+_SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds per configuration (vmapped).", lower_bound=1)
+_UNITS = flags.DEFINE_integer("units", 32, "Hidden units.", lower_bound=1)
+_TRAIN_STEPS = flags.DEFINE_integer(
+    "train_steps", 200, "Adam steps on the adding problem before the second probe (0: none).",
+    lower_bound=0)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Training batch.", lower_bound=1)
+_PROBE_BATCH = flags.DEFINE_integer("probe_batch", 16, "Sequences probed per seed.", lower_bound=1)
+_JACOBIAN_BATCH = flags.DEFINE_integer(
+    "jacobian_batch", 4, "Of those, sequences whose Jacobians are taken.", lower_bound=1)
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-2, "Adam learning rate.", lower_bound=0.0)
+_CLIP_NORM = flags.DEFINE_float("clip_norm", 1.0, "Global-norm clip while training.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/gradient_flow", "Where results are written.")
+
+_LN10 = math.log(10.0)
+
+
+def groups(names):
+    """Configs that share a cell and its structure, in order: ``[(cell, structure, [names])]``."""
+    out = {}
+    for name in names:
+        cell_name, structure, _ = CONFIGS[name]
+        key = (cell_name, tuple(sorted(structure.items())))
+        out.setdefault(key, []).append(name)
+    return [(cell, dict(structure), members) for (cell, structure), members in out.items()]
+
+
+def _probe(cell, params, xs, targets, jacobian_batch):
+    """One model's curves over t, each the median over the probed sequences."""
+    head = params["dense"]
+
+    def loss_fn(y):
+        return (dense(head, y)[:, 0] - targets) ** 2
+
+    losses, norms = gradients.carry_gradient_norms(cell, params["rnn"], xs, loss_fn)
+    tiny = jnp.finfo(xs.dtype).tiny
+    out = {"loss": jnp.mean(losses)}
+    # Exact zeros (dead relu units) are floored at the smallest normal float64.
+    out["log10_grad_h"] = jnp.median(jnp.log10(jnp.maximum(gradients.hidden(norms), tiny)), axis=0)
+    if isinstance(norms, cells.LSTMCarry):
+        out["log10_grad_c"] = jnp.median(jnp.log10(jnp.maximum(norms.c, tiny)), axis=0)
+    jac = gradients.jacobian_norms(cell, params["rnn"], xs[:jacobian_batch])
+    out["step_norm"] = jnp.median(jac["step_norm"], axis=0)
+    log_product = jnp.maximum(jac["log_product_norm"], jnp.log(tiny))  # -inf: an exact zero
+    out["log10_product"] = jnp.median(log_product, axis=0) / _LN10
+    sat = gradients.saturation(cell, params["rnn"], xs)
+    out["sat_tanh"] = jnp.mean(sat["tanh_units"], axis=0)
+    if "gates" in sat:
+        out["sat_gates"] = jnp.mean(sat["gates"], axis=0)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _probe_stack(cell, params, xs, targets, jacobian_batch):
+    return jax.vmap(lambda p: _probe(cell, p, xs, targets, jacobian_batch))(params)
+
+
+def probe_models(cell, params, xs, targets, jacobian_batch):
+    """The probes for a stack of models (leading axis), in float64, in one compiled program."""
+    with jax.enable_x64(True):
+        cast = functools.partial(jnp.asarray, dtype=jnp.float64)
+        params = jax.tree.map(cast, params)
+        out = _probe_stack(cell, params, cast(xs), cast(targets), jacobian_batch)
+        return jax.tree.map(np.asarray, out)
+
+
+def init_models(task, cell_name, structure, members, units, seeds, key):
+    """Params for every (config, seed), stacked config-major: ``(len(members) * seeds, ...)``."""
+    keys = jax.random.split(key, seeds)
+    stacks = []
+    for name in members:
+        cell = cells.CELLS[cell_name](units, **structure, **CONFIGS[name][2])
+        model = tasks.task_model(cell, task)
+        stacks.append(jax.vmap(model.init)(keys))
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *stacks)
+
+
+def summarize_curves(values):
+    """Median and 10/90 % quantiles over the leading (seed) axis."""
+    return {
+        "median": np.median(values, axis=0),
+        "p10": np.percentile(values, 10, axis=0),
+        "p90": np.percentile(values, 90, axis=0),
+    }
+
+
+def table_row(name, length, phase, probe, test_loss, grad_norm=None):
+    """A row of the table: medians over seeds (``grad_norm``: pre-clip norms while training)."""
+    ratio = probe["log10_grad_h"][:, 0] - probe["log10_grad_h"][:, -1]
+    finite = np.isfinite(test_loss)
+    return {
+        "config": name,
+        "T": length,
+        "phase": phase,
+        "test_mse": float(np.median(test_loss[finite])) if finite.any() else None,
+        "nonfinite_test": f"{np.sum(~finite)}/{len(finite)}",
+        # Global norms that overflow float32 make clip_by_global_norm zero the whole update.
+        "inf_grad_steps": None if grad_norm is None else float(np.mean(~np.isfinite(grad_norm))),
+        "log10_g0_over_gT": float(np.median(ratio)),
+        "log10_g0_over_gT_p10": float(np.percentile(ratio, 10)),
+        "log10_g0_over_gT_p90": float(np.percentile(ratio, 90)),
+        "log10_dhT_dh0": float(np.median(probe["log10_product"][:, 0])),
+        "jacobian_norm": float(np.median(probe["step_norm"])),
+        "sat_gates": float(np.median(np.mean(probe["sat_gates"], axis=1)))
+        if "sat_gates" in probe else None,
+        "sat_tanh": float(np.median(np.mean(probe["sat_tanh"], axis=1))),
+    }
+
+
+_COLUMNS = [
+    ("config", "{}"), ("T", "{}"), ("phase", "{}"), ("test_mse", "{:.3f}"),
+    ("nonfinite_test", "{}"), ("inf_grad_steps", "{:.2f}"),
+    ("log10_g0_over_gT", "{:+.1f}"), ("log10_g0_over_gT_p10", "{:+.1f}"),
+    ("log10_g0_over_gT_p90", "{:+.1f}"), ("log10_dhT_dh0", "{:+.1f}"),
+    ("jacobian_norm", "{:.2f}"), ("sat_gates", "{:.2f}"), ("sat_tanh", "{:.2f}"),
+]
+
+
+def format_table(rows):
+    """A Markdown table of the summary rows."""
+    lines = ["| " + " | ".join(n for n, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(
+            "-" if row[n] is None else f.format(row[n]) for n, f in _COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _colour(name, members_order):
+    import matplotlib
+
+    families = {"rnn": "Blues", "irnn": "Purples", "lstm": "Greens", "gru": "Reds"}
+    family = name.split("_")[0]
+    same = [n for n in members_order if n.split("_")[0] == family]
+    shade = 0.45 + 0.5 * same.index(name) / max(len(same) - 1, 1)
+    return matplotlib.colormaps[families.get(family, "Greys")](shade)
+
+
+def _floor(ax, summaries):
+    """Keep the y axis near the medians: a dead-relu band floored at 1e-308 would flatten it."""
+    low = min(np.min(s["median"]) for s in summaries)
+    ax.set_ylim(bottom=10.0 ** (low - 6))
+
+
+def plot(workdir, curves, names, lengths, phases):
+    """grad_norms.png: ‖∂L/∂h_t‖/‖∂L/∂h_{T-1}‖ against t; jacobians.png for the longest T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(phases), len(lengths), figsize=(4.6 * len(lengths), 3.2 * len(phases)), squeeze=False
+    )
+    for i, phase in enumerate(phases):
+        for j, length in enumerate(lengths):
+            ax = axes[i, j]
+            for name in names:
+                c = curves[(name, length, phase)]["log10_grad_rel"]
+                t = np.arange(length)
+                ax.plot(t, 10.0 ** c["median"], color=_colour(name, names), lw=1.2, label=name)
+                ax.fill_between(t, 10.0 ** c["p10"], 10.0 ** c["p90"], color=_colour(name, names),
+                                alpha=0.15, lw=0)
+            ax.set_yscale("log")
+            _floor(ax, [curves[(n, length, phase)]["log10_grad_rel"] for n in names])
+            ax.set_title(f"T={length}, {phase}", fontsize=9)
+            ax.set_xlabel("t", fontsize=8)
+            ax.set_ylabel("‖∂L/∂h_t‖ / ‖∂L/∂h_T‖", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0, -1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "grad_norms.png"), dpi=80)
+    plt.close(fig)
+
+    length = max(lengths)
+    fig, axes = plt.subplots(len(phases), 2, figsize=(9.2, 3.2 * len(phases)), squeeze=False)
+    for i, phase in enumerate(phases):
+        for name in names:
+            c = curves[(name, length, phase)]
+            t = np.arange(length)
+            colour = _colour(name, names)
+            axes[i, 0].plot(t, c["step_norm"]["median"], color=colour, lw=1, label=name)
+            product = c["log10_product"]
+            axes[i, 1].plot(t, 10.0 ** product["median"], color=colour, lw=1.2)
+            axes[i, 1].fill_between(
+                t, 10.0 ** product["p10"], 10.0 ** product["p90"], color=colour, alpha=0.15, lw=0
+            )
+        axes[i, 0].set_yscale("log")
+        axes[i, 0].set_title(f"‖J_t‖₂, T={length}, {phase}", fontsize=9)
+        axes[i, 1].set_yscale("log")
+        _floor(axes[i, 1], [curves[(n, length, phase)]["log10_product"] for n in names])
+        axes[i, 1].set_title(f"‖J_T ⋯ J_(t+1)‖₂, T={length}, {phase}", fontsize=9)
+        for ax in axes[i]:
+            ax.set_xlabel("t", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "jacobians.png"), dpi=80)
+    plt.close(fig)
+
+
+def run(names, lengths, *, seeds, units, train_steps, batch_size, probe_batch, jacobian_batch,
+        learning_rate, clip_norm, seed, workdir, out=print):
+    """Probes (and trains) every config at every T; prints the table; writes JSON, CSV, PNGs."""
+    os.makedirs(workdir, exist_ok=True)
+    phases = ["init", "trained"] if train_steps else ["init"]
+    rows, curves, timings = [], {}, {}
+    for length in lengths:
+        task = tasks.adding_problem(length)
+        k_init, k_train, k_probe, k_test = jax.random.split(
+            jax.random.fold_in(jax.random.PRNGKey(seed), length), 4)
+        xs, targets = task.sample(k_probe, probe_batch)
+        test_xs, test_targets = task.sample(k_test, 256)
+        for cell_name, structure, members in groups(names):
+            tic = time.perf_counter()
+            cell = cells.CELLS[cell_name](units, **structure)
+            params = init_models(task, cell_name, structure, members, units, seeds, k_init)
+            probes = {"init": probe_models(cell, params, xs, targets, jacobian_batch)}
+            losses = {"init": probes["init"]["loss"]}
+            grad_norms = {"init": None}
+            if train_steps:
+                _, train = tasks.make_task_trainer(
+                    cell, task, num_steps=train_steps, eval_every=train_steps,
+                    batch_size=batch_size, learning_rate=learning_rate)
+                keys = jnp.tile(jax.random.split(k_train, seeds), (len(members), 1))
+                trained, c = jax.jit(jax.vmap(train, in_axes=(0, 0, None, None, None)))(
+                    params, keys, clip_norm, test_xs, test_targets)
+                probes["trained"] = probe_models(cell, trained, xs, targets, jacobian_batch)
+                losses["init"] = np.asarray(c.test_loss[:, 0])
+                losses["trained"] = np.asarray(c.test_loss[:, -1])
+                grad_norms["trained"] = np.asarray(c.grad_norm)
+            seconds = time.perf_counter() - tic
+            timings[f"{cell_name}{structure or ''} T={length}"] = seconds
+            for m, name in enumerate(members):
+                part = slice(m * seeds, (m + 1) * seeds)
+                for phase in phases:
+                    p = {k: v[part] for k, v in probes[phase].items()}
+                    p["log10_grad_rel"] = p["log10_grad_h"] - p["log10_grad_h"][:, -1:]
+                    curves[(name, length, phase)] = {
+                        k: summarize_curves(v) for k, v in p.items() if k != "loss"}
+                    norms = None if grad_norms[phase] is None else grad_norms[phase][part]
+                    rows.append(table_row(name, length, phase, p, losses[phase][part], norms))
+            logging.info("%s %s T=%d: %.1f s", cell_name, members, length, seconds)
+            out(f"{cell_name} {members} T={length}: {seconds:.1f} s")
+    order = {(n, t, p): i for i, (n, t, p) in enumerate(
+        (n, t, p) for t in lengths for p in phases for n in names)}
+    rows.sort(key=lambda r: order[(r["config"], r["T"], r["phase"])])
+    out(format_table(rows))
+    config = dict(configs=names, lengths=lengths, seeds=seeds, units=units, train_steps=train_steps,
+                  batch_size=batch_size, probe_batch=probe_batch, jacobian_batch=jacobian_batch,
+                  learning_rate=learning_rate, clip_norm=clip_norm, seed=seed)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump({
+            "config": config, "rows": rows, "seconds": timings,
+            "curves": [{"config": n, "T": t, "phase": p,
+                        **{k: {q: v.tolist() for q, v in s.items()} for k, s in c.items()}}
+                       for (n, t, p), c in curves.items()],
+        }, f)
+    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, [n for n, _ in _COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(workdir, curves, names, lengths, phases)
+    return rows
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    unknown = sorted(set(_CONFIGS.value) - set(CONFIGS))
+    if unknown:
+        raise app.UsageError(f"--configs: unknown {unknown}; choose from {sorted(CONFIGS)}")
+    try:
+        lengths = [int(t) for t in _LENGTHS.value]
+    except ValueError:
+        raise app.UsageError(f"--lengths must be integers, got {_LENGTHS.value}") from None
+    if min(lengths) < 2:
+        raise app.UsageError(f"--lengths must be >= 2 (the adding problem), got {lengths}")
+    if _JACOBIAN_BATCH.value > _PROBE_BATCH.value:
+        raise app.UsageError("--jacobian_batch must not exceed --probe_batch")
+    run(_CONFIGS.value, lengths, seeds=_SEEDS.value, units=_UNITS.value,
+        train_steps=_TRAIN_STEPS.value, batch_size=_BATCH_SIZE.value,
+        probe_batch=_PROBE_BATCH.value, jacobian_batch=_JACOBIAN_BATCH.value,
+        learning_rate=_LEARNING_RATE.value, clip_norm=_CLIP_NORM.value, seed=_SEED.value,
+        workdir=_WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,320 @@
+"""BPTT probes: per-step gradient norms, step Jacobians and their products, gate saturation."""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from rnn_jax.cells import Carry, Cell, LSTMCarry, Params, add_bias
+
+# loss_fn(ys) -> per-example losses (batch,) or a scalar; ys is (batch, units) (the last output)
+# or (batch, time, units) (every output, with return_sequences=True).
+OutputLoss = Callable[[jax.Array], jax.Array]
+
+
+def hidden(carry: Carry) -> jax.Array:
+    """The hidden state ``h`` of a carry: ``carry.h`` for :class:`LSTMCarry`, else the carry."""
+    return carry.h if hasattr(carry, "h") else carry
+
+
+def norm(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Euclidean norm along ``axis``, scaled so that squares of tiny entries do not underflow.
+
+    A float32 gradient of 1e-20 has squares below the smallest normal float (XLA on CPU flushes
+    those to zero), so ``jnp.linalg.norm`` would report 0 for a gradient that is not.
+    """
+    scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return jnp.squeeze(scale, axis) * jnp.sqrt(jnp.sum(jnp.square(x / safe), axis=axis))
+
+
+def _time_major(cell: Cell, params: Params, xs: jax.Array, carry: Carry | None):
+    """Projected inputs ``(time, batch, k·units)`` and the initial carry in their dtype."""
+    zs = cell.project(params, jnp.swapaxes(xs, 0, 1))
+    if carry is None:
+        carry = cell.initial_carry(xs.shape[0])
+    # Zeros come out in the default float dtype; match the projection so float64 params (under
+    # jax.experimental.enable_x64) give a float64 recursion throughout.
+    carry = jax.tree.map(lambda c: c.astype(zs.dtype), carry)
+    return zs, carry
+
+
+def _carries(cell: Cell, params: Params, zs: jax.Array, carry: Carry):
+    """Every step's incoming carry ``h_{t-1}``, time-major: a pytree of ``(time, batch, ·)``."""
+
+    def body(carry, z):
+        new, _ = cell.recur(params, carry, z)
+        return new, carry
+
+    _, before = jax.lax.scan(body, carry, zs)
+    return before
+
+
+def carry_gradients(
+    cell: Cell,
+    params: Params,
+    xs: jax.Array,
+    loss_fn: OutputLoss,
+    carry: Carry | None = None,
+    *,
+    return_sequences: bool = False,
+) -> tuple[jax.Array, Carry]:
+    """``∂L/∂h_t`` for every step ``t`` in one backward pass.
+
+    A zero perturbation ``δ_t`` is added to the carry after every step, ``h_t ← h_t + δ_t``,
+    and ``L`` is differentiated with respect to the stacked ``δ``: ``∂L/∂δ_t = ∂L/∂h_t``, the
+    total derivative through every later step (and through ``y_t`` when the loss reads every
+    output). The output ``y_t`` is read from the perturbed carry (:func:`hidden`), which is what
+    the three cells of :mod:`rnn_jax.cells` emit.
+
+    Args:
+      cell: a :class:`rnn_jax.Cell`.
+      params: the cell's parameters (float32, or float64 under ``enable_x64``).
+      xs: ``(batch, time, input_dim)`` float features or ``(batch, time)`` integer tokens.
+      loss_fn: ``ys -> losses``: per-example losses ``(batch,)`` (their sum is differentiated,
+        so each example's gradient is its own loss's) or a scalar. ``ys`` is the last output
+        ``(batch, units)``, or every output ``(batch, time, units)`` with ``return_sequences``.
+        Close over a head's params and the targets.
+      carry: the initial carry; zeros when None.
+      return_sequences: pass every output to ``loss_fn`` instead of the last one.
+
+    Returns:
+      ``(loss, grads)``: ``loss`` is what ``loss_fn`` returned, ``grads`` a carry-shaped pytree
+      of ``(batch, time, units)`` arrays: ``grads[:, t] = ∂L/∂h_t`` where ``h_t`` is the carry
+      after reading ``xs[:, t]`` (for LSTM, :class:`LSTMCarry` of ``∂L/∂h_t`` and ``∂L/∂c_t``).
+    """
+    zs, carry = _time_major(cell, params, xs, carry)
+    time = zs.shape[0]
+    deltas = jax.tree.map(lambda c: jnp.zeros((time,) + c.shape, c.dtype), carry)
+
+    def objective(deltas):
+        def body(carry, inputs):
+            z, delta = inputs
+            carry, _ = cell.recur(params, carry, z)
+            carry = jax.tree.map(jnp.add, carry, delta)
+            return carry, (hidden(carry) if return_sequences else None)
+
+        final, hs = jax.lax.scan(body, carry, (zs, deltas))
+        ys = jnp.swapaxes(hs, 0, 1) if return_sequences else hidden(final)
+        losses = loss_fn(ys)
+        return jnp.sum(losses), losses
+
+    grads, losses = jax.grad(objective, has_aux=True)(deltas)
+    return losses, jax.tree.map(lambda g: jnp.swapaxes(g, 0, 1), grads)
+
+
+def carry_gradient_norms(
+    cell: Cell,
+    params: Params,
+    xs: jax.Array,
+    loss_fn: OutputLoss,
+    carry: Carry | None = None,
+    *,
+    return_sequences: bool = False,
+) -> tuple[jax.Array, Carry]:
+    """Per-step gradient norms ``‖∂L/∂h_t‖`` (and ``‖∂L/∂c_t‖`` for LSTM), one backward pass.
+
+    Same arguments as :func:`carry_gradients`. Returns ``(loss, norms)`` with ``norms`` a
+    carry-shaped pytree of ``(batch, time)`` Euclidean norms over the units, per example.
+    Vanishing gradients show as ``norms[:, 0] / norms[:, -1] → 0`` as ``time`` grows.
+    """
+    loss, grads = carry_gradients(
+        cell, params, xs, loss_fn, carry, return_sequences=return_sequences
+    )
+    return loss, jax.tree.map(norm, grads)
+
+
+def _flat_step(cell: Cell, params: Params, carry_row: Carry, z: jax.Array):
+    """Jacobian of one example's flattened carry update, ``(n, n)`` with ``n`` the carry size."""
+    flat, unravel = ravel_pytree(carry_row)
+
+    def step(vec):
+        # Cells are written for a batch: run a batch of one.
+        batched = jax.tree.map(lambda c: c[None], unravel(vec))
+        new, _ = cell.recur(params, batched, z[None])
+        return ravel_pytree(jax.tree.map(lambda c: c[0], new))[0]
+
+    return jax.jacfwd(step)(flat)
+
+
+def _jacobian_rows(cell: Cell, params: Params, before: Carry, zs: jax.Array) -> jax.Array:
+    """Jacobians for a batch of rows: ``before`` carries ``(rows, ·)``, ``zs (rows, k·u)``."""
+    return jax.vmap(lambda c, z: _flat_step(cell, params, c, z))(before, zs)
+
+
+def step_jacobians(
+    cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None
+) -> jax.Array:
+    """Every step's Jacobian ``J_t = ∂h_t/∂h_{t-1}``, with respect to the whole carry.
+
+    The carry is flattened per example in :func:`jax.flatten_util.ravel_pytree` order: ``h``
+    then ``c`` for :class:`LSTMCarry` (``n = 2·units``), ``h`` alone otherwise (``n = units``).
+    Memory grows as ``batch·time·n²``; for long sequences use :func:`jacobian_norms`, which
+    never holds more than one step's Jacobians.
+
+    Args:
+      cell, params, xs, carry: as for :func:`carry_gradients`.
+
+    Returns:
+      ``(batch, time, n, n)``: ``J[b, t, i, j] = ∂h_t[i]/∂h_{t-1}[j]`` (``h_{-1}`` the initial
+      carry), forward-mode (``jax.jacfwd``).
+    """
+    zs, carry = _time_major(cell, params, xs, carry)
+    before = _carries(cell, params, zs, carry)
+    jac = jax.vmap(lambda c, z: _jacobian_rows(cell, params, c, z))(before, zs)
+    return jnp.swapaxes(jac, 0, 1)
+
+
+def _spectral_norm(m: jax.Array) -> jax.Array:
+    return jnp.linalg.svd(m, compute_uv=False)[..., 0]
+
+
+def jacobian_norms(
+    cell: Cell,
+    params: Params,
+    xs: jax.Array,
+    carry: Carry | None = None,
+    *,
+    spectrum: bool = False,
+) -> dict[str, jax.Array]:
+    """Largest singular values of ``J_t`` and of the products ``J_{T-1} ⋯ J_{t+1}``.
+
+    ``‖∂h_{T-1}/∂h_t‖₂ = ‖J_{T-1} ⋯ J_{t+1}‖₂`` bounds how much of a gradient at the last step
+    reaches step ``t`` (Pascanu, Mikolov & Bengio 2013): ``‖∂L/∂h_t‖ ≤ ‖∂L/∂h_{T-1}‖ ·
+    ‖J_{T-1} ⋯ J_{t+1}‖₂`` for a loss on the last output. The product is accumulated in one
+    reverse scan, one step's Jacobians at a time, renormalised at every step and kept as a
+    log-norm, so it neither overflows nor underflows at long ``T``.
+
+    Args:
+      cell, params, xs, carry: as for :func:`carry_gradients`.
+      spectrum: also return every singular value of every ``J_t``.
+
+    Returns:
+      ``{"step_norm": (batch, time) ‖J_t‖₂, "log_product_norm": (batch, time)
+      ln ‖J_{T-1} ⋯ J_{t+1}‖₂`` (0 at ``t = T-1``, where the product is empty; ``-inf`` once it
+      is exactly zero), and with ``spectrum`` ``"singular_values": (batch, time, n)``,
+      descending ``}``.
+    """
+    zs, carry = _time_major(cell, params, xs, carry)
+    before = _carries(cell, params, zs, carry)
+    batch = zs.shape[1]
+    n = ravel_pytree(jax.tree.map(lambda c: c[0], carry))[0].shape[0]
+    eye = jnp.broadcast_to(jnp.eye(n, dtype=zs.dtype), (batch, n, n))
+    tiny = jnp.finfo(zs.dtype).tiny
+
+    def body(state, inputs):
+        unit, log_norm = state  # unit = P_t / ‖P_t‖, P_t = ∂h_{T-1}/∂h_t
+        c, z = inputs
+        jac = _jacobian_rows(cell, params, c, z)  # (batch, n, n)
+        singular = jnp.linalg.svd(jac, compute_uv=False) if spectrum else None
+        step_norm = singular[:, 0] if spectrum else _spectral_norm(jac)
+        prod = unit @ jac  # P_{t-1} = P_t J_t, up to the scale in log_norm
+        scale = _spectral_norm(prod)
+        new = (prod / jnp.maximum(scale, tiny)[:, None, None], log_norm + jnp.log(scale))
+        return new, (log_norm, step_norm, singular)
+
+    init = (eye, jnp.zeros((batch,), zs.dtype))
+    _, (log_norm, step_norm, singular) = jax.lax.scan(body, init, (before, zs), reverse=True)
+    out = {"step_norm": step_norm.T, "log_product_norm": log_norm.T}
+    if spectrum:
+        out["singular_values"] = jnp.swapaxes(singular, 0, 1)
+    return out
+
+
+def _sigmoid_saturated(a, margin):
+    return (a < margin) | (a > 1.0 - margin)
+
+
+def _tanh_saturated(a, margin):
+    return jnp.abs(a) > 1.0 - margin
+
+
+def _kind(params: Params, carry: Carry) -> str:
+    if isinstance(carry, LSTMCarry):
+        return "lstm"
+    units, width = params["recurrent_kernel"].shape
+    blocks = width // units
+    if blocks == 1:
+        return "simple_rnn"
+    if blocks == 3:
+        return "gru" if params["bias"].ndim == 2 else "gru_reset_before"
+    raise ValueError(
+        "saturation knows the cells of rnn_jax.cells (simple_rnn, lstm, gru); got a recurrent "
+        f"kernel of shape {params['recurrent_kernel'].shape}"
+    )
+
+
+def _activations(kind: str, params: Params, carry: Carry, zx: jax.Array) -> dict[str, jax.Array]:
+    """The step's gate (sigmoid) and tanh activations, from the equations of DESIGN.md §3."""
+    kernel = params["recurrent_kernel"]
+    sig = jax.nn.sigmoid
+    if kind == "simple_rnn":
+        return {"tanh": jnp.tanh(zx + carry @ kernel)}
+    if kind == "lstm":
+        z_i, z_f, z_c, z_o = jnp.split(zx + carry.h @ kernel, 4, axis=-1)
+        i, f, o, g = sig(z_i), sig(z_f), sig(z_o), jnp.tanh(z_c)
+        c = f * carry.c + i * g
+        return {"input_gate": i, "forget_gate": f, "output_gate": o, "candidate": g,
+                "cell_tanh": jnp.tanh(c)}
+    a_z, a_r, a_h = jnp.split(zx, 3, axis=-1)
+    if kind == "gru":
+        u = add_bias(carry @ kernel, params["bias"][1])
+        u_z, u_r, u_h = jnp.split(u, 3, axis=-1)
+        z, r = sig(a_z + u_z), sig(a_r + u_r)
+        n = jnp.tanh(a_h + r * u_h)
+    else:
+        units = carry.shape[-1]
+        a_zr = jnp.concatenate([a_z, a_r], axis=-1)
+        z, r = jnp.split(sig(a_zr + carry @ kernel[:, : 2 * units]), 2, axis=-1)
+        n = jnp.tanh(a_h + (r * carry) @ kernel[:, 2 * units :])
+    return {"update_gate": z, "reset_gate": r, "candidate": n}
+
+
+_GATES = ("input_gate", "forget_gate", "output_gate", "update_gate", "reset_gate")
+
+
+def saturation(
+    cell: Cell, params: Params, xs: jax.Array, carry: Carry | None = None, *, margin: float = 0.1
+) -> dict[str, jax.Array]:
+    """Fraction of saturated units at every step: gates near 0 or 1, tanh units near ±1.
+
+    A gate (sigmoid) counts as saturated below ``margin`` or above ``1 - margin``, a tanh unit
+    when ``|tanh| > 1 - margin`` (with ``margin = 0.1``, the 0.1/0.9 thresholds of Karpathy,
+    Johnson & Fei-Fei 2015). Saturated units pass almost no gradient: ``σ' = σ(1-σ) < 0.09``,
+    ``tanh' < 0.19``.
+
+    Knows the cells of :mod:`rnn_jax.cells`, recognised from their params and carry;
+    SimpleRNN is read as tanh (for a relu IRNN the ``tanh`` entry counts units of ``tanh(pre)``
+    above ``1 - margin``, i.e. large pre-activations, not saturation).
+
+    Args:
+      cell, params, xs, carry: as for :func:`carry_gradients`.
+      margin: distance from the bound that counts as saturated.
+
+    Returns:
+      ``{name: (batch, time)}`` fraction of the units saturated, per example and step. Names:
+      simple_rnn ``tanh``; lstm ``input_gate, forget_gate, output_gate, candidate, cell_tanh``;
+      gru ``update_gate, reset_gate, candidate``; and for every cell ``gates`` (all sigmoid
+      units together; absent for simple_rnn) and ``tanh_units`` (all tanh units together).
+    """
+    zs, carry = _time_major(cell, params, xs, carry)
+    kind = _kind(params, carry)
+
+    def body(carry, z):
+        acts = _activations(kind, params, carry, z)
+        flags = {
+            name: (_sigmoid_saturated if name in _GATES else _tanh_saturated)(a, margin)
+            for name, a in acts.items()
+        }
+        stats = {name: jnp.mean(f, axis=-1) for name, f in flags.items()}
+        gates = [f for name, f in flags.items() if name in _GATES]
+        tanhs = [f for name, f in flags.items() if name not in _GATES]
+        if gates:
+            stats["gates"] = jnp.mean(jnp.concatenate(gates, axis=-1), axis=-1)
+        stats["tanh_units"] = jnp.mean(jnp.concatenate(tanhs, axis=-1), axis=-1)
+        carry, _ = cell.recur(params, carry, z)
+        return carry, stats
+
+    _, stats = jax.lax.scan(body, carry, zs)
+    return {name: s.T.astype(zs.dtype) for name, s in stats.items()}

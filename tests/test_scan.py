@@ -1,0 +1,222 @@
+"""unroll against a Python loop over step: a toy counter, real cells, reverse, unroll, lengths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpy_reference as ref
+import pytest
+
+from rnn_jax import cells
+from rnn_jax.scan import unroll
+
+CELL_NAMES = ["simple_rnn", "lstm", "gru"]
+
+
+def counter_cell(units=1):
+    """A toy cell whose step adds 1 to its carry and outputs the new carry (input ignored)."""
+
+    def recur(params, carry, z):
+        carry = carry + 1.0 + 0.0 * z[:, :1]
+        return carry, carry
+
+    return cells.Cell(
+        init=lambda key, input_dim: {},
+        initial_carry=lambda batch: jnp.zeros((batch, units)),
+        step=lambda p, c, x: recur(p, c, x),
+        project=lambda p, x: x,
+        recur=recur,
+        units=units,
+    )
+
+
+def test_counter_gives_arange():
+    xs = jnp.zeros((2, 5, 1))
+    carry, ys = unroll(counter_cell(), {}, xs, return_sequences=True)
+    np.testing.assert_array_equal(ys[..., 0], np.tile(np.arange(1, 6), (2, 1)))
+    np.testing.assert_array_equal(carry[:, 0], [5, 5])
+    _, last = unroll(counter_cell(), {}, xs)
+    np.testing.assert_array_equal(last[:, 0], [5, 5])
+
+    # Reverse: the last step is processed first, outputs stay in input order.
+    carry, ys = unroll(counter_cell(), {}, xs, reverse=True, return_sequences=True)
+    np.testing.assert_array_equal(ys[..., 0], np.tile(np.arange(5, 0, -1), (2, 1)))
+    _, last = unroll(counter_cell(), {}, xs, reverse=True)
+    np.testing.assert_array_equal(last[:, 0], [5, 5])
+
+    # A given initial carry is where counting starts.
+    carry, _ = unroll(counter_cell(), {}, xs, carry=jnp.full((2, 1), 10.0))
+    np.testing.assert_array_equal(carry[:, 0], [15, 15])
+
+
+def test_counter_with_lengths():
+    xs = jnp.zeros((3, 5, 1))
+    lengths = jnp.array([5, 2, 0])
+    carry, ys = unroll(counter_cell(), {}, xs, lengths=lengths, return_sequences=True)
+    want = np.array([[1, 2, 3, 4, 5], [1, 2, 0, 0, 0], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(ys[..., 0], want)
+    np.testing.assert_array_equal(carry[:, 0], [5, 2, 0])  # frozen past each length
+    _, last = unroll(counter_cell(), {}, xs, lengths=lengths)
+    np.testing.assert_array_equal(last[:, 0], [5, 2, 0])
+
+    # Reverse: padding is met first (carry stays 0), then each sequence counts from its own end.
+    carry, ys = unroll(counter_cell(), {}, xs, lengths=lengths, reverse=True, return_sequences=True)
+    want = np.array([[5, 4, 3, 2, 1], [2, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(ys[..., 0], want)
+    np.testing.assert_array_equal(carry[:, 0], [5, 2, 0])
+    _, last = unroll(counter_cell(), {}, xs, lengths=lengths, reverse=True)
+    np.testing.assert_array_equal(last[:, 0], [5, 2, 0])
+
+    with pytest.raises(ValueError, match="lengths"):
+        unroll(counter_cell(), {}, xs, lengths=jnp.array([1, 2]))
+
+
+def _setup(name, seed=0, batch=3, time=6, input_dim=4, units=5):
+    """The cell, random params of its shapes (biases too, so zeros hide nothing) and inputs."""
+    cell = cells.CELLS[name](units)
+    shapes = jax.eval_shape(lambda key: cell.init(key, input_dim), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(seed)
+    params = {
+        k: jnp.asarray(0.5 * rng.standard_normal(s.shape), jnp.float32) for k, s in shapes.items()
+    }
+    xs = jnp.asarray(rng.standard_normal((batch, time, input_dim)), jnp.float32)
+    return cell, params, xs
+
+
+def _loop(cell, params, xs, carry, reverse=False):
+    ys = [None] * xs.shape[1]
+    for t in reversed(range(xs.shape[1])) if reverse else range(xs.shape[1]):
+        carry, ys[t] = cell.step(params, carry, xs[:, t])
+    return carry, jnp.stack(ys, axis=1)
+
+
+def _close(a, b, tol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", CELL_NAMES)
+def test_unroll_matches_python_loop(name):
+    cell, params, xs = _setup(name)
+    carry0 = jax.tree.map(lambda c: c + 0.2, cell.initial_carry(xs.shape[0]))
+
+    @jax.jit
+    def both(params, xs, carry0):
+        out = {}
+        for reverse in (False, True):
+            out[str(reverse)] = (
+                _loop(cell, params, xs, carry0, reverse),
+                unroll(cell, params, xs, carry0, reverse=reverse, return_sequences=True),
+                unroll(cell, params, xs, carry0, reverse=reverse)[1],
+            )
+        out["zeros"] = (_loop(cell, params, xs, cell.initial_carry(3))[1], unroll(cell, params, xs))
+        return out
+
+    out = both(params, xs, carry0)
+    for reverse in (False, True):
+        (want_carry, want_ys), (carry, ys), last = out[str(reverse)]
+        _close(ys, want_ys)
+        _close(carry, want_carry)
+        assert type(carry) is type(want_carry)
+        _close(last, want_ys[:, 0] if reverse else want_ys[:, -1])
+    want_ys, (_, last) = out["zeros"]
+    _close(last, want_ys[:, -1])
+
+
+@pytest.mark.parametrize("name", CELL_NAMES)
+def test_unroll_factor_does_not_change_results(name):
+    cell, params, xs = _setup(name, time=7)
+    run = jax.jit(
+        lambda p, x: [unroll(cell, p, x, return_sequences=True, unroll=u) for u in (1, 3, True)]
+    )
+    base, *others = run(params, xs)
+    for other in others:
+        _close(other, base, tol=1e-6)
+
+
+@pytest.mark.parametrize("name", CELL_NAMES)
+def test_integer_tokens_equal_one_hot(name):
+    cell, params, _ = _setup(name, input_dim=6)
+    tokens = jnp.asarray(np.random.default_rng(9).integers(0, 6, (3, 6)), jnp.int32)
+    run = jax.jit(
+        lambda p, t: (
+            unroll(cell, p, t, return_sequences=True),
+            unroll(cell, p, jax.nn.one_hot(t, 6), return_sequences=True),
+        )
+    )
+    _close(*run(params, tokens), tol=1e-6)
+
+
+@pytest.mark.parametrize("name", CELL_NAMES)
+def test_lengths_match_truncated_sequences(name):
+    """Against float64 NumPy runs of each sequence cut at its length (numpy_reference)."""
+    cell, params, xs = _setup(name, batch=3, time=6)
+    lengths = (6, 3, 1)
+
+    @jax.jit
+    def run(params, xs, lengths):
+        return [
+            (
+                unroll(cell, params, xs, lengths=lengths, reverse=reverse, return_sequences=True),
+                unroll(cell, params, xs, lengths=lengths, reverse=reverse)[1],
+            )
+            for reverse in (False, True)
+        ]
+
+    p64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    step = lambda c, x: ref.keras_step(name, p64, c, x)
+    for reverse, ((carry, ys), last) in zip(
+        (False, True), run(params, xs, jnp.array(lengths)), strict=True
+    ):
+        for b, n in enumerate(lengths):
+            x = np.asarray(xs[b : b + 1, :n], np.float64)
+            want_carry, want_ys = ref.run(
+                step, ref.keras_initial_carry(name, 1, cell.units), x, reverse
+            )
+            _close(jax.tree.map(lambda c, b=b: c[b : b + 1], carry), want_carry)
+            _close(ys[b : b + 1, :n], want_ys)
+            np.testing.assert_array_equal(ys[b, n:], 0.0)
+            _close(last[b], want_ys[0, 0] if reverse else want_ys[0, n - 1])
+
+
+@pytest.mark.parametrize("name", CELL_NAMES)
+def test_unroll_under_vmap_and_grad(name):
+    """vmap over a stack of parameter sets equals one call per set; grad flows to every leaf."""
+    cell, params, xs = _setup(name)
+
+    @jax.jit
+    def run(params, xs):
+        half = jax.tree.map(lambda p: 0.5 * p, params)
+        stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, half)
+        batched = jax.vmap(lambda p: unroll(cell, p, xs)[1])(stacked)
+        singles = [unroll(cell, params, xs)[1], unroll(cell, half, xs)[1]]
+        grads = jax.grad(lambda p: jnp.sum(unroll(cell, p, xs)[1] ** 2))(params)
+        return batched, singles, grads
+
+    batched, singles, grads = run(params, xs)
+    _close(batched[0], singles[0])
+    _close(batched[1], singles[1])
+    for g in jax.tree.leaves(grads):
+        assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
+@pytest.mark.parametrize("name", CELL_NAMES)
+def test_forward_mode_equals_reverse_mode_under_jit(name):
+    """``jvp(jit(f))`` is the directional derivative ``<grad f, v>``, for zero and given carries."""
+    cell, params, xs = _setup(name)
+    direction = jax.tree.map(lambda p: jnp.cos(p + 1.0), params)
+    carry0 = jax.tree.map(lambda c: c + 0.2, cell.initial_carry(xs.shape[0]))
+    for carry in (None, carry0):
+        loss = jax.jit(lambda p, c=carry: jnp.sum(jnp.sin(unroll(cell, p, xs, c)[1])))
+        try:
+            _, forward = jax.jvp(loss, (params,), (direction,))
+        except Exception as e:  # noqa: BLE001 - reported as a failure with its cause below
+            raise AssertionError(
+                f"forward-mode differentiation of jit(unroll) fails for {name} "
+                f"(carry={'given' if carry is not None else 'zeros'}): {type(e).__name__}: {e}"
+            ) from e
+        grads = jax.jit(jax.grad(loss))(params)
+        reverse = sum(
+            jnp.vdot(g, d)
+            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+        )
+        np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-5)
