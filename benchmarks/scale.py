@@ -1,12 +1,12 @@
 """Corpus-size sweep of the char-LM: epoch time and peak RSS at 0.15, 10 and 100 MB of text.
 
-Run: .venv/bin/python -m benchmarks.scale   (about 5 min here; results in benchmarks/SCALE.md)
+Run: .venv/bin/python -m benchmarks.scale   (about 7 min here; results in benchmarks/SCALE.md)
 Children run pinned as the speed rules ask (``taskset -c 0``,
 ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``). The corpora are Alice repeated to the size
 asked (cut at a line end), in a temporary directory. The model is the tutorial's
 (SimpleRNN(128), 10-char windows, step 1, batch 128, RMSprop).
 
-1. Memory, one fresh child per size, so that its peak RSS (``ru_maxrss``) is its own: the
+1. Memory, one fresh child per size, so that its peak RSS (``VmHWM``) is its own: the
    pipeline (read and clean, vocabulary and encode, windows; timed), then the fused epoch
    compiled and run over ``--num_batches`` batches. Like the experiment, the child keeps the
    text and the host tokens alive.
@@ -51,6 +51,12 @@ _CONFIG = char_lm.Config()  # the tutorial's model and batch
 
 
 def _peak_mb() -> float:
+    """This process's peak RSS: VmHWM, not ru_maxrss, which Linux carries over from the parent
+    across fork and exec (here, the parent that wrote the corpora)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -34,6 +34,8 @@ _NUM_PREDS = flags.DEFINE_integer(
     "num_preds", _DEFAULT.num_preds, "Characters generated per iteration.", lower_bound=1)
 _LEARNING_RATE = flags.DEFINE_float(
     "learning_rate", _DEFAULT.learning_rate, "RMSprop learning rate.", lower_bound=0.0)
+_RHO = flags.DEFINE_float("rho", _DEFAULT.rho, "RMSprop decay of the squared-gradient average.")
+_EPSILON = flags.DEFINE_float("epsilon", _DEFAULT.epsilon, "RMSprop epsilon (Keras: 1e-7).")
 _EPS_IN_SQRT = flags.DEFINE_bool(
     "eps_in_sqrt", _DEFAULT.eps_in_sqrt,
     "RMSprop epsilon inside the square root (Keras 3) or outside (Keras 2, PyTorch).")
@@ -45,7 +47,8 @@ _VAL_FRACTION = flags.DEFINE_float(
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", _DEFAULT.temperature, "0: greedy (the tutorial); > 0: sample.")
 _SEED_TEXT = flags.DEFINE_string(
-    "seed_text", None, "Generate from this text's last seq_len chars (default: random window).")
+    "seed_text", None, "Generate from this text's last seq_len chars, lower-cased as the corpus is "
+    "(default: a random training window).")
 _UNROLL = flags.DEFINE_integer("unroll", 0, "lax.scan unroll factor (0: auto).", lower_bound=0)
 _TEXT = flags.DEFINE_string(
     "text", None, "Text file to train on (default: Alice, downloaded into data/ if missing).")
@@ -70,6 +73,11 @@ _PROCESS_ID = flags.DEFINE_integer(
 _DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
+def _seed_text():
+    # The corpus is lower-cased (DESIGN.md §1), so a seed is too.
+    return None if _SEED_TEXT.value is None else _SEED_TEXT.value.lower()
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
@@ -80,9 +88,10 @@ def main(argv):
         cell=_CELL.value, units=_UNITS.value, seq_len=_SEQ_LEN.value, step=_STEP.value,
         batch_size=_BATCH_SIZE.value, iterations=_ITERATIONS.value,
         epochs_per_iteration=_EPOCHS.value, num_preds=_NUM_PREDS.value,
-        learning_rate=_LEARNING_RATE.value, eps_in_sqrt=_EPS_IN_SQRT.value,
+        learning_rate=_LEARNING_RATE.value, rho=_RHO.value, epsilon=_EPSILON.value,
+        eps_in_sqrt=_EPS_IN_SQRT.value,
         clip_norm=_CLIP_NORM.value, seed=_SEED.value, val_fraction=_VAL_FRACTION.value,
-        temperature=_TEMPERATURE.value, seed_text=_SEED_TEXT.value, unroll=_UNROLL.value,
+        temperature=_TEMPERATURE.value, seed_text=_seed_text(), unroll=_UNROLL.value,
         num_devices=_NUM_DEVICES.value, compute_dtype=_COMPUTE_DTYPE.value,
     )
     out = print if jax.process_index() == 0 else (lambda *args: None)

@@ -28,3 +28,39 @@ from rnn_jax.train import (
     make_train_step,
     rmsprop,
 )
+from rnn_jax.convert import from_torch, to_torch
+from rnn_jax.gradients import (
+    carry_gradient_norms,
+    carry_gradients,
+    jacobian_norms,
+    saturation,
+    step_jacobians,
+)
+from rnn_jax.parallel import make_mesh, shard_batch
+from rnn_jax.tasks import (
+    Task,
+    TrainCurves,
+    adding_baseline,
+    adding_batch,
+    adding_problem,
+    copy_baseline,
+    copy_batch,
+    copy_task,
+    make_task_trainer,
+    task_model,
+)
+from rnn_jax.topologies import (
+    Layer,
+    SequenceGenerator,
+    bidirectional,
+    encoder_decoder,
+    exact_match,
+    masked_accuracy,
+    masked_cross_entropy,
+    one_to_many,
+    recurrent,
+    sequence_classifier,
+    sequence_mask,
+    sequence_tagger,
+    stacked,
+)

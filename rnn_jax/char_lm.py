@@ -60,10 +60,19 @@ class Config:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"--clip_norm must be positive (or unset), got {self.clip_norm}")
+        if not 0.0 <= self.rho < 1.0:
+            raise ValueError(f"--rho must be in [0, 1), got {self.rho}")
+        if not self.epsilon > 0:
+            raise ValueError(f"--epsilon must be positive, got {self.epsilon}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.seed_text is not None and len(self.seed_text) < self.seq_len:
+            raise ValueError(
+                f"--seed_text has {len(self.seed_text)} characters; it needs at least "
+                f"--seq_len={self.seq_len}"
+            )
         if self.unroll < 0:
             raise ValueError(f"--unroll must be >= 0, got {self.unroll}")
         if self.num_devices < 0:
@@ -137,7 +146,10 @@ def train_and_evaluate(config: Config, workdir: str | None, text_path: str, out=
     vocab = data_lib.Vocabulary.from_text(text)
     tokens = vocab.encode(text)
     if config.seed_text is not None:
-        vocab.encode(config.seed_text)  # fail before training, not after the first iteration
+        try:  # fail before training, not after the first iteration
+            vocab.encode(config.seed_text)
+        except ValueError as e:
+            raise ValueError(f"--seed_text: {e}") from e
     train_tokens, val_tokens = data_lib.split_tokens(tokens, config.val_fraction, config.seq_len)
     windows = data_lib.make_windows(train_tokens, config.seq_len, config.step)
     num_examples = int(windows.starts.shape[0])
@@ -196,7 +208,9 @@ def train_and_evaluate(config: Config, workdir: str | None, text_path: str, out=
         out(report["seed"] + generated)
         return report
 
-    meta = {"config": config.resume_key(), "vocabulary": vocab.chars, "text_length": len(text)}
+    # The text is identified under "config" so that a mismatch is reported as --text.
+    text_id = {"length": len(text), "vocabulary": vocab.chars}
+    meta = {"config": {**config.resume_key(), "text": text_id}, "vocabulary": vocab.chars}
     state, history = train.fit(
         state, epoch, windows, iterations=config.iterations,
         epochs_per_iteration=config.epochs_per_iteration, workdir=workdir, meta=meta,

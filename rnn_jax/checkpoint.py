@@ -46,8 +46,18 @@ def latest_step(directory: str) -> int | None:
         return mngr.latest_step()
 
 
+def _require_step(directory: str, step: int):
+    # Checked before a manager is made: orbax would create a missing directory and raise
+    # FileNotFoundError for a missing step.
+    if not os.path.isdir(os.path.join(directory, str(step))):
+        raise CheckpointError(
+            f"there is no checkpoint {step} in {directory!r}; pass the --workdir of an existing run"
+        )
+
+
 def restore_meta(directory: str, step: int) -> dict:
     """The JSON metadata saved with checkpoint ``step``."""
+    _require_step(directory, step)
     with _manager(directory) as mngr:
         return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
@@ -56,8 +66,10 @@ def restore_checkpoint(directory: str, step: int, like: Any) -> tuple[Any, dict]
     """``(state, meta)`` of checkpoint ``step``; ``like`` is a pytree of the same structure.
 
     Raises:
-      CheckpointError: the saved tree does not match ``like`` (another model or optimiser).
+      CheckpointError: there is no checkpoint ``step`` in ``directory``, or the saved tree does
+        not match ``like`` (another model or optimiser).
     """
+    _require_step(directory, step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
         with _manager(directory) as mngr:

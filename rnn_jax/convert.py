@@ -171,8 +171,11 @@ def from_torch(state_dict: Mapping[str, Any], cell: str, prefix: str = "") -> di
 
 
 def to_torch(params: Mapping[str, Any], cell: str, prefix: str = "") -> dict[str, np.ndarray]:
-    """The inverse of :func:`from_torch`: a state dict that ``module.load_state_dict`` accepts
-    (after ``torch.from_numpy``) for ``nn.RNN/LSTM/GRU(..., num_layers=len(params))``."""
+    """The inverse of :func:`from_torch`: PyTorch names and layout, as NumPy arrays.
+
+    ``module.load_state_dict({k: torch.from_numpy(v) for k, v in ...})`` loads the result into
+    ``nn.RNN/LSTM/GRU(..., num_layers=len(params), bidirectional=...)``.
+    """
     out = {}
     k = 0
     while f"layer_{k}" in params:

@@ -35,7 +35,7 @@ def _time_major(cell: Cell, params: Params, xs: jax.Array, carry: Carry | None):
     if carry is None:
         carry = cell.initial_carry(xs.shape[0])
     # Zeros come out in the default float dtype; match the projection so float64 params (under
-    # jax.experimental.enable_x64) give a float64 recursion throughout.
+    # jax.enable_x64(True)) give a float64 recursion throughout.
     carry = jax.tree.map(lambda c: c.astype(zs.dtype), carry)
     return zs, carry
 
@@ -70,7 +70,7 @@ def carry_gradients(
 
     Args:
       cell: a :class:`rnn_jax.Cell`.
-      params: the cell's parameters (float32, or float64 under ``enable_x64``).
+      params: the cell's parameters (float32, or float64 under ``jax.enable_x64(True)``).
       xs: ``(batch, time, input_dim)`` float features or ``(batch, time)`` integer tokens.
       loss_fn: ``ys -> losses``: per-example losses ``(batch,)`` (their sum is differentiated,
         so each example's gradient is its own loss's) or a scalar. ``ys`` is the last output

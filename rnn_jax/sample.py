@@ -3,38 +3,68 @@
 import jax
 import jax.numpy as jnp
 
-from rnn_jax.cells import Cell
+from rnn_jax.cells import Cell, Recurrence
 from rnn_jax.models import dense
+from rnn_jax.scan import zero_initial_carry
 
 
 def _sample_one(cell: Cell, params, seed: jax.Array, num_chars: int, temperature: float, key):
-    # The tutorial re-runs the recurrence over each new 10-char window from a zero carry. Window
-    # w reads s[w : w + T], so at time t every live window reads the same character s[t]: we
-    # keep the T windows that are in flight as the rows of one carry, advance all of them with
-    # one matrix product per character, and read the prediction from the row that has seen T
-    # characters. Same arithmetic as the rolling window, T times fewer sequential steps.
+    # The tutorial re-runs the recurrence over each new T-char window from the initial carry.
+    # Window w reads s[w : w + T], so at time t every live window reads the same character
+    # s[t]: the windows in flight are the rows of one carry, all advanced by one matrix product
+    # per character, and the window that has read T characters gives the prediction. Same
+    # arithmetic as the rolling window, T times fewer sequential steps.
+    #
+    # Ring buffer: window w lives in row w mod (T-1). At time t the window started at t-T+1
+    # reads its last character and leaves row t mod (T-1), where the window starting at t
+    # (one step from the initial carry: no product with a zero carry) takes its place. Rows
+    # never move, so nothing is copied per character.
     seq_len = seed.shape[0]
-    rows = cell.initial_carry(seq_len)
-    fresh = jax.tree.map(lambda r: r[:1], rows)
+    rows = cell.initial_carry(max(seq_len - 1, 1))
+    start = _start_step(cell, params["rnn"])
 
     def body(state, t):
         rows, prev = state
         token = jnp.where(t < seq_len, seed[jnp.minimum(t, seq_len - 1)], prev)
         z = cell.project(params["rnn"], token)
-        rows, ys = cell.recur(params["rnn"], rows, jnp.broadcast_to(z, (seq_len, z.shape[-1])))
-        logits = dense(params["dense"], ys[-1])
+        fresh, y = start(z[None])
+        if seq_len > 1:
+            live, ys = cell.recur(params["rnn"], rows, jnp.broadcast_to(z, (seq_len - 1,) + z.shape))
+            slot = t % (seq_len - 1)
+            y = jax.lax.dynamic_slice_in_dim(ys, slot, 1)
+            fresh = jax.tree.map(
+                lambda r, f: jax.lax.dynamic_update_slice_in_dim(r, f, slot, 0), live, fresh
+            )
+        logits = dense(params["dense"], y[0])
         if temperature == 0.0:
             nxt = jnp.argmax(logits).astype(seed.dtype)
         else:
             nxt = jax.random.categorical(jax.random.fold_in(key, t), logits / temperature)
             nxt = nxt.astype(seed.dtype)
-        # Row j holds the window that has read j + 1 characters; shift and start a fresh one.
-        rows = jax.tree.map(lambda f, r: jnp.concatenate([f, r[:-1]]), fresh, rows)
-        return (rows, nxt), nxt
+        return (fresh, nxt), nxt
 
     steps = jnp.arange(seq_len + num_chars - 1)
     _, out = jax.lax.scan(body, (rows, seed[-1]), steps)
     return out[seq_len - 1 :]
+
+
+def _start_step(cell: Cell, params):
+    """``z (1, k·units) -> (carry, y)``: a step from the initial carry, ``0 @ U`` skipped."""
+    rec = cell.recur
+    if not (isinstance(rec, Recurrence) and zero_initial_carry(cell)):
+        return lambda z: cell.recur(params, cell.initial_carry(1), z)
+
+    def start(z):
+        zeros = cell.initial_carry(1)
+        if rec.recurrent_bias is None:
+            u = jnp.zeros_like(z)
+            carry = rec.gate(zeros, z) if rec.additive else rec.gate(zeros, z, u)
+        else:
+            u = jnp.broadcast_to(rec.recurrent_bias(params).astype(z.dtype), z.shape)
+            carry = rec.gate(zeros, z + u) if rec.additive else rec.gate(zeros, z, u)
+        return carry, rec.hidden(carry)
+
+    return start
 
 
 def make_sampler(cell: Cell, num_chars: int, temperature: float = 0.0):

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from rnn_jax.cells import Carry, Cell, Params, Recurrence, add_bias
@@ -22,7 +23,10 @@ def unroll(
 
     The input half of every step (``x W + b``) is computed for all steps before the scan, as one
     matrix product (float features) or one row gather (integer tokens); the scan runs only the
-    recurrent half.
+    recurrent half. The built-in cells (``recur`` a :class:`rnn_jax.cells.Recurrence`) without
+    ``lengths`` take a faster arrangement of the same arithmetic: no product with a zero
+    initial carry, and a custom JVP whose reverse mode forms the recurrent kernel's gradient as
+    one matrix product over all steps (forward mode, ``vmap`` and higher orders still work).
 
     Args:
       cell: a :class:`rnn_jax.Cell`.
@@ -45,9 +49,10 @@ def unroll(
     # Time-major inside: project the transposed tokens/features so no copy of xs is made.
     zs = cell.project(params, jnp.swapaxes(xs, 0, 1))
     if lengths is None and isinstance(cell.recur, Recurrence):
-        zeros = jax.tree.map(lambda c: c.astype(zs.dtype), cell.initial_carry(batch))
+        if carry is None and not zero_initial_carry(cell):
+            carry = cell.initial_carry(batch)
         carry, ys = _unroll_recurrence(
-            cell.recur, params, zs, carry, zeros, reverse, return_sequences, unroll
+            cell, params, zs, carry, reverse, return_sequences, unroll
         )
         return carry, (jnp.swapaxes(ys, 0, 1) if return_sequences else ys)
     if carry is None:
@@ -86,8 +91,18 @@ def unroll(
 
 
 
+def zero_initial_carry(cell: Cell) -> bool:
+    """Whether ``cell.initial_carry`` is all zeros, so a first step may skip ``0 @ U``."""
+    with jax.ensure_compile_time_eval():
+        try:
+            leaves = jax.tree.leaves(cell.initial_carry(1))
+            return all(not np.any(np.asarray(leaf)) for leaf in leaves)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+            return False
+
+
 def _unroll_recurrence(
-    rec: Recurrence, params, zs, carry, zeros, reverse: bool, return_sequences: bool, unroll
+    cell: Cell, params, zs, carry, reverse: bool, return_sequences: bool, unroll
 ):
     """:func:`unroll` for a :class:`Recurrence`, time-major, without lengths.
 
@@ -101,7 +116,7 @@ def _unroll_recurrence(
 
     Returns ``(final carry, ys)``: ``ys (time, batch, units)`` or the last ``(batch, units)``.
     """
-    batch = zs.shape[1]
+    rec, batch = cell.recur, zs.shape[1]
     zero_start = carry is None
 
     def gate_inputs(zx, u):
@@ -133,6 +148,8 @@ def _unroll_recurrence(
         if zero_start:
             zx, rest = first_and_rest(zs)
             inputs = start_inputs(zx, b_h)
+            # Made here, not closed over: a custom_jvp function may not capture tracers.
+            zeros = jax.tree.map(lambda c: c.astype(zs.dtype), cell.initial_carry(batch))
             start = lambda *inputs: rec.gate(zeros, *inputs)  # noqa: E731
             if keep:
                 carry, start_vjp = jax.vjp(start, *inputs)
@@ -175,6 +192,8 @@ def _unroll_recurrence(
             transposed = jax.linear_transpose(step_vjp, carry_shape)
             return lambda *tangent_in: transposed(tangent_in)[0]
 
+        if isinstance(d_b_h, SymbolicZero):
+            d_b_h = None
         steps, units = hs.shape[0], hs.shape[-1]
         du = jnp.zeros((steps, batch, kernel.shape[-1]), zs.dtype)
         if not isinstance(d_kernel, SymbolicZero):
@@ -183,15 +202,13 @@ def _unroll_recurrence(
             # operands (XLA's fast CPU path).
             h_t = jax.lax.optimization_barrier(hs.reshape(steps * batch, units).T)
             du = (h_t.T @ d_kernel).reshape(du.shape)
-        if not isinstance(d_b_h, SymbolicZero) and d_b_h is not None:
+        if d_b_h is not None:
             du = add_bias(du, d_b_h)
 
         d_rest = d_zs
         if zero_start:
             d_zx, d_rest = first_and_rest(d_zs)
-            d_carry = tangent_of(start_vjp)(
-                *start_inputs(d_zx, None if isinstance(d_b_h, SymbolicZero) else d_b_h)
-            )
+            d_carry = tangent_of(start_vjp)(*start_inputs(d_zx, d_b_h))
             d_start_y = rec.hidden(d_carry)
 
         def tangent_body(d_carry, inputs):
@@ -202,8 +219,12 @@ def _unroll_recurrence(
             return d_carry, (rec.hidden(d_carry) if return_sequences else None)
 
         d_in = (d_rest + du,) if rec.additive else (d_rest, du)
+        # A carry part that bypasses the matrix product (LSTM's c) chains the steps of reverse
+        # mode by elementwise ops only; unrolled, XLA fuses that chain into every later step
+        # and recomputes it (quadratic in time), so that scan stays rolled.
+        rolled = len(jax.tree.leaves(d_carry)) > 1
         d_carry, d_ys = jax.lax.scan(
-            tangent_body, d_carry, (vjps, *d_in), reverse=reverse, unroll=unroll
+            tangent_body, d_carry, (vjps, *d_in), reverse=reverse, unroll=1 if rolled else unroll
         )
         if not return_sequences:
             d_ys = rec.hidden(d_carry)

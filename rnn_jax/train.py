@@ -361,7 +361,12 @@ def fit(
     Returns:
       ``(state, history)``: the final state and this call's metrics, one dict per iteration.
     """
-    from rnn_jax.checkpoint import latest_step, restore_checkpoint, save_checkpoint
+    from rnn_jax.checkpoint import CheckpointError, latest_step, restore_checkpoint, save_checkpoint
+
+    if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise CheckpointError(
+            f"--workdir {workdir!r} is a file, not a directory; pass a directory (created if missing)"
+        )
 
     meta = dict(meta or {})
     start, ckpt_dir, log_path = 0, None, None

@@ -2,6 +2,9 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import long_range
 from rnn_jax import cells, tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS, EVAL_EVERY, BATCH = 4, 2, 3
 
@@ -23,9 +27,9 @@ def _trainer(name, task):
 
 
 def test_vmap_over_seeds_and_clips_equals_separate_runs():
-    # The trainer is cell-agnostic; LSTM's two-part carry is the most structured case.
+    # The trainer is cell-agnostic: the cheapest cell to compile will do.
     task = tasks.adding_problem(5)
-    model, train = _trainer("lstm", task)
+    model, train = _trainer("simple_rnn", task)
     seeds = jax.random.split(jax.random.PRNGKey(0), 2)
     params = jax.vmap(model.init)(seeds)
     keys = jax.random.split(jax.random.PRNGKey(1), 2)
@@ -82,8 +86,9 @@ def test_trainer_equals_a_hand_written_clipped_adam_loop():
     np.testing.assert_allclose(curves.train_loss, losses, rtol=1e-5)
     np.testing.assert_allclose(curves.grad_norm, norms, rtol=1e-5)
     assert curves.test_loss.shape == (STEPS // EVAL_EVERY + 1,)
-    np.testing.assert_allclose(curves.test_loss[-1], mean_loss(p, *test), rtol=1e-5)
-    np.testing.assert_allclose(curves.test_loss[0], mean_loss(params, *test), rtol=1e-5)
+    test_loss = jax.jit(mean_loss)
+    np.testing.assert_allclose(curves.test_loss[-1], test_loss(p, *test), rtol=1e-5)
+    np.testing.assert_allclose(curves.test_loss[0], test_loss(params, *test), rtol=1e-5)
 
 
 def test_trainer_rejects_bad_step_counts():
@@ -92,27 +97,49 @@ def test_trainer_rejects_bad_step_counts():
                                 eval_every=2, batch_size=2)
 
 
-def test_first_solved():
-    curves = np.array([[0.2, 0.1, 0.04, 0.01], [0.2, 0.2, 0.2, 0.2]])
-    assert long_range.first_solved(curves, 0.05, 10) == [20, None]
+def _launch(*args):
+    return subprocess.Popen([sys.executable, "-m", "experiments.long_range", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_short_sweep_end_to_end(tmp_path):
-    lines = []
-    rows = long_range.sweep(
-        "adding", ["lstm"], [4], seeds=2, steps=4, eval_every=2, batch_size=4,
-        test_size=16, units=3, learning_rate=1e-2, optimizer="adam", clip_norm=0.5, seed=0,
-        workdir=str(tmp_path), out=lines.append,
-    )
-    assert [(r["cell"], r["clip"]) for r in rows] == [("lstm", "none"), ("lstm", 0.5)]
+@pytest.fixture(scope="module", autouse=True)
+def sweeps(tmp_path_factory):
+    """A tiny sweep and one with a bad flag, started with this module so they overlap the
+    in-process tests; subprocesses because absl flags are process-global."""
+    workdir = tmp_path_factory.mktemp("long_range")
+    procs = {
+        "sweep": _launch("--task=adding", "--cells=lstm", "--lengths=4", "--seeds=2",
+                         "--steps=4", "--eval_every=2", "--batch_size=4", "--test_size=16",
+                         "--units=3", "--clip_norm=0.5", f"--workdir={workdir}"),
+        "bad": _launch("--cells=lstm,tcn", f"--workdir={workdir / 'bad'}"),
+    }
+    yield procs, workdir
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_short_sweep_end_to_end_and_a_bad_flag(sweeps):
+    procs, tmp_path = sweeps
+    _, err = procs["bad"].communicate(timeout=300)
+    assert procs["bad"].returncode != 0 and "--cells: unknown ['tcn']" in err
+    out, err = procs["sweep"].communicate(timeout=300)
+    assert procs["sweep"].returncode == 0, err[-2000:]
+    assert "| adding | lstm | 4 | 0.5 |" in out
     results = json.load(open(tmp_path / "results.json"))
-    for r, res in zip(rows[::2], results["results"]):
-        test = np.asarray(res["test_loss"])  # (clips, seeds, evals)
-        assert test.shape == (2, 2, 3)
-        np.testing.assert_allclose(r["final_test_median"], np.median(test[0, :, -1]), rtol=1e-6)
+    (res,) = results["results"]
+    test = np.asarray(res["test_loss"])  # (clip settings, seeds, evaluations)
+    assert test.shape == (2, 2, 3)
+    rows = res["rows"]
+    assert [r["clip"] for r in rows] == ["none", 0.5]
+    for r, curves in zip(rows, test):
+        np.testing.assert_allclose(r["final_test_median"], np.median(curves[:, -1]), rtol=1e-6)
         np.testing.assert_allclose(r["baseline"], 1 / 6)
+        expected = [2 * int(np.argmax(c < 0.05)) if np.any(c < 0.05) else None for c in curves]
+        assert r["first_solved"] == expected
         assert 0.0 <= r["frac_above_clip"] <= 1.0
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     assert (tmp_path / "curves_adding.png").stat().st_size > 1000
-    assert "| adding | lstm | 4 | 0.5 |" in lines[-1]
+    assert not os.path.exists(tmp_path / "bad" / "results.json")

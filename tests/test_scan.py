@@ -200,23 +200,23 @@ def test_unroll_under_vmap_and_grad(name):
 
 
 @pytest.mark.parametrize("name", CELL_NAMES)
-def test_forward_mode_equals_reverse_mode_under_jit(name):
-    """``jvp(jit(f))`` is the directional derivative ``<grad f, v>``, for zero and given carries."""
+def test_forward_mode_equals_reverse_mode_of_a_jitted_unroll(name):
+    """``jvp(jit(f))`` is ``<grad(jit(f)), v>``, for zero and given initial carries."""
     cell, params, xs = _setup(name)
     direction = jax.tree.map(lambda p: jnp.cos(p + 1.0), params)
     carry0 = jax.tree.map(lambda c: c + 0.2, cell.initial_carry(xs.shape[0]))
     for carry in (None, carry0):
         loss = jax.jit(lambda p, c=carry: jnp.sum(jnp.sin(unroll(cell, p, xs, c)[1])))
+        where = f"{name}, carry={'given' if carry is not None else 'zeros'}"
         try:
             _, forward = jax.jvp(loss, (params,), (direction,))
-        except Exception as e:  # noqa: BLE001 - reported as a failure with its cause below
+            grads = jax.grad(loss)(params)
+        except Exception as e:  # noqa: BLE001 - reported as a failure with its cause
             raise AssertionError(
-                f"forward-mode differentiation of jit(unroll) fails for {name} "
-                f"(carry={'given' if carry is not None else 'zeros'}): {type(e).__name__}: {e}"
+                f"differentiating jit(unroll) fails ({where}): {type(e).__name__}: {e}"
             ) from e
-        grads = jax.jit(jax.grad(loss))(params)
         reverse = sum(
             jnp.vdot(g, d)
             for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
         )
-        np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-5, err_msg=where)

@@ -1,0 +1,159 @@
+"""The fast paths against the plain ones: the fused recurrence's custom JVP, dense, token rows.
+
+``unroll`` runs a :class:`rnn_jax.cells.Recurrence` through a custom JVP (the zero first step
+skipped, dU as one product, a rolled reverse loop for LSTM); a cell whose ``recur`` is a plain
+function takes the step-by-step scan that JAX differentiates by itself. Values, reverse mode,
+forward mode and second order must agree, in float64.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnn_jax import cells
+from rnn_jax.cells import Recurrence, _rows
+from rnn_jax.models import dense
+from rnn_jax.sample import make_sampler
+from rnn_jax.scan import unroll, zero_initial_carry
+
+CELL_NAMES = ["simple_rnn", "lstm", "gru"]
+
+
+def _plain(cell):
+    """The same cell with ``recur`` hidden behind a plain function: the generic scan path."""
+    recur = cell.recur
+    return cell._replace(recur=lambda params, carry, z: recur(params, carry, z))
+
+
+def _setup(name, units=4, input_dim=3, batch=2, time=5):
+    cell = cells.CELLS[name](units)
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda k: cell.init(k, input_dim), jax.random.PRNGKey(0))
+    params = {k: jnp.asarray(0.6 * rng.standard_normal(s.shape)) for k, s in shapes.items()}
+    xs = jnp.asarray(rng.standard_normal((batch, time, input_dim)))
+    carry = jax.tree.map(
+        lambda c: jnp.asarray(0.5 * rng.standard_normal(c.shape)), cell.initial_carry(batch)
+    )
+    return cell, params, xs, carry
+
+
+def _loss(cell, carry, **options):
+    def loss(params, xs, carry=carry):
+        final, ys = unroll(cell, params, xs, carry, **options)
+        return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(c**2) for c in jax.tree.leaves(final))
+
+    return loss
+
+
+def _assert_trees_close(got, want, rtol=1e-9, atol=1e-11):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", CELL_NAMES)
+def test_fused_recurrence_matches_plain_scan(name):
+    with jax.enable_x64(True):
+        cell, params, xs, carry0 = _setup(name)
+        assert isinstance(cell.recur, Recurrence) and zero_initial_carry(cell)
+        tangent = jax.tree.map(jnp.cos, params)
+        for carry, options in (
+            (None, {"unroll": True}),
+            (carry0, {"unroll": 2, "reverse": True, "return_sequences": True}),
+        ):
+            fast, plain = _loss(cell, carry, **options), _loss(_plain(cell), carry, **options)
+            where = f"carry={'given' if carry is not None else 'zeros'}, {options}"
+            np.testing.assert_allclose(fast(params, xs), plain(params, xs), rtol=1e-12)
+            argnums = (0, 1) if carry is None else (0, 1, 2)
+            _assert_trees_close(
+                jax.grad(fast, argnums)(params, xs, carry),
+                jax.grad(plain, argnums)(params, xs, carry),
+            )
+            np.testing.assert_allclose(
+                jax.jvp(lambda p: fast(p, xs), (params,), (tangent,))[1],
+                jax.jvp(lambda p: plain(p, xs), (params,), (tangent,))[1],
+                rtol=1e-9, err_msg=where,
+            )
+
+
+def test_fused_recurrence_second_order_and_partial_gradients():
+    """Forward over reverse (Hessian-vector products), and gradients for inputs or carry only."""
+    with jax.enable_x64(True):
+        cell, params, xs, carry = _setup("lstm")
+        fast, plain = _loss(cell, None, unroll=True), _loss(_plain(cell), None, unroll=True)
+        tangent = jax.tree.map(jnp.sin, params)
+        _assert_trees_close(  # Hessian-vector product: forward over reverse
+            jax.jvp(jax.grad(lambda p: fast(p, xs)), (params,), (tangent,))[1],
+            jax.jvp(jax.grad(lambda p: plain(p, xs)), (params,), (tangent,))[1],
+        )
+        # Gradients with respect to the inputs or the carry only (symbolic zero tangents).
+        fast_c, plain_c = _loss(cell, carry), _loss(_plain(cell), carry)
+        _assert_trees_close(jax.grad(fast_c, 1)(params, xs), jax.grad(plain_c, 1)(params, xs))
+        _assert_trees_close(
+            jax.grad(fast_c, 2)(params, xs, carry), jax.grad(plain_c, 2)(params, xs, carry)
+        )
+
+
+def test_nonzero_initial_carry_is_not_skipped():
+    """A Recurrence cell whose initial carry is not zero must run its first product."""
+    with jax.enable_x64(True):
+        cell, params, xs, _ = _setup("simple_rnn")
+        shifted = cell._replace(initial_carry=lambda batch: jnp.full((batch, 4), 0.3))
+        assert not zero_initial_carry(shifted)
+        fast, plain = _loss(shifted, None, unroll=True), _loss(_plain(shifted), None, unroll=True)
+        np.testing.assert_allclose(fast(params, xs), plain(params, xs), rtol=1e-12)
+        _assert_trees_close(jax.grad(fast)(params, xs), jax.grad(plain)(params, xs))
+
+
+def test_dense_custom_jvp_matches_matmul():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        params = {"kernel": jnp.asarray(rng.standard_normal((4, 3))), "bias": jnp.ones(3)}
+        x = jnp.asarray(rng.standard_normal((5, 2, 4)))
+        plain = lambda p, x: jnp.sum(jnp.tanh(x @ p["kernel"] + p["bias"][None, None]))  # noqa: E731
+        fast = lambda p, x: jnp.sum(jnp.tanh(dense(p, x)))  # noqa: E731
+        _assert_trees_close(jax.grad(fast, (0, 1))(params, x), jax.grad(plain, (0, 1))(params, x))
+        t = jax.tree.map(jnp.cos, params)
+        np.testing.assert_allclose(
+            jax.jvp(lambda p: fast(p, x), (params,), (t,))[1],
+            jax.jvp(lambda p: plain(p, x), (params,), (t,))[1], rtol=1e-12,
+        )
+        hvp = lambda f: jax.jvp(jax.grad(lambda x: f(params, x)), (x,), (jnp.sin(x),))[1]  # noqa: E731
+        np.testing.assert_allclose(hvp(fast), hvp(plain), rtol=1e-12)
+
+
+def test_token_rows_are_one_hot_products_with_take_semantics():
+    rng = np.random.default_rng(2)
+    kernel = rng.standard_normal((5, 3)).astype(np.float32)
+    tokens = np.array([[0, 4, 2], [1, 1, 3]])
+    np.testing.assert_allclose(_rows(jnp.asarray(kernel), tokens), np.eye(5)[tokens] @ kernel,
+                               rtol=1e-6)
+    odd = np.array([-1, -5, -6, 5, 9])  # negatives count from the end; out of range is NaN
+    got = np.asarray(_rows(jnp.asarray(kernel), odd))
+    np.testing.assert_array_equal(got[:2], kernel[[4, 0]])
+    assert np.isnan(got[2:]).all()
+    weights = jnp.arange(3.0)[None, None]
+    grad = jax.grad(lambda k: jnp.sum(_rows(k, tokens) * weights))(jnp.asarray(kernel))
+    want = np.eye(5)[tokens].reshape(-1, 5).T @ np.tile(np.arange(3.0), (tokens.size, 1))
+    np.testing.assert_allclose(grad, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seq_len", [2, 3])
+def test_sampler_ring_buffer_short_windows(seq_len):
+    """The ring buffer of T-1 rows against re-running the model on each rolled window."""
+    from rnn_jax.models import rnn_classifier
+
+    cell = cells.gru(8)
+    model = rnn_classifier(cell, 7, 7)
+    params = model.init(jax.random.PRNGKey(3))
+    params["rnn"]["kernel"] = 4.0 * params["rnn"]["kernel"]
+    params["rnn"]["bias"] = params["rnn"]["bias"] + 0.3  # a recurrent bias in the start step
+    seeds = jnp.asarray(np.random.default_rng(seq_len).integers(0, 7, (3, seq_len)))
+    out = np.asarray(make_sampler(cell, 12)(params, seeds))
+    predict = jax.jit(lambda w: jnp.argmax(model.apply(params, w[None])[0]))
+    for seed, got in zip(np.asarray(seeds), out, strict=True):
+        window, want = list(seed), []
+        for _ in range(12):
+            want.append(int(predict(jnp.asarray(window))))
+            window = window[1:] + [want[-1]]
+        assert got.tolist() == want
