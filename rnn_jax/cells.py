@@ -4,6 +4,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 Params = dict[str, jax.Array]
 Carry = Any
@@ -78,9 +79,37 @@ def add_bias(z: jax.Array, bias: jax.Array) -> jax.Array:
     return z + bias.reshape((1,) * (z.ndim - 1) + bias.shape)
 
 
+@jax.custom_jvp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel``, differentiated so that reverse mode's ``x^T g`` is a plain product.
+
+    XLA's fast CPU matrix-product path takes plainly laid out operands; ``x^T g`` contracts the
+    leading axis of both and would take a slower one. The tangent multiplies ``dkernel`` by a
+    transposed copy of ``x`` (kept from the forward pass) instead, whose transpose is ``x^T g``
+    with ``x^T`` already in place.
+    """
+    return x @ kernel
+
+
+def _matmul_jvp(primals, tangents):
+    x, kernel = primals
+    d_x, d_kernel = tangents
+    y = x @ kernel
+    terms = []
+    if not isinstance(d_x, SymbolicZero):
+        terms.append(d_x @ kernel)
+    if not isinstance(d_kernel, SymbolicZero):
+        x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+        terms.append((x_t.T @ d_kernel).reshape(y.shape))
+    return y, sum(terms[1:], terms[0])
+
+
+matmul.defjvp(_matmul_jvp, symbolic_zeros=True)
+
+
 def _project(params: Params, x: jax.Array, bias: jax.Array | None) -> jax.Array:
     kernel = params["kernel"]
-    z = _rows(kernel, x) if jnp.issubdtype(x.dtype, jnp.integer) else x @ kernel
+    z = _rows(kernel, x) if jnp.issubdtype(x.dtype, jnp.integer) else matmul(x, kernel)
     return z if bias is None else add_bias(z, bias)
 
 

@@ -4,9 +4,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 
-from rnn_jax.cells import Cell, add_bias, glorot_uniform
+from rnn_jax.cells import Cell, add_bias, glorot_uniform, matmul
 from rnn_jax.scan import unroll
 
 Params = Any
@@ -26,35 +25,7 @@ def dense_init(key: jax.Array, input_dim: int, output_dim: int) -> Params:
 
 def dense(params: Params, x: jax.Array) -> jax.Array:
     """``x @ kernel + bias`` (logits; the softmax lives in the loss)."""
-    return add_bias(_matmul(x, params["kernel"]), params["bias"])
-
-
-@jax.custom_jvp
-def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x @ kernel``, differentiated so that reverse mode's ``x^T g`` is a plain product.
-
-    XLA's fast CPU matrix-product path takes plainly laid out operands; ``x^T g`` contracts the
-    leading axis of both and would take a slower one. The tangent multiplies ``dkernel`` by a
-    transposed copy of ``x`` (kept from the forward pass) instead, whose transpose is ``x^T g``
-    with ``x^T`` already in place.
-    """
-    return x @ kernel
-
-
-def _matmul_jvp(primals, tangents):
-    x, kernel = primals
-    d_x, d_kernel = tangents
-    y = x @ kernel
-    terms = []
-    if not isinstance(d_x, SymbolicZero):
-        terms.append(d_x @ kernel)
-    if not isinstance(d_kernel, SymbolicZero):
-        x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-        terms.append((x_t.T @ d_kernel).reshape(y.shape))
-    return y, sum(terms[1:], terms[0])
-
-
-_matmul.defjvp(_matmul_jvp, symbolic_zeros=True)
+    return add_bias(matmul(x, params["kernel"]), params["bias"])
 
 
 def rnn_classifier(cell: Cell, input_dim: int, num_classes: int, unroll_steps: int | bool = 1):

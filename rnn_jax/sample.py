@@ -23,10 +23,13 @@ def _sample_one(cell: Cell, params, seed: jax.Array, num_chars: int, temperature
     rows = cell.initial_carry(max(seq_len - 1, 1))
     start = _start_step(cell, params["rnn"])
 
+    def token_at(t, prediction):
+        return jnp.where(t < seq_len, seed[jnp.minimum(t, seq_len - 1)], prediction)
+
     def body(state, t):
-        rows, prev = state
-        token = jnp.where(t < seq_len, seed[jnp.minimum(t, seq_len - 1)], prev)
-        z = cell.project(params["rnn"], token)
+        # z, the projected token read at step t, comes in the loop carry: XLA would otherwise
+        # fuse the token's selection and gather into the gate's kernel, once per element.
+        rows, z = state
         fresh, y = start(z[None])
         if seq_len > 1:
             live, ys = cell.recur(params["rnn"], rows, jnp.broadcast_to(z, (seq_len - 1,) + z.shape))
@@ -37,15 +40,26 @@ def _sample_one(cell: Cell, params, seed: jax.Array, num_chars: int, temperature
             )
         logits = dense(params["dense"], y[0])
         if temperature == 0.0:
-            nxt = jnp.argmax(logits).astype(seed.dtype)
+            nxt = _argmax(logits).astype(seed.dtype)
         else:
             nxt = jax.random.categorical(jax.random.fold_in(key, t), logits / temperature)
             nxt = nxt.astype(seed.dtype)
-        return (fresh, nxt), nxt
+        z = cell.project(params["rnn"], token_at(t + 1, nxt))
+        return (fresh, z), nxt
 
     steps = jnp.arange(seq_len + num_chars - 1)
-    _, out = jax.lax.scan(body, (rows, seed[-1]), steps)
+    z = cell.project(params["rnn"], seed[0])
+    _, out = jax.lax.scan(body, (rows, z), steps)
     return out[seq_len - 1 :]
+
+
+def _argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax`` over the last axis (the first maximum; the first NaN if there is one) as
+    two plain reductions: XLA's CPU argmax (a variadic reduce) is several times slower."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | (jnp.isnan(logits) & jnp.isnan(top))
+    index = jnp.arange(logits.shape[-1]).reshape((1,) * (logits.ndim - 1) + (-1,))
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
 
 def _start_step(cell: Cell, params):

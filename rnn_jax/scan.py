@@ -112,7 +112,8 @@ def _unroll_recurrence(
     tangent of ``u_t = h_{t-1} U`` splits into ``dh_{t-1} U`` (inside the tangent scan) and
     ``h_{t-1} dU`` for all steps at once, so reverse mode (its transpose) forms ``dU`` as ONE
     ``(units, steps·batch) @ (steps·batch, k·units)`` product instead of one per step, while
-    forward mode keeps working.
+    forward mode keeps working. Equal to the plain scan's derivatives up to float rounding
+    (tests/test_perf_paths.py).
 
     Returns ``(final carry, ys)``: ``ys (time, batch, units)`` or the last ``(batch, units)``.
     """
@@ -211,20 +212,27 @@ def _unroll_recurrence(
             d_carry = tangent_of(start_vjp)(*start_inputs(d_zx, d_b_h))
             d_start_y = rec.hidden(d_carry)
 
+        # A fusion barrier on the tangent carry. The elementwise ops that carry LSTM's c (GRU's
+        # z * h) from step to step form a chain that, unrolled, XLA fuses into every later step
+        # of reverse mode and recomputes (quadratic in time). XLA neither fuses across a
+        # conditional nor removes one whose branches differ; both branches return the carry
+        # (the second, x - 0 x, only runs when the kernel is not finite).
+        finite = jnp.isfinite(kernel.reshape(-1)[0])
+
+        def barrier(d_carry):
+            same = lambda c: jax.tree.map(lambda x: x - 0.0 * x, c)  # noqa: E731
+            return jax.lax.cond(finite, lambda c: c, same, d_carry)
+
         def tangent_body(d_carry, inputs):
             # inputs[-1] is d(zx + h_{t-1} U) for an additive gate, else d(h_{t-1} U).
             step_vjp, *d_in = inputs
             d_in[-1] = d_in[-1] + rec.hidden(d_carry) @ kernel
-            d_carry = tangent_of(step_vjp)(d_carry, *d_in)
+            d_carry = barrier(tangent_of(step_vjp)(d_carry, *d_in))
             return d_carry, (rec.hidden(d_carry) if return_sequences else None)
 
         d_in = (d_rest + du,) if rec.additive else (d_rest, du)
-        # A carry part that bypasses the matrix product (LSTM's c) chains the steps of reverse
-        # mode by elementwise ops only; unrolled, XLA fuses that chain into every later step
-        # and recomputes it (quadratic in time), so that scan stays rolled.
-        rolled = len(jax.tree.leaves(d_carry)) > 1
         d_carry, d_ys = jax.lax.scan(
-            tangent_body, d_carry, (vjps, *d_in), reverse=reverse, unroll=1 if rolled else unroll
+            tangent_body, d_carry, (vjps, *d_in), reverse=reverse, unroll=unroll
         )
         if not return_sequences:
             d_ys = rec.hidden(d_carry)

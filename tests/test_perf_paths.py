@@ -157,3 +157,15 @@ def test_sampler_ring_buffer_short_windows(seq_len):
             want.append(int(predict(jnp.asarray(window))))
             window = window[1:] + [want[-1]]
         assert got.tolist() == want
+
+
+def test_sampler_argmax_is_jnp_argmax():
+    """Ties give the first maximum, NaN gives the first NaN, as ``jnp.argmax``."""
+    from rnn_jax.sample import _argmax
+
+    rng = np.random.default_rng(4)
+    logits = rng.integers(0, 4, (200, 6)).astype(np.float32)  # many ties
+    logits[rng.random(200) < 0.2, 2] = np.nan
+    logits[rng.random(200) < 0.2, 4] = np.nan
+    logits[rng.random(200) < 0.2, 0] = -np.inf
+    np.testing.assert_array_equal(_argmax(jnp.asarray(logits)), np.argmax(logits, axis=-1))
