@@ -55,10 +55,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds.", lower_bound=1)
 _CELLS = flags.DEFINE_list("cells", ["simple_rnn", "lstm", "gru"], "Cells to time.")
 _ONEHOT = flags.DEFINE_list("onehot_cells", ["simple_rnn"], "Cells also timed on one-hot inputs.")
 _KERAS = flags.DEFINE_bool("keras", True, "Time Keras 3 (JAX backend) in a worker process.")
-_KERAS_FULL = flags.DEFINE_bool("keras_full_run", False, "Also time Keras's whole 25-iteration run.")
+_KERAS_FULL = flags.DEFINE_bool(
+    "keras_full_run", False, "Also time Keras's whole 25-iteration run.")
 _WHOLE = flags.DEFINE_bool("whole_run", True, "Time the experiment's whole default run.")
 _PIN = flags.DEFINE_bool("pin", True, "Re-run pinned: taskset -c 0, single-threaded XLA.")
-_OUT = flags.DEFINE_string("out", None, "Results file (default: benchmarks/RESULTS.md; --quick: none).")
+_OUT = flags.DEFINE_string(
+    "out", None, "Results file (default: benchmarks/RESULTS.md; with --quick: none).")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
@@ -119,7 +121,8 @@ class KerasWorker:
     """benchmarks/keras_reference.py --worker: one JSON answer per command."""
 
     def __init__(self, text_path):
-        cmd = [sys.executable, "-m", "benchmarks.keras_reference", "--worker", f"--text={text_path}"]
+        cmd = [sys.executable, "-m", "benchmarks.keras_reference", "--worker",
+               f"--text={text_path}"]
         self.proc = subprocess.Popen(cmd, cwd=_ROOT, env=_pinned_env(), text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.info = self._read()
@@ -184,7 +187,8 @@ def _whole_run(text_path):
             "import atexit, sys, runpy\n"
             "def rss():\n"
             "    for line in open('/proc/self/status'):\n"
-            "        if line.startswith('VmHWM:'): print('@@ rss', line.split()[1], file=sys.stderr)\n"
+            "        if line.startswith('VmHWM:'):\n"
+            "            print('@@ rss', line.split()[1], file=sys.stderr)\n"
             "atexit.register(rss)\n"
             f"sys.argv = ['char_lm', '--workdir={workdir}', '--text={text_path}']\n"
             "runpy.run_module('experiments.char_lm', run_name='__main__')\n"
@@ -195,7 +199,8 @@ def _whole_run(text_path):
         seconds = time.perf_counter() - tic
         if proc.returncode != 0:
             raise RuntimeError(f"the whole run failed:\n{proc.stderr[-3000:]}")
-        rss = [float(l.split()[2]) / 1024 for l in proc.stderr.splitlines() if l.startswith("@@ rss")]
+        rss = [float(line.split()[2]) / 1024
+               for line in proc.stderr.splitlines() if line.startswith("@@ rss")]
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f if line.strip()][-1]
     return seconds, rss[-1] if rss else float("nan"), last["loss"]
@@ -262,8 +267,9 @@ def run(argv_for_record):
             answer = keras.ask("epoch")
             timings.add("keras", answer["wall"], answer["cpu"])
             losses["keras"] = answer["loss"]
-        print(f"round {round_ + 1}/{repeats}: " + ", ".join(
-            f"{n} {timings.wall[n][-1]:.3f}" for n in list(contenders) + (["keras"] if keras else [])))
+        names = list(contenders) + (["keras"] if keras else [])
+        print(f"round {round_ + 1}/{repeats}: "
+              + ", ".join(f"{n} {timings.wall[n][-1]:.3f}" for n in names))
 
     # Sampler: 1 seed and 128 seeds, 100 greedy characters, interleaved with Keras's predicts.
     samplers = {}
@@ -380,7 +386,8 @@ def _report(timings, contenders, samplers, losses, vocab_size, num_examples, bes
         w_min, w_med, _, _ = timings.stats("keras/generate")
         lines.append(f"| Keras 3 SimpleRNN, 100 x model.predict | 1 | - | - | {_fmt(w_min, 'ms')} "
                      f"| {_fmt(w_med, 'ms')} | - | - |")
-    lines += ["", "## Whole default run (25 iterations of one epoch + 100 generated characters)", ""]
+    title = "## Whole default run (25 iterations of one epoch + 100 generated characters)"
+    lines += ["", title, ""]
     if whole:
         seconds, rss, loss = whole
         lines.append(f"- rnn_jax `python -m experiments.char_lm` (defaults, checkpoints, compile "
@@ -393,8 +400,8 @@ def _report(timings, contenders, samplers, losses, vocab_size, num_examples, bes
             lines.append(f"- Ratio rnn_jax / Keras 3 (estimate): {whole[0] / estimate:.2f} "
                          "(target ≤ 0.5).")
     if keras_full:
-        lines.append(f"- Keras 3 whole run, timed end to end: {keras_full:.1f} s"
-                     + (f"; ratio rnn_jax / Keras 3: {whole[0] / keras_full:.2f}." if whole else "."))
+        ratio = f"; ratio rnn_jax / Keras 3: {whole[0] / keras_full:.2f}" if whole else ""
+        lines.append(f"- Keras 3 whole run, timed end to end: {keras_full:.1f} s{ratio}.")
     lines += _notes(timings, vocab_size, num_examples, best_rate)
     lines += ["", "## Peak RSS (VmHWM)", ""]
     if whole:
@@ -402,7 +409,8 @@ def _report(timings, contenders, samplers, losses, vocab_size, num_examples, bes
     lines.append(f"- this benchmark process (every contender compiled, data on device): "
                  f"{_peak_rss_mb():.0f} MB")
     if keras_end:
-        lines.append(f"- the Keras 3 worker (one-hot arrays, model): {keras_end['peak_rss_mb']:.0f} MB")
+        rss = keras_end["peak_rss_mb"]
+        lines.append(f"- the Keras 3 worker (one-hot arrays, model): {rss:.0f} MB")
     return lines
 
 

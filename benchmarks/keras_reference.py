@@ -28,7 +28,8 @@ from absl import app, flags  # noqa: E402
 
 from rnn_jax import data  # noqa: E402
 
-_TEXT = flags.DEFINE_string("text", None, "Text file (default: ../shared/data/alice_in_wonderland.txt).")
+_TEXT = flags.DEFINE_string(
+    "text", None, "Text file (default: ../shared/data/alice_in_wonderland.txt).")
 _CELL = flags.DEFINE_enum("cell", "simple_rnn", ["simple_rnn", "lstm", "gru"], "Keras layer.")
 _ITERATIONS = flags.DEFINE_integer("iterations", 25, "Fit-then-generate iterations.", lower_bound=1)
 _NUM_PREDS = flags.DEFINE_integer("num_preds", 100, "Characters generated per iteration.")
@@ -45,7 +46,7 @@ def default_text() -> str:
 
 
 def one_hot_windows(text: str):
-    """The tutorial's arrays: ``X (N, SEQ_LEN, V)`` and ``y (N, V)``, boolean, and the vocabulary."""
+    """The tutorial's boolean arrays ``X (N, SEQ_LEN, V)``, ``y (N, V)``, and the vocabulary."""
     vocab = data.Vocabulary.from_text(text)
     tokens = vocab.encode(text)
     starts = np.arange(len(tokens) - SEQ_LEN)

@@ -32,7 +32,8 @@ def _sample_one(cell: Cell, params, seed: jax.Array, num_chars: int, temperature
         rows, z = state
         fresh, y = start(z[None])
         if seq_len > 1:
-            live, ys = cell.recur(params["rnn"], rows, jnp.broadcast_to(z, (seq_len - 1,) + z.shape))
+            zs = jnp.broadcast_to(z, (seq_len - 1,) + z.shape)
+            live, ys = cell.recur(params["rnn"], rows, zs)
             slot = t % (seq_len - 1)
             y = jax.lax.dynamic_slice_in_dim(ys, slot, 1)
             fresh = jax.tree.map(
