@@ -125,6 +125,17 @@ def stacked(layers: Sequence[Layer]) -> Layer:
     return Layer(init, apply, layers[-1].units)
 
 
+def _layer_and_head_init(layer: Layer, input_dim: int, num_classes: int):
+    """``init(key) -> {"rnn": layer params, "dense": Dense(num_classes) params}``."""
+
+    def init(key):
+        k_rnn, k_dense = jax.random.split(key)
+        return {"rnn": layer.init(k_rnn, input_dim),
+                "dense": dense_init(k_dense, layer.units, num_classes)}
+
+    return init
+
+
 def sequence_classifier(layer: Layer, input_dim: int, num_classes: int) -> Model:
     """Many-to-one: the layer's last output (each sequence's own) into ``Dense(num_classes)``.
 
@@ -132,10 +143,7 @@ def sequence_classifier(layer: Layer, input_dim: int, num_classes: int) -> Model
     Params: ``{"rnn": layer params, "dense": dense params}``.
     """
 
-    def init(key):
-        k_rnn, k_dense = jax.random.split(key)
-        return {"rnn": layer.init(k_rnn, input_dim),
-                "dense": dense_init(k_dense, layer.units, num_classes)}
+    init = _layer_and_head_init(layer, input_dim, num_classes)
 
     def apply(params, xs, lengths=None):
         _, h = layer.apply(params["rnn"], xs, lengths=lengths)
@@ -152,10 +160,7 @@ def sequence_tagger(layer: Layer, input_dim: int, num_classes: int) -> Model:
     Params: ``{"rnn": layer params, "dense": dense params}``.
     """
 
-    def init(key):
-        k_rnn, k_dense = jax.random.split(key)
-        return {"rnn": layer.init(k_rnn, input_dim),
-                "dense": dense_init(k_dense, layer.units, num_classes)}
+    init = _layer_and_head_init(layer, input_dim, num_classes)
 
     def apply(params, xs, lengths=None):
         _, ys = layer.apply(params["rnn"], xs, lengths=lengths, return_sequences=True)
