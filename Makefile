@@ -9,9 +9,13 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: run test
+.PHONY: run test lint
 run: $(VENV)/.installed
 	$(VENV)/bin/python -m experiments.char_lm $(ARGS)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

@@ -12,10 +12,10 @@ in one process and interleaved round by round; each number is the min and the me
 spent on other processes).
 
 - Epoch: one steady-state shuffled epoch of the default recipe (Alice, seq_len 10, step 1, 128
-  units, batch 128, RMSprop) for each cell, compiled once by ``rnn_jax.train.make_epoch``, from
-  integer tokens (the row gather); the tutorial's one-hot float input path (``onehot(x) @ W``,
-  built per batch on device) for comparison; and Keras 3 (JAX backend, ``model.fit``, one
-  epoch, batch 128) in a worker process.
+  units, batch 128, RMSprop) for each cell, compiled once by ``rnn_jax.train.make_train_steps``
+  over a ``shuffled_epoch``, from integer tokens (the row gather); the tutorial's one-hot float
+  input path (``onehot(x) @ W``, built per batch on device) for comparison; and Keras 3 (JAX
+  backend, ``model.fit``, one epoch, batch 128) in a worker process.
 - Floor: epoch FLOPs / the rate of a large fp32 matmul (2048^3) timed in the same rounds with the
   same thread setting. FLOPs per example ``3 (2 H^2 k (T-1) + 2 H V)``, ``k`` the gate blocks
   (1, 4, 3), the first step's product with the zero carry not counted: 128.5, 500.5, 376.5
@@ -42,25 +42,28 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-from rnn_jax import char_lm, data, train
+from experiments import char_lm
+from rnn_jax import data, train
 from rnn_jax.sample import make_sampler
 
 _TEXT = flags.DEFINE_string(
-    "text", None, "Corpus (default: ../shared/data/alice_in_wonderland.txt, else data/ fetch).")
+    "text", None, "Corpus (default: the shipped Alice, rnn_jax.data.alice_path())."
+)
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 40-batch epochs, 2 rounds, no Keras.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds.", lower_bound=1)
 _CELLS = flags.DEFINE_list("cells", ["simple_rnn", "lstm", "gru"], "Cells to time.")
 _ONEHOT = flags.DEFINE_list("onehot_cells", ["simple_rnn"], "Cells also timed on one-hot inputs.")
 _KERAS = flags.DEFINE_bool("keras", True, "Time Keras 3 (JAX backend) in a worker process.")
 _KERAS_FULL = flags.DEFINE_bool(
-    "keras_full_run", False, "Also time Keras's whole 25-iteration run.")
+    "keras_full_run", False, "Also time Keras's whole 25-iteration run."
+)
 _WHOLE = flags.DEFINE_bool("whole_run", True, "Time the experiment's whole default run.")
 _PIN = flags.DEFINE_bool("pin", True, "Re-run pinned: taskset -c 0, single-threaded XLA.")
 _OUT = flags.DEFINE_string(
-    "out", None, "Results file (default: benchmarks/RESULTS.md; with --quick: none).")
+    "out", None, "Results file (default: benchmarks/RESULTS.md; with --quick: none)."
+)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
@@ -90,10 +93,7 @@ def _peak_rss_mb() -> float:
 
 
 def _text_path() -> str:
-    if _TEXT.value:
-        return _TEXT.value
-    shared = os.path.join(_ROOT, "..", "shared", "data", "alice_in_wonderland.txt")
-    return shared if os.path.exists(shared) else data.fetch_alice(os.path.join(_ROOT, "data"))
+    return _TEXT.value or data.alice_path()
 
 
 class Timings:
@@ -121,10 +121,21 @@ class KerasWorker:
     """benchmarks/keras_reference.py --worker: one JSON answer per command."""
 
     def __init__(self, text_path):
-        cmd = [sys.executable, "-m", "benchmarks.keras_reference", "--worker",
-               f"--text={text_path}"]
-        self.proc = subprocess.Popen(cmd, cwd=_ROOT, env=_pinned_env(), text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.keras_reference",
+            "--worker",
+            f"--text={text_path}",
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=_ROOT,
+            env=_pinned_env(),
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         self.info = self._read()
 
     def _read(self):
@@ -161,10 +172,13 @@ def _contenders(windows, vocab_size, num_batches):
                     inputs = jax.nn.one_hot(inputs, vocab_size, dtype=jnp.float32)
                 return inputs, labels
 
-            epoch = train.make_epoch(
-                char_lm.make_loss(model), optimizer, get_batch, int(windows.starts.shape[0]),
-                config.batch_size, num_batches=num_batches,
+            batches = train.shuffled_epoch(
+                get_batch,
+                int(windows.starts.shape[0]),
+                config.batch_size,
+                num_batches=num_batches,
             )
+            epoch = train.make_train_steps(char_lm.make_loss(model), optimizer, batches)
             params = model.init(jax.random.PRNGKey(config.seed))
             state = train.create_train_state(params, optimizer, jax.random.PRNGKey(1))
             out[cell_name + ("/onehot" if onehot else "")] = [epoch, state, cell_name]
@@ -194,13 +208,21 @@ def _whole_run(text_path):
             "runpy.run_module('experiments.char_lm', run_name='__main__')\n"
         )
         tic = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", script], cwd=_ROOT, env=_pinned_env(),
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=_ROOT,
+            env=_pinned_env(),
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - tic
         if proc.returncode != 0:
             raise RuntimeError(f"the whole run failed:\n{proc.stderr[-3000:]}")
-        rss = [float(line.split()[2]) / 1024
-               for line in proc.stderr.splitlines() if line.startswith("@@ rss")]
+        rss = [
+            float(line.split()[2]) / 1024
+            for line in proc.stderr.splitlines()
+            if line.startswith("@@ rss")
+        ]
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f if line.strip()][-1]
     return seconds, rss[-1] if rss else float("nan"), last["loss"]
@@ -208,8 +230,13 @@ def _whole_run(text_path):
 
 def _keras_full_run(text_path):
     tic = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "benchmarks.keras_reference", f"--text={text_path}"],
-                   cwd=_ROOT, env=_pinned_env(), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.keras_reference", f"--text={text_path}"],
+        cwd=_ROOT,
+        env=_pinned_env(),
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - tic
 
 
@@ -220,10 +247,15 @@ def _machine():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return (f"{model}, {os.cpu_count()} cores ({platform.machine()}), Linux {platform.release()}; "
-            f"Python {platform.python_version()}, jax {jax.__version__}, "
-            f"keras {importlib.metadata.version('keras')}; affinity "
-            f"{sorted(os.sched_getaffinity(0))}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    try:
+        keras = f"keras {importlib.metadata.version('keras')}"
+    except importlib.metadata.PackageNotFoundError:  # the optional "benchmark" dependency
+        keras = "keras not installed"
+    return (
+        f"{model}, {os.cpu_count()} cores ({platform.machine()}), Linux {platform.release()}; "
+        f"Python {platform.python_version()}, jax {jax.__version__}, {keras}; affinity "
+        f"{sorted(os.sched_getaffinity(0))}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
 
 
 def _fmt(seconds, unit="s"):
@@ -268,15 +300,18 @@ def run(argv_for_record):
             timings.add("keras", answer["wall"], answer["cpu"])
             losses["keras"] = answer["loss"]
         names = list(contenders) + (["keras"] if keras else [])
-        print(f"round {round_ + 1}/{repeats}: "
-              + ", ".join(f"{n} {timings.wall[n][-1]:.3f}" for n in names))
+        print(
+            f"round {round_ + 1}/{repeats}: "
+            + ", ".join(f"{n} {timings.wall[n][-1]:.3f}" for n in names)
+        )
 
     # Sampler: 1 seed and 128 seeds, 100 greedy characters, interleaved with Keras's predicts.
     samplers = {}
     for cell_name in _CELLS.value:
         params = contenders[cell_name][1].params
-        sample = make_sampler(char_lm.make_model(char_lm.Config(cell=cell_name), vocab.size)[0],
-                              _SAMPLE_CHARS)
+        sample = make_sampler(
+            char_lm.make_model(char_lm.Config(cell=cell_name), vocab.size)[0], _SAMPLE_CHARS
+        )
         for batch in (1, _SAMPLE_SEEDS):
             seeds = windows.tokens[windows.starts[:batch, None] + jnp.arange(_CONFIG.seq_len)]
             jax.block_until_ready(sample(params, seeds, jax.random.PRNGKey(0)))
@@ -298,13 +333,28 @@ def run(argv_for_record):
 
     best_rate = 2 * _MATMUL_N**3 / min(timings.wall["matmul"])
     median_rate = 2 * _MATMUL_N**3 / statistics.median(timings.wall["matmul"])
-    report = _report(timings, contenders, samplers, losses, vocab.size, num_examples,
-                     best_rate, median_rate, whole, keras_end, keras_full)
+    report = _report(
+        timings,
+        contenders,
+        samplers,
+        losses,
+        vocab.size,
+        num_examples,
+        best_rate,
+        median_rate,
+        whole,
+        keras_end,
+        keras_full,
+    )
     header = [
         "# Char-RNN benchmark" + (" (quick smoke run)" if quick else ""),
         "",
         f"Command: `{argv_for_record}`",
-        f"(runs pinned: `taskset -c 0`, `XLA_FLAGS={_XLA_FLAG}`, for every contender).",
+        (
+            f"(runs pinned: `taskset -c 0`, `XLA_FLAGS={_XLA_FLAG}`, for every contender)."
+            if _pinned()
+            else "(not pinned: --nopin; every core, multi-threaded XLA.)"
+        ),
         f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}. Machine: {_machine()}.",
         f"Corpus: {text_path} ({len(text)} characters after cleanup, vocabulary {vocab.size}, "
         f"{num_examples} examples per epoch). Rounds: {repeats}, interleaved; min and median.",
@@ -314,8 +364,11 @@ def run(argv_for_record):
         "",
     ]
     if quick:
-        header += ["Quick run: epochs of 40 batches, whose fixed cost (the shuffle of every "
-                   "example) dominates, so the ratios here say nothing about the targets.", ""]
+        header += [
+            "Quick run: epochs of 40 batches, whose fixed cost (the shuffle of every "
+            "example) dominates, so the ratios here say nothing about the targets.",
+            "",
+        ]
     text_out = "\n".join(header + report) + "\n"
     print(text_out)
     out = _OUT.value or (None if quick else os.path.join(_ROOT, "benchmarks", "RESULTS.md"))
@@ -325,8 +378,19 @@ def run(argv_for_record):
         print(f"written to {out}")
 
 
-def _report(timings, contenders, samplers, losses, vocab_size, num_examples, best_rate,
-            median_rate, whole, keras_end, keras_full):
+def _report(
+    timings,
+    contenders,
+    samplers,
+    losses,
+    vocab_size,
+    num_examples,
+    best_rate,
+    median_rate,
+    whole,
+    keras_end,
+    keras_full,
+):
     lines = [
         f"Large fp32 matmul ({_MATMUL_N}^3): best {best_rate / 1e9:.0f} GFLOP/s, median "
         f"{median_rate / 1e9:.0f} GFLOP/s. Floor = FLOPs / best rate.",
@@ -384,21 +448,28 @@ def _report(timings, contenders, samplers, losses, vocab_size, num_examples, bes
         )
     if keras:
         w_min, w_med, _, _ = timings.stats("keras/generate")
-        lines.append(f"| Keras 3 SimpleRNN, 100 x model.predict | 1 | - | - | {_fmt(w_min, 'ms')} "
-                     f"| {_fmt(w_med, 'ms')} | - | - |")
+        lines.append(
+            f"| Keras 3 SimpleRNN, 100 x model.predict | 1 | - | - | {_fmt(w_min, 'ms')} "
+            f"| {_fmt(w_med, 'ms')} | - | - |"
+        )
     title = "## Whole default run (25 iterations of one epoch + 100 generated characters)"
     lines += ["", title, ""]
     if whole:
         seconds, rss, loss = whole
-        lines.append(f"- rnn_jax `python -m experiments.char_lm` (defaults, checkpoints, compile "
-                     f"included): {seconds:.1f} s, final loss {loss:.4f}, peak RSS {rss:.0f} MB.")
+        lines.append(
+            f"- rnn_jax `python -m experiments.char_lm` (defaults, checkpoints, compile "
+            f"included): {seconds:.1f} s, final loss {loss:.4f}, peak RSS {rss:.0f} MB."
+        )
     if keras:
         estimate = 25 * (timings.stats("keras")[1] + timings.stats("keras/generate")[1])
-        lines.append(f"- Keras 3, estimated as 25 x (median epoch + median 100 predicts): "
-                     f"{estimate:.1f} s (no start-up or compile counted).")
+        lines.append(
+            f"- Keras 3, estimated as 25 x (median epoch + median 100 predicts): "
+            f"{estimate:.1f} s (no start-up or compile counted)."
+        )
         if whole:
-            lines.append(f"- Ratio rnn_jax / Keras 3 (estimate): {whole[0] / estimate:.2f} "
-                         "(target ≤ 0.5).")
+            lines.append(
+                f"- Ratio rnn_jax / Keras 3 (estimate): {whole[0] / estimate:.2f} (target ≤ 0.5)."
+            )
     if keras_full:
         ratio = f"; ratio rnn_jax / Keras 3: {whole[0] / keras_full:.2f}" if whole else ""
         lines.append(f"- Keras 3 whole run, timed end to end: {keras_full:.1f} s{ratio}.")
@@ -406,8 +477,10 @@ def _report(timings, contenders, samplers, losses, vocab_size, num_examples, bes
     lines += ["", "## Peak RSS (VmHWM)", ""]
     if whole:
         lines.append(f"- the experiment's whole default run: {whole[1]:.0f} MB")
-    lines.append(f"- this benchmark process (every contender compiled, data on device): "
-                 f"{_peak_rss_mb():.0f} MB")
+    lines.append(
+        f"- this benchmark process (every contender compiled, data on device): "
+        f"{_peak_rss_mb():.0f} MB"
+    )
     if keras_end:
         rss = keras_end["peak_rss_mb"]
         lines.append(f"- the Keras 3 worker (one-hot arrays, model): {rss:.0f} MB")

@@ -16,7 +16,7 @@ benchmarks/out/gradients.json.
    full-length scan with the steps before t masked, O(T²) in all; a pass that ran only the
    suffix would halve that).
 2. The adding problem (T=50, LSTM(32), 200 Adam steps, batch 32 and 8), 8 seeds: in one
-   ``jax.vmap``-ed program (:func:`rnn_jax.tasks.make_task_trainer`); a Python loop calling the
+   ``jax.vmap``-ed program (:func:`rnn_jax.train.make_task_trainer`); a Python loop calling the
    single-seed compiled program (the whole run one ``lax.scan``) once per seed; and a Python
    loop over seeds and steps calling a jitted train step (:func:`rnn_jax.make_train_step`).
    Throughput in seed-steps per CPU second.
@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 
-from rnn_jax import cells, gradients, tasks
+from rnn_jax import cells, gradients
 from rnn_jax.models import dense, dense_init
-from rnn_jax.train import create_train_state, make_train_step
+from rnn_jax.synthetic import adding_batch, adding_problem
+from rnn_jax.train import create_train_state, make_task_trainer, make_train_step
 
 _T = flags.DEFINE_integer("time", 1000, "Sequence length for the probe benchmark.")
 _UNITS = flags.DEFINE_integer("units", 32, "LSTM units.")
@@ -95,27 +96,34 @@ def probe_benchmark(length, units, repeats):
     key = jax.random.PRNGKey(0)
     params = cell.init(key, 2)
     head = dense_init(jax.random.PRNGKey(1), units, 1)
-    xs, targets = tasks.adding_batch(jax.random.PRNGKey(2), 4, length)
+    xs, targets = adding_batch(jax.random.PRNGKey(2), 4, length)
 
     def loss_fn(y):
         return (dense(head, y)[:, 0] - targets) ** 2
 
-    probe = jax.jit(lambda p, x: gradients.hidden(
-        gradients.carry_gradient_norms(cell, p, x, loss_fn)[1]))
+    probe = jax.jit(
+        lambda p, x: gradients.hidden(gradients.carry_gradient_norms(cell, p, x, loss_fn)[1])
+    )
     naive = jax.jit(lambda p, x: naive_norms(cell, p, x, loss_fn))
     fast, slow = probe(params, xs), naive(params, xs)  # compile, warm up, and agree
     np.testing.assert_allclose(fast, slow.T, rtol=1e-4, atol=1e-30)
-    times = _interleaved({"probe (one pass)": (probe, (params, xs)),
-                          "naive (one pass per step)": (naive, (params, xs))}, repeats)
+    times = _interleaved(
+        {
+            "probe (one pass)": (probe, (params, xs)),
+            "naive (one pass per step)": (naive, (params, xs)),
+        },
+        repeats,
+    )
     return times, f"LSTM({units}), T={length}, batch 4", length, "gradient norms/s"
 
 
 def sweep_benchmark(seeds, steps, batch_size, repeats):
     """The three ways to train ``seeds`` seeds; the last is the reference for the speed-up."""
-    task = tasks.adding_problem(50)
+    task = adding_problem(50)
     cell = cells.lstm(32)
-    model, train = tasks.make_task_trainer(
-        cell, task, num_steps=steps, eval_every=steps, batch_size=batch_size, learning_rate=1e-2)
+    model, train = make_task_trainer(
+        cell, task, num_steps=steps, eval_every=steps, batch_size=batch_size, learning_rate=1e-2
+    )
     params = jax.vmap(model.init)(jax.random.split(jax.random.PRNGKey(0), seeds))
     keys = jax.random.split(jax.random.PRNGKey(1), seeds)
     test = task.sample(jax.random.PRNGKey(2), 256)
@@ -127,7 +135,9 @@ def sweep_benchmark(seeds, steps, batch_size, repeats):
         return [one(p, k, 1.0, *test) for p, k in zip(params_list, keys)]
 
     # What a user writes without the fused trainer: a jitted step called from Python, the
-    # same updates on the same batches (the trainer draws them from the split of its key).
+    # same updates on the same batches. The trainer runs its steps as one call of
+    # rnn_jax.train.train_steps (eval_every = steps), which splits the key into (next key,
+    # plan key) and draws step i's batch from split(plan key, steps)[i].
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
 
     def loss_fn(p, batch):
@@ -140,10 +150,10 @@ def sweep_benchmark(seeds, steps, batch_size, repeats):
     def step_loop(params_list, keys):
         finals = []
         for p, key in zip(params_list, keys):
-            k_data, k_state = jax.random.split(key)
-            state = create_train_state(p, optimizer, k_state)
+            _, plan_key = jax.random.split(key)
+            state = create_train_state(p, optimizer, key)
             first = test_loss(p)  # the trainer's two test evaluations, for equal work
-            for batch_key in jax.random.split(k_data, steps):
+            for batch_key in jax.random.split(plan_key, steps):
                 state, _ = train_step(state, sample(batch_key, batch_size))
             finals.append((state.params, first, test_loss(state.params)))
         return finals
@@ -154,25 +164,33 @@ def sweep_benchmark(seeds, steps, batch_size, repeats):
     for s in range(seeds):  # the same runs, up to float rounding
         np.testing.assert_allclose(together[1].test_loss[s], apart[s][1].test_loss, rtol=1e-3)
         np.testing.assert_allclose(
-            apart[s][0]["dense"]["kernel"], stepped[s][0]["dense"]["kernel"], rtol=1e-3, atol=1e-5)
-    times = _interleaved({
-        f"{seeds} seeds in one vmap": (vmapped, (params, keys, 1.0, *test)),
-        "Python loop over seeds, each one compiled scan": (loop, (rows, keys)),
-        "Python loop over seeds and steps (jitted step)": (step_loop, (rows, keys)),
-    }, repeats)
+            apart[s][0]["dense"]["kernel"], stepped[s][0]["dense"]["kernel"], rtol=1e-3, atol=1e-5
+        )
+    times = _interleaved(
+        {
+            f"{seeds} seeds in one vmap": (vmapped, (params, keys, 1.0, *test)),
+            "Python loop over seeds, each one compiled scan": (loop, (rows, keys)),
+            "Python loop over seeds and steps (jitted step)": (step_loop, (rows, keys)),
+        },
+        repeats,
+    )
     what = f"adding T=50, LSTM(32), batch {batch_size}, {steps} Adam steps × {seeds} seeds"
     return times, what, seeds * steps, "seed-steps/s"
 
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # JAX's INFO lines would interleave the table
     pinned = {
         "affinity": sorted(os.sched_getaffinity(0)),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
     }
     if len(pinned["affinity"]) != 1 or "multi_thread_eigen=false" not in pinned["XLA_FLAGS"]:
-        print("warning: not pinned; run under `taskset -c 0 env "
-              "XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` for comparable numbers")
+        print(
+            "warning: not pinned; run under `taskset -c 0 env "
+            "XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` for comparable numbers"
+        )
     results = {"pinned": pinned, "jax": jax.__version__}
     lines = [
         "| benchmark | contender | wall min / median s | CPU min / median s "
@@ -181,8 +199,9 @@ def main(argv):
     ]
     runs = [("probe", probe_benchmark(_T.value, _UNITS.value, _REPEATS.value))]
     for batch_size in _BATCH_SIZES.value:
-        runs.append(("sweep", sweep_benchmark(
-            _SEEDS.value, _STEPS.value, int(batch_size), _REPEATS.value)))
+        runs.append(
+            ("sweep", sweep_benchmark(_SEEDS.value, _STEPS.value, int(batch_size), _REPEATS.value))
+        )
     for label, (times, what, work, unit) in runs:
         names = list(times)
         cpu = {n: statistics.median(c for _, c in times[n]) for n in names}
@@ -192,7 +211,8 @@ def main(argv):
             lines.append(
                 f"| {label}: {what} | {name} | {min(walls):.3f} / {statistics.median(walls):.3f} "
                 f"| {min(cpus):.3f} / {cpu[name]:.3f} | {work / cpu[name]:.0f} {unit} "
-                f"| {' / '.join(f'{cpu[ref] / cpu[name]:.2f}×' for ref in names[1:])} |")
+                f"| {' / '.join(f'{cpu[ref] / cpu[name]:.2f}×' for ref in names[1:])} |"
+            )
         results.setdefault(label, []).append({"what": what, "times": times})
     table = "\n".join(lines)
     print(table)

@@ -2,7 +2,7 @@
 
 Run (the whole tutorial run, timed):
   KERAS_BACKEND=jax taskset -c 0 env XLA_FLAGS=--xla_cpu_multi_thread_eigen=false \
-      .venv/bin/python -m benchmarks.keras_reference --text=../shared/data/alice_in_wonderland.txt
+      .venv/bin/python -m benchmarks.keras_reference
 About 35 s here (25 iterations of one epoch, ~1.2 s each, plus 100 one-char predicts each).
 With ``--worker`` it prepares the model and then waits for commands on stdin (``epoch``,
 ``generate``, ``quit``), answering each with one JSON line on stdout prefixed ``@@``: that is how
@@ -22,14 +22,15 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import keras  # noqa: E402 (the backend is chosen by the environment before the import)
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import keras  # after KERAS_BACKEND: the backend is chosen at import
+import numpy as np
+from absl import app, flags
 
-from rnn_jax import data  # noqa: E402
+from rnn_jax import data
 
 _TEXT = flags.DEFINE_string(
-    "text", None, "Text file (default: ../shared/data/alice_in_wonderland.txt).")
+    "text", None, "Text file (default: the shipped Alice, rnn_jax.data.alice_path())."
+)
 _CELL = flags.DEFINE_enum("cell", "simple_rnn", ["simple_rnn", "lstm", "gru"], "Keras layer.")
 _ITERATIONS = flags.DEFINE_integer("iterations", 25, "Fit-then-generate iterations.", lower_bound=1)
 _NUM_PREDS = flags.DEFINE_integer("num_preds", 100, "Characters generated per iteration.")
@@ -37,12 +38,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Keras seed (init, shuffles) and generat
 _WORKER = flags.DEFINE_bool("worker", False, "Serve epoch/generate/quit commands on stdin.")
 
 SEQ_LEN, UNITS, BATCH = 10, 128, 128
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LAYERS = {"simple_rnn": "SimpleRNN", "lstm": "LSTM", "gru": "GRU"}
-
-
-def default_text() -> str:
-    return os.path.join(_ROOT, "..", "shared", "data", "alice_in_wonderland.txt")
 
 
 def one_hot_windows(text: str):
@@ -61,8 +57,12 @@ def one_hot_windows(text: str):
 def build_model(cell: str, vocab_size: int):
     layer = getattr(keras.layers, _LAYERS[cell])(UNITS, unroll=True)
     model = keras.Sequential(
-        [keras.Input((SEQ_LEN, vocab_size)), layer, keras.layers.Dense(vocab_size),
-         keras.layers.Activation("softmax")]
+        [
+            keras.Input((SEQ_LEN, vocab_size)),
+            layer,
+            keras.layers.Dense(vocab_size),
+            keras.layers.Activation("softmax"),
+        ]
     )
     model.compile(loss="categorical_crossentropy", optimizer=keras.optimizers.RMSprop())
     return model
@@ -102,7 +102,7 @@ def main(argv):
     if keras.backend.backend() != "jax":
         sys.exit(f"error: Keras runs on {keras.backend.backend()!r}; set KERAS_BACKEND=jax")
     tic = time.perf_counter()
-    text = data.load_text(_TEXT.value or default_text(), min_length=SEQ_LEN + 1)
+    text = data.load_text(_TEXT.value or data.alice_path(), min_length=SEQ_LEN + 1)
     x, y, vocab = one_hot_windows(text)
     keras.utils.set_random_seed(_SEED.value)
     model = build_model(_CELL.value, vocab.size)
@@ -123,8 +123,14 @@ def main(argv):
     warm = BATCH + (len(x) % BATCH or BATCH)
     model.fit(x[:warm], y[:warm], batch_size=BATCH, epochs=1, verbose=0)
     generate(model, x, vocab, rng, 2)
-    _answer({"ready": True, "examples": len(x), "vocab": vocab.size,
-             "setup_s": time.perf_counter() - tic})
+    _answer(
+        {
+            "ready": True,
+            "examples": len(x),
+            "vocab": vocab.size,
+            "setup_s": time.perf_counter() - tic,
+        }
+    )
     for line in sys.stdin:
         command = line.strip()
         if command == "epoch":

@@ -33,14 +33,18 @@ import time
 import jax
 from absl import app, flags
 
-from rnn_jax import char_lm, data, train
+from experiments import char_lm
+from rnn_jax import data, train
 
 _SIZES = flags.DEFINE_list("sizes_mb", ["0.15", "10", "100"], "Corpus sizes in MB (10**6 B).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 2000, "Batches per timed partial epoch.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed partial epochs per size.")
 _FULL_MAX = flags.DEFINE_float(
-    "full_epoch_max_mb", 10.0, "Also time one whole epoch for corpora up to this size.")
-_TEXT = flags.DEFINE_string("text", None, "Text to repeat (default: Alice from data/).")
+    "full_epoch_max_mb", 10.0, "Also time one whole epoch for corpora up to this size."
+)
+_TEXT = flags.DEFINE_string(
+    "text", None, "Text to repeat (default: the shipped Alice, rnn_jax.data.alice_path())."
+)
 _PIN = flags.DEFINE_bool("pin", True, "Run the children with taskset -c 0, single-threaded XLA.")
 _OUT = flags.DEFINE_string("out", "benchmarks/out/scale.json", "Where results are written.")
 _MEMORY_OF = flags.DEFINE_string("memory_of", None, "Internal: phase 1 on this corpus file.")
@@ -85,18 +89,24 @@ class _Run:
         self.state = train.create_train_state(
             model.init(jax.random.PRNGKey(0)), self.optimizer, jax.random.PRNGKey(1)
         )
-        self.facts = {"file_bytes": os.path.getsize(path), "chars": len(self.text),
-                      "vocab": vocab.size, "examples": self.examples,
-                      "batches_per_epoch": self.batches,
-                      "one_hot_gb": self.examples * (_CONFIG.seq_len + 1) * vocab.size / 1e9}
+        self.facts = {
+            "file_bytes": os.path.getsize(path),
+            "chars": len(self.text),
+            "vocab": vocab.size,
+            "examples": self.examples,
+            "batches_per_epoch": self.batches,
+            "one_hot_gb": self.examples * (_CONFIG.seq_len + 1) * vocab.size / 1e9,
+        }
 
     def epoch(self, num_batches):
         """``(compiled epoch over the first num_batches batches (None: all), compile seconds)``."""
-        epoch = train.make_epoch(
-            self.loss_fn, self.optimizer,
+        batches = train.shuffled_epoch(
             lambda w, idx: data.get_window_batch(w, idx, _CONFIG.seq_len),
-            self.examples, _CONFIG.batch_size, num_batches=num_batches,
+            self.examples,
+            _CONFIG.batch_size,
+            num_batches=num_batches,
         )
+        epoch = train.make_train_steps(self.loss_fn, self.optimizer, batches)
         return _timed(lambda: epoch.lower(self.state, self.windows).compile())
 
     def run(self, epoch) -> float:
@@ -110,8 +120,14 @@ def measure_memory(path: str, num_batches: int) -> dict:
     pipeline_mb = _peak_mb()
     epoch, compile_s = run.epoch(min(num_batches, run.batches))
     run.run(epoch)
-    return {**run.facts, "pipeline_s": run.pipeline_s, "compile_s": compile_s,
-            "rss_start_mb": start, "rss_pipeline_mb": pipeline_mb, "rss_peak_mb": _peak_mb()}
+    return {
+        **run.facts,
+        "pipeline_s": run.pipeline_s,
+        "compile_s": compile_s,
+        "rss_start_mb": start,
+        "rss_pipeline_mb": pipeline_mb,
+        "rss_peak_mb": _peak_mb(),
+    }
 
 
 def measure_time(paths, num_batches: int, repeats: int, full_max_bytes: float) -> list[dict]:
@@ -186,12 +202,13 @@ def main(argv):
         print(json.dumps(measure_memory(_MEMORY_OF.value, _NUM_BATCHES.value)))
         return
     if _TIME_OF.value:
-        rows = measure_time(_TIME_OF.value, _NUM_BATCHES.value, _REPEATS.value,
-                            _FULL_MAX.value * 1e6)
+        rows = measure_time(
+            _TIME_OF.value, _NUM_BATCHES.value, _REPEATS.value, _FULL_MAX.value * 1e6
+        )
         print(json.dumps(rows))
         return
     try:
-        with open(_TEXT.value or data.fetch_alice(os.path.join(_ROOT, "data")), "rb") as f:
+        with open(_TEXT.value or data.alice_path(), "rb") as f:
             source = f.read()
     except (data.TextError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -201,8 +218,11 @@ def main(argv):
         flags_now = env.get("XLA_FLAGS", "")
         env["XLA_FLAGS"] = f"{flags_now} --xla_cpu_multi_thread_eigen=false".strip()
         prefix = ["taskset", "-c", "0"]
-    common = [f"--num_batches={_NUM_BATCHES.value}", f"--repeats={_REPEATS.value}",
-              f"--full_epoch_max_mb={_FULL_MAX.value}"]
+    common = [
+        f"--num_batches={_NUM_BATCHES.value}",
+        f"--repeats={_REPEATS.value}",
+        f"--full_epoch_max_mb={_FULL_MAX.value}",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for size_mb in map(float, _SIZES.value):
@@ -214,8 +234,9 @@ def main(argv):
     print(_table(rows))
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
     with open(_OUT.value, "w") as f:
-        json.dump({"device": str(jax.devices()[0]), "pinned": _PIN.value, "rows": rows}, f,
-                  indent=1)
+        json.dump(
+            {"device": str(jax.devices()[0]), "pinned": _PIN.value, "rows": rows}, f, indent=1
+        )
 
 
 if __name__ == "__main__":

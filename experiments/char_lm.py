@@ -1,107 +1,353 @@
 """The tutorial's char-RNN on Alice in Wonderland, with greedy generation after each iteration.
 
 Run: python -m experiments.char_lm --workdir=runs/char_lm
-Defaults are the tutorial's recipe: SimpleRNN(128) over 10-char windows (step 1), Dense +
-softmax, categorical cross-entropy, RMSprop (Keras 3 defaults), batch 128, 25 iterations of one
-epoch, 100 greedy characters after each. On this 2-core CPU: about 0.85 s per epoch, about 30-40 s
-for the whole run; the training loss falls to about 1.37 (2.0 bits/char) by iteration 25.
-Rerun with the same --workdir to resume from the last finished iteration.
+Defaults are the tutorial's recipe (DESIGN.md §1-2): SimpleRNN(128) over 10-char windows (step
+1), Dense + softmax, categorical cross-entropy, RMSprop (Keras 3 defaults), batch 128, 25
+iterations of one epoch, 100 greedy characters after each. On this 2-core CPU, idle: about
+1 s per epoch and 30-40 s for the whole run (longer while other jobs share the cores); the
+training loss at iteration 25 is 1.3759 (1.985 bits/char), greedy sample "t this, but she had
+not done the room and she said to herself, ...". Rerun with the same --workdir to resume from
+the last finished iteration; the resumed run ends bit-identical to one never stopped.
 Several devices: --num_devices=0 (all); several hosts: --distributed, see docs/scaling.md.
+In process: ``run(Config(units=8, iterations=2), workdir)`` returns a :class:`Result`.
 """
 
+import dataclasses
+import math
 import os
-import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
-from absl import app, flags, logging
+import jax.numpy as jnp
+import numpy as np
 
-from rnn_jax import char_lm
-from rnn_jax.checkpoint import CheckpointError
-from rnn_jax.data import TextError, fetch_alice
-from rnn_jax.train import NonFiniteLossError
+from experiments import cli
+from rnn_jax import data as data_lib
+from rnn_jax import parallel, train
+from rnn_jax.cells import CELLS, Cell
+from rnn_jax.losses import accuracy, softmax_cross_entropy
+from rnn_jax.models import Model, recurrent, sequence_classifier
+from rnn_jax.sample import make_sampler
 
-_DEFAULT = char_lm.Config()
-_CELL = flags.DEFINE_enum("cell", _DEFAULT.cell, ["simple_rnn", "lstm", "gru"], "Recurrence.")
-_UNITS = flags.DEFINE_integer("units", _DEFAULT.units, "Hidden units.", lower_bound=1)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", _DEFAULT.seq_len, "Input window.", lower_bound=1)
-_STEP = flags.DEFINE_integer("step", _DEFAULT.step, "Stride between windows.", lower_bound=1)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", _DEFAULT.batch_size, "Batch.", lower_bound=1)
-_ITERATIONS = flags.DEFINE_integer(
-    "iterations", _DEFAULT.iterations, "Train-then-generate iterations.", lower_bound=1)
-_EPOCHS = flags.DEFINE_integer(
-    "epochs_per_iteration", _DEFAULT.epochs_per_iteration, "Epochs per iteration.", lower_bound=1)
-_NUM_PREDS = flags.DEFINE_integer(
-    "num_preds", _DEFAULT.num_preds, "Characters generated per iteration.", lower_bound=1)
-_LEARNING_RATE = flags.DEFINE_float(
-    "learning_rate", _DEFAULT.learning_rate, "RMSprop learning rate.", lower_bound=0.0)
-_RHO = flags.DEFINE_float("rho", _DEFAULT.rho, "RMSprop decay of the squared-gradient average.")
-_EPSILON = flags.DEFINE_float("epsilon", _DEFAULT.epsilon, "RMSprop epsilon (Keras: 1e-7).")
-_EPS_IN_SQRT = flags.DEFINE_bool(
-    "eps_in_sqrt", _DEFAULT.eps_in_sqrt,
-    "RMSprop epsilon inside the square root (Keras 3) or outside (Keras 2, PyTorch).")
-_CLIP_NORM = flags.DEFINE_float(
-    "clip_norm", None, "Clip gradients to this global norm (unset: no clipping).")
-_SEED = flags.DEFINE_integer("seed", _DEFAULT.seed, "PRNG seed (init, shuffles, seeds).")
-_VAL_FRACTION = flags.DEFINE_float(
-    "val_fraction", _DEFAULT.val_fraction, "Held-out tail of the text for validation bpc.")
-_TEMPERATURE = flags.DEFINE_float(
-    "temperature", _DEFAULT.temperature, "0: greedy (the tutorial); > 0: sample.")
-_SEED_TEXT = flags.DEFINE_string(
-    "seed_text", None, "Generate from this text's last seq_len chars, lower-cased as the corpus is "
-    "(default: a random training window).")
-_UNROLL = flags.DEFINE_integer("unroll", 0, "lax.scan unroll factor (0: auto).", lower_bound=0)
-_TEXT = flags.DEFINE_string(
-    "text", None, "Text file to train on (default: Alice, downloaded into data/ if missing).")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", "runs/char_lm", "Checkpoints, metrics.jsonl and samples.txt; reruns resume.")
-_NUM_DEVICES = flags.DEFINE_integer(
-    "num_devices", _DEFAULT.num_devices,
-    "Data-parallel devices, the batch split over them (0: all, on every host).", lower_bound=0)
-_COMPUTE_DTYPE = flags.DEFINE_enum(
-    "compute_dtype", _DEFAULT.compute_dtype, sorted(char_lm.MATMUL_PRECISION),
-    "bfloat16: matmul inputs rounded to bf16, float32 accumulation (GPU/TPU); params float32.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Multi-host: call jax.distributed.initialize first (with the three "
-    "flags below, or detected on Cloud TPU, SLURM, Open MPI).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "With --distributed: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "With --distributed: how many processes.", lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "With --distributed: this process's index.", lower_bound=0)
-
-_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+# compute_dtype: the dot algorithm of every matrix product in the loss (forward and backward).
+# bfloat16 rounds the inputs of each product to bf16 and accumulates in float32, on the GPU/TPU
+# matrix units; params, optimiser state, carry and elementwise math stay float32. XLA's CPU
+# backend ignores the setting (measured: bit-identical gradients).
+MATMUL_PRECISION = {"float32": None, "bfloat16": "BF16_BF16_F32"}
 
 
-def _seed_text():
-    # The corpus is lower-cased (DESIGN.md §1), so a seed is too.
-    return None if _SEED_TEXT.value is None else _SEED_TEXT.value.lower()
+# Config fields a resumed run may change: see Config.resume_key.
+_NOT_RESUMED = frozenset(
+    ("iterations", "num_preds", "temperature", "seed_text", "num_devices", "compute_dtype", "text")
+)
 
 
-def main(argv):
-    del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = char_lm.Config(
-        cell=_CELL.value, units=_UNITS.value, seq_len=_SEQ_LEN.value, step=_STEP.value,
-        batch_size=_BATCH_SIZE.value, iterations=_ITERATIONS.value,
-        epochs_per_iteration=_EPOCHS.value, num_preds=_NUM_PREDS.value,
-        learning_rate=_LEARNING_RATE.value, rho=_RHO.value, epsilon=_EPSILON.value,
-        eps_in_sqrt=_EPS_IN_SQRT.value,
-        clip_norm=_CLIP_NORM.value, seed=_SEED.value, val_fraction=_VAL_FRACTION.value,
-        temperature=_TEMPERATURE.value, seed_text=_seed_text(), unroll=_UNROLL.value,
-        num_devices=_NUM_DEVICES.value, compute_dtype=_COMPUTE_DTYPE.value,
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run; the defaults are the tutorial's recipe (DESIGN.md §1-2, pinned by a test)."""
+
+    text: str | None = cli.field(
+        None,
+        "Text file to train on (unset: the shipped Alice, rnn_jax.data.alice_path()).",
+        check=cli.optional(cli.non_empty),
     )
-    out = print if jax.process_index() == 0 else (lambda *args: None)
+    cell: str = cli.field("simple_rnn", "Recurrence.", choices=tuple(CELLS))
+    units: int = cli.field(128, "Hidden units.", check=cli.positive)
+    seq_len: int = cli.field(10, "Input window (characters).", check=cli.positive)
+    step: int = cli.field(1, "Stride between training windows.", check=cli.positive)
+    batch_size: int = cli.field(128, "Examples per update.", check=cli.positive)
+    iterations: int = cli.field(25, "Train-then-generate iterations.", check=cli.positive)
+    epochs_per_iteration: int = cli.field(1, "Epochs per iteration.", check=cli.positive)
+    num_preds: int = cli.field(100, "Characters generated per iteration.", check=cli.positive)
+    learning_rate: float = cli.field(1e-3, "RMSprop learning rate.", check=cli.positive)
+    rho: float = cli.field(0.9, "RMSprop decay of the squared-gradients' mean.", check=cli.fraction)
+    epsilon: float = cli.field(1e-7, "RMSprop epsilon (Keras: 1e-7).", check=cli.positive)
+    eps_in_sqrt: bool = cli.field(
+        True,
+        "RMSprop epsilon inside the square root (Keras 3) or outside (Keras 2, PyTorch).",
+    )
+    clip_norm: float | None = cli.clip_norm()
+    seed: int = cli.field(0, "PRNG seed (init, shuffles, generation seeds).")
+    val_fraction: float = cli.field(
+        0.0, "Held-out tail of the text, for validation bits per char.", check=cli.fraction
+    )
+    temperature: float = cli.field(
+        0.0, "0: greedy (the tutorial); > 0: sample.", check=cli.non_negative
+    )
+    seed_text: str | None = cli.field(
+        None,
+        "Generate from this text's last seq_len characters, lower-cased as the corpus is "
+        "(unset: a random training window).",
+    )
+    unroll: int = cli.field(
+        0,
+        "lax.scan unroll factor (0: fully for windows of up to 32 steps).",
+        check=cli.non_negative,
+    )
+    num_devices: int = cli.field(
+        1,
+        "Data-parallel devices, the batch split over them (0: all, on every host).",
+        check=cli.non_negative,
+    )
+    compute_dtype: str = cli.field(
+        "float32",
+        "bfloat16: matmul inputs rounded to bf16, float32 accumulation (GPU/TPU); params float32.",
+        choices=tuple(MATMUL_PRECISION),
+    )
+
+    def __post_init__(self):
+        cli.validate(self)
+        if self.seed_text is not None and len(self.seed_text) < self.seq_len:
+            raise ValueError(
+                f"seed_text={self.seed_text!r} has {len(self.seed_text)} characters; it needs at "
+                f"least seq_len={self.seq_len}"
+            )
+
+    def resume_key(self) -> dict:
+        """The fields a resumed run must share with the checkpoint.
+
+        Not iterations nor the sampling options, nor the devices and matmul precision (a run
+        may move between machines, and checkpoints written before those options existed still
+        resume), nor the text's path: the text itself is identified beside them by ``run``.
+        """
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_RESUMED}
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Process-level flags of a multi-host run (docs/scaling.md); not part of the experiment."""
+
+    distributed: bool = cli.field(
+        False,
+        "Multi-host: call jax.distributed.initialize first (with the three flags below, or "
+        "detected on Cloud TPU, SLURM, Open MPI).",
+    )
+    coordinator_address: str | None = cli.field(
+        None, "With --distributed: host:port of process 0.", check=cli.optional(cli.non_empty)
+    )
+    num_processes: int | None = cli.field(
+        None, "With --distributed: how many processes.", check=cli.optional(cli.positive)
+    )
+    process_id: int | None = cli.field(
+        None, "With --distributed: this process's index.", check=cli.optional(cli.non_negative)
+    )
+
+    def __post_init__(self):
+        cli.validate(self)
+        if not self.distributed:
+            for name in ("coordinator_address", "num_processes", "process_id"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is only used with distributed=True"
+                    )
+
+
+def setup(launch: Launch) -> None:
+    """Joins the multi-host run, before anything touches a device."""
+    if launch.distributed:
+        jax.distributed.initialize(
+            launch.coordinator_address, launch.num_processes, launch.process_id
+        )
+
+
+class Result(NamedTuple):
+    """What :func:`run` returns.
+
+    Attributes:
+      state: the final :class:`rnn_jax.train.TrainState`.
+      history: one dict per iteration (those of a resumed earlier run included): ``loss``,
+        ``accuracy``, ``bits_per_char``, ``seconds``, ``examples_per_second``, ``seed``,
+        ``generated`` and, with ``val_fraction``, ``val_loss`` and ``val_bits_per_char``.
+      vocabulary: the sorted characters of the text.
+    """
+
+    state: train.TrainState
+    history: list[dict]
+    vocabulary: data_lib.Vocabulary
+
+
+def make_model(config: Config, vocab_size: int) -> tuple[Cell, Model]:
+    """``(cell, model)``: the tutorial's ``cell`` + ``Dense(V)`` over integer tokens."""
+    cell = CELLS[config.cell](config.units)
+    unroll = config.unroll or (True if config.seq_len <= 32 else 1)
+    return cell, sequence_classifier(recurrent(cell, unroll_steps=unroll), vocab_size, vocab_size)
+
+
+def make_loss(model: Model, compute_dtype: str = "float32"):
+    """Per-example categorical cross-entropy and accuracy for ``(inputs, labels)`` batches.
+
+    ``compute_dtype="bfloat16"`` runs the model's matrix products on bf16 inputs with float32
+    accumulation (see ``MATMUL_PRECISION``); the loss itself is float32.
+    """
+    precision = MATMUL_PRECISION[compute_dtype]
+
+    def loss_fn(params, batch):
+        inputs, labels = batch
+        if precision is None:  # leave JAX's default (and JAX_DEFAULT_MATMUL_PRECISION) alone
+            logits = model.apply(params, inputs)
+        else:
+            with jax.default_matmul_precision(precision):
+                logits = model.apply(params, inputs)
+        return softmax_cross_entropy(logits, labels), {"accuracy": accuracy(logits, labels)}
+
+    return loss_fn
+
+
+def _load(config: Config) -> tuple[str, str]:
+    """``(path, cleaned text)``; errors name ``text=`` (and ``seq_len=`` for a short text)."""
+    path = data_lib.alice_path() if config.text is None else config.text
     try:
-        text = _TEXT.value or fetch_alice(_DATA_DIR)
-        char_lm.train_and_evaluate(config, _WORKDIR.value, text, out=out)
-    except (TextError, CheckpointError, NonFiniteLossError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        text = data_lib.load_text(path)
+    except data_lib.TextError as e:
+        # load_text names its argument path=; here that argument is this config's text.
+        message = str(e)
+        if message.startswith("path="):
+            message = "text=" + message[len("path=") :]
+        raise data_lib.TextError(message) from e
+    if len(text) < config.seq_len + 1:
+        raise data_lib.TextError(
+            f"text={path!r} has {len(text)} characters after cleaning, fewer than "
+            f"seq_len={config.seq_len} + 1; pass a longer text or a shorter seq_len"
+        )
+    return path, text
+
+
+def run(config: Config, workdir: str | None, out: Callable[[str], None] = print) -> Result:
+    """Trains the char-RNN on ``config.text`` with generation after every iteration.
+
+    Writes ``metrics.jsonl`` (one line per iteration), ``samples.txt`` and orbax checkpoints to
+    ``workdir`` and resumes from them (``None``: nothing written, nothing resumed). Everything
+    is checked before the first epoch; only process 0 of a multi-host run calls ``out``.
+
+    Raises:
+      TextError: the text cannot be used (the message names ``text=``).
+      ValueError: ``seed_text`` has characters outside the text's vocabulary, or
+        ``val_fraction`` leaves too little text on one side.
+      CheckpointError: ``workdir`` holds a checkpoint of another configuration or text.
+      NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
+    """
+    if jax.process_index() != 0:
+        out = lambda *_: None
+    mesh = parallel.make_mesh(config.num_devices) if config.num_devices != 1 else None
+    _, text = _load(config)
+    vocab = data_lib.Vocabulary.from_text(text)
+    tokens = vocab.encode(text)
+    seed_tokens = None
+    if config.seed_text is not None:
+        seed_text = config.seed_text.lower()  # the corpus is lower-cased (DESIGN.md §1)
+        try:  # fail before training, not after the first iteration
+            seed_tokens = vocab.encode(seed_text)[-config.seq_len :]
+        except ValueError as e:
+            raise ValueError(f"seed_text={config.seed_text!r}: {e}") from e
+    train_tokens, val_tokens = data_lib.split_tokens(tokens, config.val_fraction, config.seq_len)
+    windows = data_lib.make_windows(train_tokens, config.seq_len, config.step)
+    num_examples = int(windows.starts.shape[0])
+
+    cell, model = make_model(config, vocab.size)
+    loss_fn = make_loss(model, config.compute_dtype)
+    optimizer = train.rmsprop(
+        config.learning_rate, config.rho, config.epsilon, config.eps_in_sqrt, config.clip_norm
+    )
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    state = train.create_train_state(model.init(init_key), optimizer, train_key)
+    if mesh is not None:  # placed once: the corpus and the state whole on every device
+        windows, state = parallel.replicate((windows, state), mesh)
+
+    def get_batch(w, indices):
+        return data_lib.get_window_batch(w, indices, config.seq_len)
+
+    epoch = train.make_train_steps(
+        loss_fn,
+        optimizer,
+        train.shuffled_epoch(get_batch, num_examples, config.batch_size, mesh=mesh),
+        mesh=mesh,
+    )
+    evaluate = None
+    if val_tokens is not None:
+        val_windows = data_lib.make_windows(val_tokens, config.seq_len, config.seq_len)
+        val_batches = train.shuffled_epoch(
+            get_batch,
+            int(val_windows.starts.shape[0]),
+            config.batch_size,
+            shuffle=False,
+            mesh=mesh,
+        )
+        evaluate = train.make_evaluate(loss_fn, val_batches, mesh=mesh)
+        if mesh is not None:
+            val_windows = parallel.replicate(val_windows, mesh)
+    sampler = make_sampler(cell, config.num_preds, config.temperature)
+
+    out(
+        f"{len(text)} characters, vocabulary of {vocab.size}, {num_examples} training windows"
+        + (f", batches split over {parallel.data_size(mesh)} devices" if mesh is not None else "")
+    )
+
+    def seed_window(iteration: int) -> np.ndarray:
+        """The generation seed: ``seed_text``'s last ``seq_len`` tokens or a random window."""
+        if seed_tokens is not None:
+            return seed_tokens
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
+        i = int(jax.random.randint(key, (), 0, num_examples))
+        start = int(windows.starts[i])
+        return np.asarray(windows.tokens[start : start + config.seq_len])
+
+    def on_iteration(iteration, state, metrics):
+        report = {
+            "bits_per_char": metrics["loss"] / math.log(2),
+            "examples_per_second": num_examples / metrics["seconds"],
+        }
+        if evaluate is not None:
+            val = jax.device_get(evaluate(state.params, val_windows))
+            report["val_loss"] = float(val["loss"])
+            report["val_bits_per_char"] = float(val["loss"]) / math.log(2)
+        seed = seed_window(iteration)
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), iteration)
+        generated = vocab.decode(sampler(state.params, jnp.asarray(seed)[None], key)[0])
+        report["seed"], report["generated"] = vocab.decode(seed), generated
+        out("=" * 50)
+        out(f"Iteration #: {iteration}")
+        line = (
+            f"loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.4f}  "
+            f"bpc {report['bits_per_char']:.4f}  {metrics['seconds']:.2f} s  "
+            f"{report['examples_per_second']:.0f} chars/s"
+        )
+        if "val_bits_per_char" in report:
+            line += f"  val bpc {report['val_bits_per_char']:.4f}"
+        out(line)
+        out(f'Generating from seed: "{report["seed"]}"')
+        out(report["seed"] + generated)
+        return report
+
+    # The text is identified under "config" so that a mismatch is reported as text=.
+    text_id = {"length": len(text), "vocabulary": vocab.chars}
+    meta = {"config": {**config.resume_key(), "text": text_id}, "vocabulary": vocab.chars}
+    try:
+        state, history = train.fit(
+            state,
+            epoch,
+            windows,
+            iterations=config.iterations,
+            epochs_per_iteration=config.epochs_per_iteration,
+            workdir=workdir,
+            meta=meta,
+            on_iteration=on_iteration,
+        )
+    except train.NonFiniteLossError as e:
+        raise train.NonFiniteLossError(
+            f"{e} (learning_rate={config.learning_rate}, clip_norm={config.clip_norm})"
+        ) from e
+    if workdir is not None and jax.process_index() == 0:
+        _write_samples(os.path.join(workdir, "samples.txt"), history)
+    return Result(state, history, vocab)
+
+
+def _write_samples(path: str, history: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in history:
+            f.write(f"iteration {row['iteration']}  loss {row['loss']:.4f}\n")
+            f.write(f"{row['seed']}|{row['generated']}\n\n")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(Config, run, workdir="runs/char_lm", launch_cls=Launch, setup=setup)

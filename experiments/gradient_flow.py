@@ -6,25 +6,29 @@ For each configuration (SimpleRNN with recurrent gain 0.5/1/1.5/3, IRNN, LSTM wi
 1 and 0, GRU) and each T (default 50 and 200), the loss is the adding problem's MSE on the last
 output (a Dense(1) head), and the probes of :mod:`rnn_jax.gradients` measure, per seed:
 ``‖∂L/∂h_t‖`` for every t (float64, so that vanishing gradients do not underflow), the step
-Jacobians' largest singular values and ``‖J_{T-1} ⋯ J_{t+1}‖₂``, and gate/tanh saturation; at
-initialisation and again after --train_steps steps of Adam (lr 1e-2, clip 1.0) on the adding
-problem of that T. Configurations that differ only in their initialisation (the four SimpleRNN
-gains; LSTM forget bias 1 and 0) train and are probed together: one compiled program, vmapped
-over configurations × seeds. Reported: median over seeds and the 10-90 % spread.
+Jacobians' largest singular values and ``‖J_{T-1} ⋯ J_{t+1}‖₂``, and gate/tanh saturation (as
+the cell names its units: the relu IRNN has neither, shown as ``-``); at initialisation and
+again after --train_steps steps of Adam (lr 1e-2, --clip_norm 1.0; unset: no clipping) on the
+adding problem of that T. Configurations that differ only in their initialisation (the four
+SimpleRNN gains; LSTM forget bias 1 and 0) train and are probed together: one compiled program,
+vmapped over configurations × seeds. Reported: median over seeds and the 10-90 % spread.
 
 Writes ``results.json`` (per-config median/spread curves), ``results.csv`` (the printed table),
 ``grad_norms.png`` and ``jacobians.png`` to --workdir.
 
 Measured here (2 CPU cores shared with other jobs): 4.3 min wall (2.1 min of CPU); table and
-plots in docs/gradients.md. At initialisation, over T = 200, log10 ‖∂L/∂h_0‖/‖∂L/∂h_{T-1}‖ is
-about -6 for SimpleRNN (gain 1), -15 for LSTM (forget bias 1), -42 (forget bias 0), -39 for
-GRU: with Keras initialisers the gated cells' gradients decay faster than SimpleRNN's. Gains
-0.5 / 3 give -62 / +22. After 200 steps GRU's ratio rises to about -3 (T = 200) and -1
-(T = 50); the gain-3 RNN at T = 200 does not move at all (its float32 gradient norm overflows,
-so clip_by_global_norm zeroes every update).
+plots in docs/gradients.md. (Measured with the trainer as it was before issue 8; its batches now
+come from another split of the key, so the trained rows of a rerun differ slightly.) At
+initialisation, over T = 200, log10 ‖∂L/∂h_0‖/‖∂L/∂h_{T-1}‖ is about -6 for SimpleRNN (gain
+1), -15 for LSTM (forget bias 1), -42 (forget bias 0), -39 for GRU: with Keras initialisers the
+gated cells' gradients decay faster than SimpleRNN's. Gains 0.5 / 3 give -62 / +22. After 200
+steps GRU's ratio rises to about -3 (T = 200) and -1 (T = 50); the gain-3 RNN at T = 200 does
+not move at all (its float32 gradient norm overflows, so clip_by_global_norm zeroes every
+update).
 """
 
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -34,10 +38,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
 
-from rnn_jax import cells, gradients, tasks
-from rnn_jax.models import dense
+from experiments import cli
+from rnn_jax import cells, gradients
+from rnn_jax.models import dense, sequence_classifier
+from rnn_jax.synthetic import adding_problem
+from rnn_jax.train import make_task_trainer
 
 # name -> (cell, structural kwargs, initialisation kwargs). Configs with the same cell and
 # structural kwargs run the same functions on differently initialised params: one program.
@@ -53,25 +59,64 @@ CONFIGS = {
     "gru": ("gru", {}, {}),
     "gru_g3": ("gru", {}, {"recurrent_gain": 3.0}),
 }
-_DEFAULT_CONFIGS = [
-    "rnn_g0.5", "rnn_g1", "rnn_g1.5", "rnn_g3", "irnn", "lstm_fb1", "lstm_fb0", "gru"
-]
+_DEFAULT_CONFIGS = (
+    "rnn_g0.5",
+    "rnn_g1",
+    "rnn_g1.5",
+    "rnn_g3",
+    "irnn",
+    "lstm_fb1",
+    "lstm_fb0",
+    "gru",
+)
 
-_CONFIGS = flags.DEFINE_list("configs", _DEFAULT_CONFIGS, f"Among {sorted(CONFIGS)}.")
-_LENGTHS = flags.DEFINE_list("lengths", ["50", "200"], "Sequence lengths T.")
-_SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds per configuration (vmapped).", lower_bound=1)
-_UNITS = flags.DEFINE_integer("units", 32, "Hidden units.", lower_bound=1)
-_TRAIN_STEPS = flags.DEFINE_integer(
-    "train_steps", 200, "Adam steps on the adding problem before the second probe (0: none).",
-    lower_bound=0)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Training batch.", lower_bound=1)
-_PROBE_BATCH = flags.DEFINE_integer("probe_batch", 16, "Sequences probed per seed.", lower_bound=1)
-_JACOBIAN_BATCH = flags.DEFINE_integer(
-    "jacobian_batch", 4, "Of those, sequences whose Jacobians are taken.", lower_bound=1)
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-2, "Adam learning rate.", lower_bound=0.0)
-_CLIP_NORM = flags.DEFINE_float("clip_norm", 1.0, "Global-norm clip while training.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/gradient_flow", "Where results are written.")
+
+def _non_empty(values) -> str | None:
+    return None if values else "must not be empty"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Which configurations to probe at which lengths, and the training between the probes."""
+
+    configs: tuple[str, ...] = cli.field(
+        _DEFAULT_CONFIGS, "Configurations to probe.", choices=tuple(CONFIGS), check=_non_empty
+    )
+    lengths: tuple[int, ...] = cli.field(
+        (50, 200), "Sequence lengths T (>= 2).", check=cli.all_positive
+    )
+    seeds: int = cli.field(8, "Seeds per configuration (vmapped).", check=cli.positive)
+    units: int = cli.field(32, "Hidden units.", check=cli.positive)
+    train_steps: int = cli.field(
+        200,
+        "Adam steps on the adding problem before the second probe (0: none).",
+        check=cli.non_negative,
+    )
+    batch_size: int = cli.field(32, "Training batch.", check=cli.positive)
+    test_size: int = cli.field(256, "Test sequences (fixed) for the test MSE.", check=cli.positive)
+    probe_batch: int = cli.field(16, "Sequences probed per seed.", check=cli.positive)
+    jacobian_batch: int = cli.field(
+        4, "Of those, sequences whose Jacobians are taken.", check=cli.positive
+    )
+    learning_rate: float = cli.field(1e-2, "Adam learning rate.", check=cli.positive)
+    clip_norm: float | None = cli.clip_norm(1.0)
+    seed: int = cli.field(0, "PRNG seed.")
+
+    def __post_init__(self):
+        cli.validate(self)
+        for name in ("configs", "lengths"):
+            values = getattr(self, name)
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"{name}={values!r} lists {twice[0]!r} more than once")
+        if min(self.lengths) < 2:
+            raise ValueError(f"lengths={self.lengths!r}: the adding problem needs T >= 2")
+        if self.jacobian_batch > self.probe_batch:
+            raise ValueError(
+                f"jacobian_batch={self.jacobian_batch} must not exceed "
+                f"probe_batch={self.probe_batch}"
+            )
+
 
 _LN10 = math.log(10.0)
 
@@ -104,8 +149,10 @@ def _probe(cell, params, xs, targets, jacobian_batch):
     out["step_norm"] = jnp.median(jac["step_norm"], axis=0)
     log_product = jnp.maximum(jac["log_product_norm"], jnp.log(tiny))  # -inf: an exact zero
     out["log10_product"] = jnp.median(log_product, axis=0) / _LN10
+    # The cell names its bounded units: a relu IRNN has neither gates nor tanh units.
     sat = gradients.saturation(cell, params["rnn"], xs)
-    out["sat_tanh"] = jnp.mean(sat["tanh_units"], axis=0)
+    if "tanh_units" in sat:
+        out["sat_tanh"] = jnp.mean(sat["tanh_units"], axis=0)
     if "gates" in sat:
         out["sat_gates"] = jnp.mean(sat["gates"], axis=0)
     return out
@@ -131,7 +178,7 @@ def init_models(task, cell_name, structure, members, units, seeds, key):
     stacks = []
     for name in members:
         cell = cells.CELLS[cell_name](units, **structure, **CONFIGS[name][2])
-        model = tasks.task_model(cell, task)
+        model = sequence_classifier(cell, task.input_dim, task.output_dim)
         stacks.append(jax.vmap(model.init)(keys))
     return jax.tree.map(lambda *a: jnp.concatenate(a), *stacks)
 
@@ -162,18 +209,30 @@ def table_row(name, length, phase, probe, test_loss, grad_norm=None):
         "log10_g0_over_gT_p90": float(np.percentile(ratio, 90)),
         "log10_dhT_dh0": float(np.median(probe["log10_product"][:, 0])),
         "jacobian_norm": float(np.median(probe["step_norm"])),
-        "sat_gates": float(np.median(np.mean(probe["sat_gates"], axis=1)))
-        if "sat_gates" in probe else None,
-        "sat_tanh": float(np.median(np.mean(probe["sat_tanh"], axis=1))),
+        "sat_gates": _median_over_time(probe, "sat_gates"),
+        "sat_tanh": _median_over_time(probe, "sat_tanh"),
     }
 
 
+def _median_over_time(probe, name):
+    """Median over seeds of the mean over t; None when the cell has no such units."""
+    return float(np.median(np.mean(probe[name], axis=1))) if name in probe else None
+
+
 _COLUMNS = [
-    ("config", "{}"), ("T", "{}"), ("phase", "{}"), ("test_mse", "{:.3f}"),
-    ("nonfinite_test", "{}"), ("inf_grad_steps", "{:.2f}"),
-    ("log10_g0_over_gT", "{:+.1f}"), ("log10_g0_over_gT_p10", "{:+.1f}"),
-    ("log10_g0_over_gT_p90", "{:+.1f}"), ("log10_dhT_dh0", "{:+.1f}"),
-    ("jacobian_norm", "{:.2f}"), ("sat_gates", "{:.2f}"), ("sat_tanh", "{:.2f}"),
+    ("config", "{}"),
+    ("T", "{}"),
+    ("phase", "{}"),
+    ("test_mse", "{:.3f}"),
+    ("nonfinite_test", "{}"),
+    ("inf_grad_steps", "{:.2f}"),
+    ("log10_g0_over_gT", "{:+.1f}"),
+    ("log10_g0_over_gT_p10", "{:+.1f}"),
+    ("log10_g0_over_gT_p90", "{:+.1f}"),
+    ("log10_dhT_dh0", "{:+.1f}"),
+    ("jacobian_norm", "{:.2f}"),
+    ("sat_gates", "{:.2f}"),
+    ("sat_tanh", "{:.2f}"),
 ]
 
 
@@ -181,8 +240,11 @@ def format_table(rows):
     """A Markdown table of the summary rows."""
     lines = ["| " + " | ".join(n for n, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join(
-            "-" if row[n] is None else f.format(row[n]) for n, f in _COLUMNS) + " |")
+        lines.append(
+            "| "
+            + " | ".join("-" if row[n] is None else f.format(row[n]) for n, f in _COLUMNS)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -219,8 +281,14 @@ def plot(workdir, curves, names, lengths, phases):
                 c = curves[(name, length, phase)]["log10_grad_rel"]
                 t = np.arange(length)
                 ax.plot(t, 10.0 ** c["median"], color=_colour(name, names), lw=1.2, label=name)
-                ax.fill_between(t, 10.0 ** c["p10"], 10.0 ** c["p90"], color=_colour(name, names),
-                                alpha=0.15, lw=0)
+                ax.fill_between(
+                    t,
+                    10.0 ** c["p10"],
+                    10.0 ** c["p90"],
+                    color=_colour(name, names),
+                    alpha=0.15,
+                    lw=0,
+                )
             ax.set_yscale("log")
             _floor(ax, [curves[(n, length, phase)]["log10_grad_rel"] for n in names])
             ax.set_title(f"T={length}, {phase}", fontsize=9)
@@ -259,33 +327,46 @@ def plot(workdir, curves, names, lengths, phases):
     plt.close(fig)
 
 
-def run(names, lengths, *, seeds, units, train_steps, batch_size, probe_batch, jacobian_batch,
-        learning_rate, clip_norm, seed, workdir, out=print):
-    """Probes (and trains) every config at every T; prints the table; writes JSON, CSV, PNGs."""
+def run(config: Config, workdir: str, out=print) -> list[dict]:
+    """Probes (and trains) every config at every T; prints the table; writes JSON, CSV, PNGs.
+
+    Returns:
+      The table's rows, one per (config, T, phase), ordered by T, phase, then config.
+    """
     os.makedirs(workdir, exist_ok=True)
-    phases = ["init", "trained"] if train_steps else ["init"]
+    names, lengths, seeds = config.configs, config.lengths, config.seeds
+    phases = ["init", "trained"] if config.train_steps else ["init"]
+    # The trainer's clip_norm is an array, inf for no clipping.
+    clip = jnp.float32(math.inf if config.clip_norm is None else config.clip_norm)
     rows, curves, timings = [], {}, {}
     for length in lengths:
-        task = tasks.adding_problem(length)
+        task = adding_problem(length)
         k_init, k_train, k_probe, k_test = jax.random.split(
-            jax.random.fold_in(jax.random.PRNGKey(seed), length), 4)
-        xs, targets = task.sample(k_probe, probe_batch)
-        test_xs, test_targets = task.sample(k_test, 256)
+            jax.random.fold_in(jax.random.PRNGKey(config.seed), length), 4
+        )
+        xs, targets = task.sample(k_probe, config.probe_batch)
+        test_xs, test_targets = task.sample(k_test, config.test_size)
         for cell_name, structure, members in groups(names):
             tic = time.perf_counter()
-            cell = cells.CELLS[cell_name](units, **structure)
-            params = init_models(task, cell_name, structure, members, units, seeds, k_init)
-            probes = {"init": probe_models(cell, params, xs, targets, jacobian_batch)}
+            cell = cells.CELLS[cell_name](config.units, **structure)
+            params = init_models(task, cell_name, structure, members, config.units, seeds, k_init)
+            probes = {"init": probe_models(cell, params, xs, targets, config.jacobian_batch)}
             losses = {"init": probes["init"]["loss"]}
             grad_norms = {"init": None}
-            if train_steps:
-                _, train = tasks.make_task_trainer(
-                    cell, task, num_steps=train_steps, eval_every=train_steps,
-                    batch_size=batch_size, learning_rate=learning_rate)
+            if config.train_steps:
+                _, train = make_task_trainer(
+                    cell,
+                    task,
+                    num_steps=config.train_steps,
+                    eval_every=config.train_steps,
+                    batch_size=config.batch_size,
+                    learning_rate=config.learning_rate,
+                )
                 keys = jnp.tile(jax.random.split(k_train, seeds), (len(members), 1))
                 trained, c = jax.jit(jax.vmap(train, in_axes=(0, 0, None, None, None)))(
-                    params, keys, clip_norm, test_xs, test_targets)
-                probes["trained"] = probe_models(cell, trained, xs, targets, jacobian_batch)
+                    params, keys, clip, test_xs, test_targets
+                )
+                probes["trained"] = probe_models(cell, trained, xs, targets, config.jacobian_batch)
                 losses["init"] = np.asarray(c.test_loss[:, 0])
                 losses["trained"] = np.asarray(c.test_loss[:, -1])
                 grad_norms["trained"] = np.asarray(c.grad_norm)
@@ -297,25 +378,34 @@ def run(names, lengths, *, seeds, units, train_steps, batch_size, probe_batch, j
                     p = {k: v[part] for k, v in probes[phase].items()}
                     p["log10_grad_rel"] = p["log10_grad_h"] - p["log10_grad_h"][:, -1:]
                     curves[(name, length, phase)] = {
-                        k: summarize_curves(v) for k, v in p.items() if k != "loss"}
+                        k: summarize_curves(v) for k, v in p.items() if k != "loss"
+                    }
                     norms = None if grad_norms[phase] is None else grad_norms[phase][part]
                     rows.append(table_row(name, length, phase, p, losses[phase][part], norms))
-            logging.info("%s %s T=%d: %.1f s", cell_name, members, length, seconds)
             out(f"{cell_name} {members} T={length}: {seconds:.1f} s")
-    order = {(n, t, p): i for i, (n, t, p) in enumerate(
-        (n, t, p) for t in lengths for p in phases for n in names)}
+    order = {
+        key: i for i, key in enumerate((n, t, p) for t in lengths for p in phases for n in names)
+    }
     rows.sort(key=lambda r: order[(r["config"], r["T"], r["phase"])])
     out(format_table(rows))
-    config = dict(configs=names, lengths=lengths, seeds=seeds, units=units, train_steps=train_steps,
-                  batch_size=batch_size, probe_batch=probe_batch, jacobian_batch=jacobian_batch,
-                  learning_rate=learning_rate, clip_norm=clip_norm, seed=seed)
     with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({
-            "config": config, "rows": rows, "seconds": timings,
-            "curves": [{"config": n, "T": t, "phase": p,
-                        **{k: {q: v.tolist() for q, v in s.items()} for k, s in c.items()}}
-                       for (n, t, p), c in curves.items()],
-        }, f)
+        json.dump(
+            {
+                "config": dataclasses.asdict(config),
+                "rows": rows,
+                "seconds": timings,
+                "curves": [
+                    {
+                        "config": n,
+                        "T": t,
+                        "phase": p,
+                        **{k: {q: v.tolist() for q, v in s.items()} for k, s in c.items()},
+                    }
+                    for (n, t, p), c in curves.items()
+                ],
+            },
+            f,
+        )
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, [n for n, _ in _COLUMNS])
         writer.writeheader()
@@ -324,27 +414,5 @@ def run(names, lengths, *, seeds, units, train_steps, batch_size, probe_batch, j
     return rows
 
 
-def main(argv):
-    del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    unknown = sorted(set(_CONFIGS.value) - set(CONFIGS))
-    if unknown:
-        raise app.UsageError(f"--configs: unknown {unknown}; choose from {sorted(CONFIGS)}")
-    try:
-        lengths = [int(t) for t in _LENGTHS.value]
-    except ValueError:
-        raise app.UsageError(f"--lengths must be integers, got {_LENGTHS.value}") from None
-    if min(lengths) < 2:
-        raise app.UsageError(f"--lengths must be >= 2 (the adding problem), got {lengths}")
-    if _JACOBIAN_BATCH.value > _PROBE_BATCH.value:
-        raise app.UsageError("--jacobian_batch must not exceed --probe_batch")
-    run(_CONFIGS.value, lengths, seeds=_SEEDS.value, units=_UNITS.value,
-        train_steps=_TRAIN_STEPS.value, batch_size=_BATCH_SIZE.value,
-        probe_batch=_PROBE_BATCH.value, jacobian_batch=_JACOBIAN_BATCH.value,
-        learning_rate=_LEARNING_RATE.value, clip_norm=_CLIP_NORM.value, seed=_SEED.value,
-        workdir=_WORKDIR.value)
-
-
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(Config, run, workdir="runs/gradient_flow")

@@ -1,13 +1,17 @@
-"""Recurrent cells as pure functions over Keras-layout parameter dicts."""
+"""Recurrent cells as pure functions over Keras-layout parameter dicts, equations included."""
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
+
+from rnn_jax._fast import matmul
 
 Params = dict[str, jax.Array]
 Carry = Any
+# {"gates": {name: sigmoid outputs}, "tanh": {name: tanh outputs}}, each (batch, units).
+Activations = dict[str, dict[str, jax.Array]]
 
 
 class Cell(NamedTuple):
@@ -26,7 +30,14 @@ class Cell(NamedTuple):
         ``(...)`` integer tokens, read as one-hot rows without building them (``onehot(i) @ W``
         is the row gather ``W[i]``).
       recur: ``(params, carry, projected) -> (carry, y)``.
-      units: the width of ``y`` and of each carry component.
+      units: the width of ``y``.
+      activations: ``(params, carry, projected) -> {"gates": {...}, "tanh": {...}}``: the
+        step's bounded nonlinearities by name, sigmoid gates (saturated near 0 and 1) and tanh
+        units (near ±1), computed by the same code as ``recur``; what
+        :func:`rnn_jax.gradients.saturation` reads. None when the cell does not say.
+
+    Write a cell of your own with :func:`custom_cell` from ``init``, ``initial_carry`` and
+    ``step`` alone; every tool of the library accepts it.
     """
 
     init: Callable[[jax.Array, int], Params]
@@ -35,6 +46,7 @@ class Cell(NamedTuple):
     project: Callable[[Params, jax.Array], jax.Array]
     recur: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
     units: int
+    activations: Callable[[Params, Carry, jax.Array], Activations] | None = None
 
 
 class LSTMCarry(NamedTuple):
@@ -70,41 +82,13 @@ def _recurrent_kernel(key, units, blocks, recurrent_init, gain):
     if recurrent_init == "glorot_uniform":
         return gain * glorot_uniform(key, shape)
     raise ValueError(
-        f"recurrent_init must be 'orthogonal', 'identity' or 'glorot_uniform', got {recurrent_init!r}"
+        f"recurrent_init={recurrent_init!r} must be 'orthogonal', 'identity' or 'glorot_uniform'"
     )
 
 
 def add_bias(z: jax.Array, bias: jax.Array) -> jax.Array:
     """``z (..., n) + bias (n,)`` with the broadcast spelled out (rank promotion stays strict)."""
     return z + bias.reshape((1,) * (z.ndim - 1) + bias.shape)
-
-
-@jax.custom_jvp
-def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x @ kernel``, differentiated so that reverse mode's ``x^T g`` is a plain product.
-
-    XLA's fast CPU matrix-product path takes plainly laid out operands; ``x^T g`` contracts the
-    leading axis of both and would take a slower one. The tangent multiplies ``dkernel`` by a
-    transposed copy of ``x`` (kept from the forward pass) instead, whose transpose is ``x^T g``
-    with ``x^T`` already in place.
-    """
-    return x @ kernel
-
-
-def _matmul_jvp(primals, tangents):
-    x, kernel = primals
-    d_x, d_kernel = tangents
-    y = x @ kernel
-    terms = []
-    if not isinstance(d_x, SymbolicZero):
-        terms.append(d_x @ kernel)
-    if not isinstance(d_kernel, SymbolicZero):
-        x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-        terms.append((x_t.T @ d_kernel).reshape(y.shape))
-    return y, sum(terms[1:], terms[0])
-
-
-matmul.defjvp(_matmul_jvp, symbolic_zeros=True)
 
 
 def _project(params: Params, x: jax.Array, bias: jax.Array | None) -> jax.Array:
@@ -129,41 +113,88 @@ class Recurrence:
     """A ``recur`` whose carry meets the recurrent kernel in one matrix product, then a gate.
 
     ``recur(params, carry, zx) -> (new, hidden(new))`` with ``u = hidden(carry) @ U`` (plus
-    ``recurrent_bias(params)`` when given) and ``new = gate(carry, zx + u)`` when ``additive``,
-    else ``new = gate(carry, zx, u)``. The output of a step is the new hidden state. Knowing
-    this shape lets :func:`rnn_jax.unroll` skip the product with a zero initial carry and form
-    the recurrent kernel's gradient of all steps as one matrix product; a ``recur`` of any
-    other shape (a plain function) runs step by step as written.
+    ``recurrent_bias(params)`` when given) and ``(new, activations) = gate(carry, zx + u)``
+    when ``additive``, else ``gate(carry, zx, u)``. The output of a step is the new hidden
+    state. Knowing this shape lets :func:`rnn_jax.unroll` skip the product with a zero initial
+    carry and form the recurrent kernel's gradient of all steps as one matrix product
+    (:mod:`rnn_jax._fast`); a ``recur`` of any other shape (a plain function) runs step by step
+    as written.
 
     Attributes:
-      gate: ``(carry, z) -> carry`` (``additive``) or ``(carry, zx, u) -> carry``; elementwise.
+      gate: ``(carry, z)`` (``additive``) or ``(carry, zx, u)`` ``-> (new carry, activations)``;
+        elementwise. The activations (:data:`Activations`) are the gate's own intermediates.
       hidden: ``carry -> h (batch, units)``, the part multiplied by the recurrent kernel.
       recurrent_bias: ``params -> (k·units,)`` added to ``u``, or None.
       additive: the gate reads ``zx`` and ``u`` only through their sum.
     """
 
-    __slots__ = ("gate", "hidden", "recurrent_bias", "additive")
+    __slots__ = ("additive", "gate_and_activations", "hidden", "recurrent_bias")
 
     def __init__(self, gate, hidden=lambda carry: carry, recurrent_bias=None, additive=True):
-        self.gate, self.hidden = gate, hidden
+        self.gate_and_activations, self.hidden = gate, hidden
         self.recurrent_bias, self.additive = recurrent_bias, additive
+
+    def gate(self, carry: Carry, *inputs) -> Carry:
+        """The new carry alone."""
+        return self.gate_and_activations(carry, *inputs)[0]
 
     def recurrent_input(self, params: Params, h: jax.Array) -> jax.Array:
         """``u = h @ recurrent_kernel (+ recurrent bias)``: ``(batch, k·units)``."""
         u = h @ params["recurrent_kernel"]
         return u if self.recurrent_bias is None else add_bias(u, self.recurrent_bias(params))
 
-    def __call__(self, params: Params, carry: Carry, zx: jax.Array):
+    def _inputs(self, params: Params, carry: Carry, zx: jax.Array):
         u = self.recurrent_input(params, self.hidden(carry))
-        new = self.gate(carry, zx + u) if self.additive else self.gate(carry, zx, u)
+        return (zx + u,) if self.additive else (zx, u)
+
+    def __call__(self, params: Params, carry: Carry, zx: jax.Array):
+        new = self.gate(carry, *self._inputs(params, carry, zx))
         return new, self.hidden(new)
 
+    def activations(self, params: Params, carry: Carry, zx: jax.Array) -> Activations:
+        """The step's gate and tanh activations (:attr:`Cell.activations`)."""
+        return self.gate_and_activations(carry, *self._inputs(params, carry, zx))[1]
 
-def _make_cell(init, initial_carry, project, recur, units) -> Cell:
+
+def _make_cell(init, initial_carry, project, recur, units, activations=None) -> Cell:
     def step(params, carry, x):
         return recur(params, carry, project(params, x))
 
-    return Cell(init, initial_carry, step, project, recur, units)
+    if activations is None and isinstance(recur, Recurrence):
+        activations = recur.activations
+    return Cell(init, initial_carry, step, project, recur, units, activations)
+
+
+def custom_cell(
+    init: Callable[[jax.Array, int], Params],
+    initial_carry: Callable[[int], Carry],
+    step: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]],
+    *,
+    activations: Callable[[Params, Carry, jax.Array], Activations] | None = None,
+    units: int | None = None,
+) -> Cell:
+    """A :class:`Cell` from three pure functions of your own; every tool accepts it.
+
+    ``unroll``, the gradient probes, the sampler, the layers and the trainers read a cell only
+    through its fields; this fills the split ones plainly: ``project`` passes ``x`` through
+    (``step`` gets the raw inputs, integer tokens included) and ``recur`` is ``step``.
+
+    Args:
+      init: ``(key, input_dim) -> params``.
+      initial_carry: ``(batch) -> carry`` (any pytree of ``(batch, ·)`` arrays).
+      step: ``(params, carry, x) -> (carry, y)`` for a batch: ``x (batch, input_dim)`` or
+        ``(batch,)`` int tokens, ``y (batch, units)``.
+      activations: optional ``(params, carry, x) -> {"gates": {...}, "tanh": {...}}``, for
+        :func:`rnn_jax.gradients.saturation`.
+      units: the width of ``y``; by default the last axis of the carry's first leaf.
+
+    The gradient probes (:mod:`rnn_jax.gradients`) differentiate with respect to the carry and
+    read the step's output as ``carry.h`` when the carry has an ``h``, else the carry itself:
+    write ``step`` so that ``y`` is that.
+    """
+    if units is None:
+        units = jax.tree.leaves(jax.eval_shape(lambda: initial_carry(1)))[0].shape[-1]
+    return Cell(init, initial_carry, step, lambda params, x: x, step, units, activations)
 
 
 _ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
@@ -180,9 +211,10 @@ def simple_rnn(
     Params: ``kernel (input_dim, units)`` glorot-uniform, ``recurrent_kernel (units, units)``
     orthogonal times ``recurrent_gain`` (or ``identity`` for the IRNN of Le et al. 2015, used
     with ``activation="relu"``), ``bias (units,)`` zeros. Carry: ``h (batch, units)``.
+    Activations: ``tanh`` units (none for relu, which does not saturate).
     """
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(f"activation={activation!r} must be one of {sorted(_ACTIVATIONS)}")
     act = _ACTIVATIONS[activation]
 
     def init(key, input_dim):
@@ -196,7 +228,11 @@ def simple_rnn(
     def project(params, x):
         return _project(params, x, params["bias"])
 
-    recur = Recurrence(lambda h, z: act(z))
+    def gate(h, z):
+        h = act(z)
+        return h, {"gates": {}, "tanh": {"tanh": h} if activation == "tanh" else {}}
+
+    recur = Recurrence(gate)
     return _make_cell(init, lambda batch: jnp.zeros((batch, units)), project, recur, units)
 
 
@@ -214,7 +250,8 @@ def lstm(
     Params: ``kernel (input_dim, 4u)``, ``recurrent_kernel (u, 4u)``, ``bias (4u,)`` with the
     forget block set to ``forget_bias`` (Keras ``unit_forget_bias=True`` is 1; Jozefowicz et al.
     2015). PyTorch orders its blocks i, f, g, o too but keeps two biases; see
-    :mod:`rnn_jax.convert`. Carry: :class:`LSTMCarry` ``(h, c)``.
+    :mod:`rnn_jax.convert`. Carry: :class:`LSTMCarry` ``(h, c)``. Activations: gates
+    ``input_gate, forget_gate, output_gate``; tanh ``candidate`` (g) and ``cell_tanh``.
     """
 
     def init(key, input_dim):
@@ -231,8 +268,14 @@ def lstm(
 
     def gate(carry, z):
         z_i, z_f, z_c, z_o = jnp.split(z, 4, axis=-1)
-        c = jax.nn.sigmoid(z_f) * carry.c + jax.nn.sigmoid(z_i) * jnp.tanh(z_c)
-        return LSTMCarry(jax.nn.sigmoid(z_o) * jnp.tanh(c), c)
+        i, f, g, o = jax.nn.sigmoid(z_i), jax.nn.sigmoid(z_f), jnp.tanh(z_c), jax.nn.sigmoid(z_o)
+        c = f * carry.c + i * g
+        cell_tanh = jnp.tanh(c)
+        acts = {
+            "gates": {"input_gate": i, "forget_gate": f, "output_gate": o},
+            "tanh": {"candidate": g, "cell_tanh": cell_tanh},
+        }
+        return LSTMCarry(o * cell_tanh, c), acts
 
     recur = Recurrence(gate, hidden=lambda carry: carry.h)
 
@@ -259,6 +302,7 @@ def gru(
     product, ``n = tanh(a_h + (r ⊙ h_{t-1}) U_h)``.
 
     PyTorch orders its blocks r, z, n; see :mod:`rnn_jax.convert`. Carry: ``h (batch, units)``.
+    Activations: gates ``update_gate`` (z) and ``reset_gate`` (r); tanh ``candidate`` (n).
     """
 
     def init(key, input_dim):
@@ -273,27 +317,39 @@ def gru(
         bias = params["bias"][0] if reset_after else params["bias"]
         return _project(params, x, bias)
 
+    def update(h, z, r, n):
+        acts = {"gates": {"update_gate": z, "reset_gate": r}, "tanh": {"candidate": n}}
+        return z * h + (1.0 - z) * n, acts
+
     def gate_after(h, zx, u):
         a_z, a_r, a_h = jnp.split(zx, 3, axis=-1)
         u_z, u_r, u_h = jnp.split(u, 3, axis=-1)
         z = jax.nn.sigmoid(a_z + u_z)
         r = jax.nn.sigmoid(a_r + u_r)
-        n = jnp.tanh(a_h + r * u_h)
-        return z * h + (1.0 - z) * n
+        return update(h, z, r, jnp.tanh(a_h + r * u_h))
 
-    recur_after = Recurrence(gate_after, recurrent_bias=lambda p: p["bias"][1], additive=False)
-
-    def recur_before(params, h, zx):
+    def step_before(params, h, zx):
+        # The reset multiplies h before the product with U_h: not a Recurrence (one product).
         kernel_zr = params["recurrent_kernel"][:, : 2 * units]
         kernel_h = params["recurrent_kernel"][:, 2 * units :]
         a_zr, a_h = zx[..., : 2 * units], zx[..., 2 * units :]
         z, r = jnp.split(jax.nn.sigmoid(a_zr + h @ kernel_zr), 2, axis=-1)
-        n = jnp.tanh(a_h + (r * h) @ kernel_h)
-        h = z * h + (1.0 - z) * n
+        return update(h, z, r, jnp.tanh(a_h + (r * h) @ kernel_h))
+
+    def recur_before(params, h, zx):
+        h, _ = step_before(params, h, zx)
         return h, h
 
-    recur = recur_after if reset_after else recur_before
-    return _make_cell(init, lambda batch: jnp.zeros((batch, units)), project, recur, units)
+    def activations_before(params, h, zx):
+        return step_before(params, h, zx)[1]
+
+    if reset_after:
+        recur = Recurrence(gate_after, recurrent_bias=lambda p: p["bias"][1], additive=False)
+        activations = None
+    else:
+        recur, activations = recur_before, activations_before
+    initial_carry = lambda batch: jnp.zeros((batch, units))
+    return _make_cell(init, initial_carry, project, recur, units, activations)
 
 
 CELLS: dict[str, Callable[..., Cell]] = {"simple_rnn": simple_rnn, "lstm": lstm, "gru": gru}

@@ -18,7 +18,8 @@ with ``np.asarray``; torch itself is never imported.
 """
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ _NAME = re.compile(r"(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
 
 def _blocks(cell: str) -> int:
     if cell not in _BLOCKS:
-        raise ValueError(f"cell must be one of {sorted(_BLOCKS)}, got {cell!r}")
+        raise ValueError(f"cell={cell!r} must be one of {sorted(_BLOCKS)}")
     return _BLOCKS[cell]
 
 

@@ -1,17 +1,19 @@
-"""Text cleaning as in the tutorial, a sorted vocabulary, and windows as integer indices."""
+"""Text: the shipped corpus, the tutorial's cleaning, a sorted vocabulary, windows as indices,
+and the truecasing labels of the synced topology experiment."""
 
+import hashlib
 import os
-import urllib.error
-import urllib.request
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-ALICE_URL = "https://www.gutenberg.org/cache/epub/11/pg11.txt"
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 ALICE_FILENAME = "alice_in_wonderland.txt"
+# Project Gutenberg #11 without its licence header and footer (data/README.md). Gutenberg
+# revises its copies; another revision changes the vocabulary and every loss.
+ALICE_SHA256 = "f17aa0bf7466424a8b357b688678666bad7a0148963ef349016a3098faa6bd1e"
 
 
 class TextError(ValueError):
@@ -63,62 +65,51 @@ def load_text(path: str, min_length: int = 2) -> str:
       TextError: the file is missing, unreadable, empty, binary or too short after cleaning.
     """
     if not os.path.exists(path):
-        raise TextError(f"text file {path!r} does not exist; pass an existing file with --text")
+        raise TextError(f"path={path!r} does not exist; pass an existing text file")
     if os.path.isdir(path):
-        raise TextError(f"{path!r} is a directory; pass a text file with --text")
+        raise TextError(f"path={path!r} is a directory; pass a text file")
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise TextError(f"cannot read {path!r} ({e.strerror}); check its permissions or pass "
-                        "another file with --text") from e
+        raise TextError(
+            f"path={path!r} cannot be read ({e.strerror}); check its permissions or pass "
+            "another file"
+        ) from e
     if not raw or raw.isspace():  # raw.strip() would copy a large file
-        raise TextError(f"text file {path!r} is empty; pass a non-empty text file with --text")
+        raise TextError(f"path={path!r} is empty; pass a non-empty text file")
     if _looks_binary(raw):
-        raise TextError(f"{path!r} looks like a binary file, not text; pass a plain text file "
-                        "with --text")
+        raise TextError(f"path={path!r} looks like a binary file, not text; pass a plain text file")
     text = clean_text(raw)
     if len(text) < min_length:
         raise TextError(
-            f"{path!r} has {len(text)} characters after cleaning, fewer than the {min_length} "
-            "needed for one window (seq_len + 1); pass a longer text or lower --seq_len"
+            f"path={path!r} has {len(text)} characters after cleaning, fewer than "
+            f"min_length={min_length}; pass a longer text"
         )
     return text
 
 
-def _strip_gutenberg(raw: bytes) -> bytes:
-    start = raw.find(b"*** START OF")
-    end = raw.find(b"*** END OF")
-    if start != -1:
-        raw = raw[raw.find(b"\n", start) + 1 :]
-        end = raw.find(b"*** END OF")
-    return raw[:end] if end != -1 else raw
+def alice_path(data_dir: str = DATA_DIR) -> str:
+    """The path of the default corpus, "Alice's Adventures in Wonderland", checked by sha256.
 
+    The one place that locates the corpus: experiments, benchmarks and tests all call it.
 
-def fetch_alice(data_dir: str, url: str = ALICE_URL, timeout: float = 30.0) -> str:
-    """Path of the Alice corpus in ``data_dir``, downloaded from Project Gutenberg if missing.
-
-    The Gutenberg licence header and footer are cut off. Offline, raises :class:`TextError`
-    naming ``--text``.
+    Raises:
+      TextError: the file is missing or is not the shipped revision.
     """
     path = os.path.join(data_dir, ALICE_FILENAME)
-    if os.path.exists(path):
-        return path
-    logging.info("%s is missing: downloading Project Gutenberg eBook #11 from %s", path, url)
-    print(f"Downloading 'Alice's Adventures in Wonderland' (Project Gutenberg #11) to {path}")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            raw = response.read()
-    except (urllib.error.URLError, OSError) as e:
+    if not os.path.isfile(path):
         raise TextError(
-            f"could not download the Alice corpus from {url} ({e}); you may be offline. Download "
-            f"it by hand to {path}, or train on any local text file with --text=PATH"
-        ) from e
-    os.makedirs(data_dir, exist_ok=True)
-    tmp = path + ".part"
-    with open(tmp, "wb") as f:
-        f.write(_strip_gutenberg(raw))
-    os.replace(tmp, path)
+            f"the default corpus {path!r} is missing; restore it from the repository "
+            "(git checkout data/) or pass a text path"
+        )
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != ALICE_SHA256:
+        raise TextError(
+            f"{path!r} has sha256 {digest}, not the shipped revision's {ALICE_SHA256}; restore "
+            "it (git checkout data/) or pass your text as a path of its own"
+        )
     return path
 
 
@@ -173,7 +164,7 @@ class Vocabulary(NamedTuple):
 
 
 class Windows(NamedTuple):
-    """Training examples as indices: input ``tokens[s : s + seq_len]``, label ``tokens[s + seq_len]``.
+    """Examples as indices: input ``tokens[s : s + seq_len]``, label ``tokens[s + seq_len]``.
 
     A pytree of device arrays; nothing of size ``examples × seq_len`` (let alone one-hot) is
     ever built: :func:`get_window_batch` gathers a batch on device.
@@ -186,11 +177,9 @@ class Windows(NamedTuple):
 def make_windows(tokens: np.ndarray, seq_len: int, step: int) -> Windows:
     """The tutorial's ``for i in range(0, len(text) - seq_len, step)`` windows."""
     if seq_len < 1 or step < 1:
-        raise ValueError(f"seq_len and step must be positive, got {seq_len} and {step}")
+        raise ValueError(f"seq_len={seq_len} and step={step} must be positive")
     if len(tokens) < seq_len + 1:
-        raise ValueError(
-            f"the text has {len(tokens)} characters, fewer than seq_len + 1 = {seq_len + 1}"
-        )
+        raise ValueError(f"the text has {len(tokens)} characters, fewer than seq_len={seq_len} + 1")
     # An iota made on device: jnp.arange(start, stop, step) would build it in NumPy and copy it.
     starts = jnp.arange(len(range(0, len(tokens) - seq_len, step)), dtype=jnp.int32)
     # device_put copies once; jnp.asarray here was measured to hold two copies at its peak.
@@ -208,13 +197,108 @@ def get_window_batch(windows: Windows, indices: jax.Array, seq_len: int):
 def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int):
     """``(train, val)``: the last ``val_fraction`` of the text held out, contiguous."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     if val_fraction == 0.0:
         return tokens, None
-    cut = int(round(len(tokens) * (1.0 - val_fraction)))
+    cut = round(len(tokens) * (1.0 - val_fraction))
     if cut < seq_len + 1 or len(tokens) - cut < seq_len + 1:
         raise ValueError(
-            f"val_fraction={val_fraction} leaves fewer than seq_len + 1 = {seq_len + 1} "
-            "characters on one side; change --val_fraction"
+            f"val_fraction={val_fraction} leaves fewer than seq_len={seq_len} + 1 "
+            "characters on one side; change val_fraction"
         )
     return tokens[:cut], tokens[cut:]
+
+
+class Labelled(NamedTuple):
+    """Variable-length token sequences with one label each (many-to-one).
+
+    Attributes:
+      tokens: ``(n, max_len)`` int32, padded with ``pad``.
+      lengths: ``(n,)`` int32.
+      labels: ``(n,)`` int32.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    labels: np.ndarray
+
+
+# --- truecasing: the synced topology experiment's labels ----------------------------------------
+
+
+def load_cased_text(path: str) -> str:
+    """The tutorial's cleanup (DESIGN.md §1) without lower-casing: strip, ASCII, join lines.
+
+    ``load_cased_text(p).lower() == rnn_jax.data.load_text(p)``.
+
+    Raises:
+      TextError: the file is missing, unreadable, empty or binary.
+    """
+    load_text(path)  # the checks and their messages
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = (line.strip().decode("ascii", "ignore") for line in raw.split(b"\n"))
+    return " ".join(line for line in lines if line)
+
+
+def truecasing(text: str) -> tuple[str, np.ndarray]:
+    """``(text.lower(), labels)``: ``labels[i]`` is 1 where ``text[i].isupper()``, int32."""
+    return text.lower(), np.fromiter((c.isupper() for c in text), np.int32, len(text))
+
+
+def rule_truecasing(lower: str) -> np.ndarray:
+    """A rule baseline's labels: upper-case the first letter of the text and of each sentence
+    (after ``.``, ``!`` or ``?`` and spaces or quotes) and the word ``i``."""
+    labels = np.zeros(len(lower), np.int32)
+    sentence_start = True
+    for k, c in enumerate(lower):
+        if c.isalpha():
+            alone = (k == 0 or not lower[k - 1].isalpha()) and (
+                k + 1 == len(lower) or not lower[k + 1].isalpha()
+            )
+            if sentence_start or (c == "i" and alone):
+                labels[k] = 1
+            sentence_start = False
+        elif c in ".!?":
+            sentence_start = True
+        elif c.isdigit():
+            sentence_start = False
+    return labels
+
+
+def truecasing_split(text: str, val_fraction: float, seq_len: int):
+    """Tokens and labels of the lower-cased text, split into a training head and a held-out tail.
+
+    Returns:
+      ``(vocabulary, (train_tokens, train_labels), (val_tokens, val_labels))``, int32 arrays;
+      the vocabulary is the sorted characters of the whole lower-cased text.
+
+    Raises:
+      TextError: either side is shorter than ``seq_len``.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    lower, labels = truecasing(text)
+    vocab = Vocabulary.from_text(lower)
+    tokens = vocab.encode(lower)
+    cut = round(len(tokens) * (1.0 - val_fraction))
+    if cut < seq_len + 1 or len(tokens) - cut < seq_len:
+        raise TextError(
+            f"{len(tokens)} characters split at {cut} leave fewer than seq_len={seq_len} on one "
+            "side; use a longer text, a shorter seq_len or another val_fraction"
+        )
+    return vocab, (tokens[:cut], labels[:cut]), (tokens[cut:], labels[cut:])
+
+
+def tile_windows(tokens: np.ndarray, labels: np.ndarray, seq_len: int) -> Labelled:
+    """Consecutive non-overlapping windows covering every character once; the last one is
+    shorter and padded (its ``lengths`` say so). ``Labelled.labels`` is ``(n, seq_len)``."""
+    count = -(-len(tokens) // seq_len)
+    pad = count * seq_len - len(tokens)
+    lengths = np.full(count, seq_len, np.int32)
+    lengths[-1] = seq_len - pad
+    return Labelled(
+        np.pad(tokens, (0, pad)).reshape(count, seq_len).astype(np.int32),
+        lengths,
+        np.pad(labels, (0, pad)).reshape(count, seq_len).astype(np.int32),
+    )

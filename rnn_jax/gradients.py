@@ -1,12 +1,12 @@
 """BPTT probes: per-step gradient norms, step Jacobians and their products, gate saturation."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from rnn_jax.cells import Carry, Cell, LSTMCarry, Params, add_bias
+from rnn_jax.cells import Carry, Cell, Params
 
 # loss_fn(ys) -> per-example losses (batch,) or a scalar; ys is (batch, units) (the last output)
 # or (batch, time, units) (every output, with return_sequences=True).
@@ -36,7 +36,8 @@ def _time_major(cell: Cell, params: Params, xs: jax.Array, carry: Carry | None):
         carry = cell.initial_carry(xs.shape[0])
     # Zeros come out in the default float dtype; match the projection so float64 params (under
     # jax.enable_x64(True)) give a float64 recursion throughout.
-    carry = jax.tree.map(lambda c: c.astype(zs.dtype), carry)
+    dtype = zs.dtype if jnp.issubdtype(zs.dtype, jnp.inexact) else jnp.result_type(float)
+    carry = jax.tree.map(lambda c: c.astype(dtype), carry)
     return zs, carry
 
 
@@ -200,8 +201,9 @@ def jacobian_norms(
     before = _carries(cell, params, zs, carry)
     batch = zs.shape[1]
     n = ravel_pytree(jax.tree.map(lambda c: c[0], carry))[0].shape[0]
-    eye = jnp.broadcast_to(jnp.eye(n, dtype=zs.dtype), (batch, n, n))
-    tiny = jnp.finfo(zs.dtype).tiny
+    dtype = jax.tree.leaves(carry)[0].dtype
+    eye = jnp.broadcast_to(jnp.eye(n, dtype=dtype), (batch, n, n))
+    tiny = jnp.finfo(dtype).tiny
 
     def body(state, inputs):
         unit, log_norm = state  # unit = P_t / ‖P_t‖, P_t = ∂h_{T-1}/∂h_t
@@ -214,64 +216,12 @@ def jacobian_norms(
         new = (prod / jnp.maximum(scale, tiny)[:, None, None], log_norm + jnp.log(scale))
         return new, (log_norm, step_norm, singular)
 
-    init = (eye, jnp.zeros((batch,), zs.dtype))
+    init = (eye, jnp.zeros((batch,), dtype))
     _, (log_norm, step_norm, singular) = jax.lax.scan(body, init, (before, zs), reverse=True)
     out = {"step_norm": step_norm.T, "log_product_norm": log_norm.T}
     if spectrum:
         out["singular_values"] = jnp.swapaxes(singular, 0, 1)
     return out
-
-
-def _sigmoid_saturated(a, margin):
-    return (a < margin) | (a > 1.0 - margin)
-
-
-def _tanh_saturated(a, margin):
-    return jnp.abs(a) > 1.0 - margin
-
-
-def _kind(params: Params, carry: Carry) -> str:
-    if isinstance(carry, LSTMCarry):
-        return "lstm"
-    units, width = params["recurrent_kernel"].shape
-    blocks = width // units
-    if blocks == 1:
-        return "simple_rnn"
-    if blocks == 3:
-        return "gru" if params["bias"].ndim == 2 else "gru_reset_before"
-    raise ValueError(
-        "saturation knows the cells of rnn_jax.cells (simple_rnn, lstm, gru); got a recurrent "
-        f"kernel of shape {params['recurrent_kernel'].shape}"
-    )
-
-
-def _activations(kind: str, params: Params, carry: Carry, zx: jax.Array) -> dict[str, jax.Array]:
-    """The step's gate (sigmoid) and tanh activations, from the equations of DESIGN.md §3."""
-    kernel = params["recurrent_kernel"]
-    sig = jax.nn.sigmoid
-    if kind == "simple_rnn":
-        return {"tanh": jnp.tanh(zx + carry @ kernel)}
-    if kind == "lstm":
-        z_i, z_f, z_c, z_o = jnp.split(zx + carry.h @ kernel, 4, axis=-1)
-        i, f, o, g = sig(z_i), sig(z_f), sig(z_o), jnp.tanh(z_c)
-        c = f * carry.c + i * g
-        return {"input_gate": i, "forget_gate": f, "output_gate": o, "candidate": g,
-                "cell_tanh": jnp.tanh(c)}
-    a_z, a_r, a_h = jnp.split(zx, 3, axis=-1)
-    if kind == "gru":
-        u = add_bias(carry @ kernel, params["bias"][1])
-        u_z, u_r, u_h = jnp.split(u, 3, axis=-1)
-        z, r = sig(a_z + u_z), sig(a_r + u_r)
-        n = jnp.tanh(a_h + r * u_h)
-    else:
-        units = carry.shape[-1]
-        a_zr = jnp.concatenate([a_z, a_r], axis=-1)
-        z, r = jnp.split(sig(a_zr + carry @ kernel[:, : 2 * units]), 2, axis=-1)
-        n = jnp.tanh(a_h + (r * carry) @ kernel[:, 2 * units :])
-    return {"update_gate": z, "reset_gate": r, "candidate": n}
-
-
-_GATES = ("input_gate", "forget_gate", "output_gate", "update_gate", "reset_gate")
 
 
 def saturation(
@@ -284,37 +234,46 @@ def saturation(
     Johnson & Fei-Fei 2015). Saturated units pass almost no gradient: ``σ' = σ(1-σ) < 0.09``,
     ``tanh' < 0.19``.
 
-    Knows the cells of :mod:`rnn_jax.cells`, recognised from their params and carry;
-    SimpleRNN is read as tanh (for a relu IRNN the ``tanh`` entry counts units of ``tanh(pre)``
-    above ``1 - margin``, i.e. large pre-activations, not saturation).
+    The cell says what saturates: ``cell.activations`` returns the step's gates and tanh units
+    by name, from the code that computes the step (any cell that provides it, yours included;
+    see :func:`rnn_jax.custom_cell`).
 
     Args:
       cell, params, xs, carry: as for :func:`carry_gradients`.
       margin: distance from the bound that counts as saturated.
 
     Returns:
-      ``{name: (batch, time)}`` fraction of the units saturated, per example and step. Names:
-      simple_rnn ``tanh``; lstm ``input_gate, forget_gate, output_gate, candidate, cell_tanh``;
-      gru ``update_gate, reset_gate, candidate``; and for every cell ``gates`` (all sigmoid
-      units together; absent for simple_rnn) and ``tanh_units`` (all tanh units together).
+      ``{name: (batch, time)}`` fraction of the units saturated, per example and step: one
+      entry per activation the cell names (e.g. LSTM ``input_gate, forget_gate, output_gate,
+      candidate, cell_tanh``), plus ``gates`` (all sigmoid units together) when the cell has
+      gates and ``tanh_units`` (all tanh units together) when it has tanh units.
+
+    Raises:
+      ValueError: the cell does not expose its activations.
     """
+    if cell.activations is None:
+        raise ValueError(
+            "cell.activations is None: this cell does not say which units saturate; build it "
+            "with rnn_jax.custom_cell(..., activations=...)"
+        )
     zs, carry = _time_major(cell, params, xs, carry)
-    kind = _kind(params, carry)
+
+    def fractions(acts: dict[str, jax.Array], saturated) -> tuple[dict, list]:
+        flags = {name: saturated(a) for name, a in acts.items()}
+        return {name: jnp.mean(f, axis=-1) for name, f in flags.items()}, list(flags.values())
 
     def body(carry, z):
-        acts = _activations(kind, params, carry, z)
-        flags = {
-            name: (_sigmoid_saturated if name in _GATES else _tanh_saturated)(a, margin)
-            for name, a in acts.items()
-        }
-        stats = {name: jnp.mean(f, axis=-1) for name, f in flags.items()}
-        gates = [f for name, f in flags.items() if name in _GATES]
-        tanhs = [f for name, f in flags.items() if name not in _GATES]
-        if gates:
-            stats["gates"] = jnp.mean(jnp.concatenate(gates, axis=-1), axis=-1)
-        stats["tanh_units"] = jnp.mean(jnp.concatenate(tanhs, axis=-1), axis=-1)
+        acts = cell.activations(params, carry, z)
+        gates, gate_flags = fractions(acts["gates"], lambda a: (a < margin) | (a > 1.0 - margin))
+        tanhs, tanh_flags = fractions(acts["tanh"], lambda a: jnp.abs(a) > 1.0 - margin)
+        stats = {**gates, **tanhs}
+        if gate_flags:
+            stats["gates"] = jnp.mean(jnp.concatenate(gate_flags, axis=-1), axis=-1)
+        if tanh_flags:
+            stats["tanh_units"] = jnp.mean(jnp.concatenate(tanh_flags, axis=-1), axis=-1)
         carry, _ = cell.recur(params, carry, z)
         return carry, stats
 
     _, stats = jax.lax.scan(body, carry, zs)
-    return {name: s.T.astype(zs.dtype) for name, s in stats.items()}
+    dtype = jax.tree.leaves(carry)[0].dtype
+    return {name: s.T.astype(dtype) for name, s in stats.items()}

@@ -1,6 +1,7 @@
 """Flax linen layers over the same pure cells and scan, for models built with Flax."""
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ class RNN(nn.Module):
                 raise ValueError("options apply to a cell given by name, not to a Cell")
             return self.cell
         if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {sorted(CELLS)} or a Cell, got {self.cell!r}")
+            raise ValueError(f"cell={self.cell!r} must be one of {sorted(CELLS)} or a Cell")
         if self.units is None:
             raise ValueError(f"RNN(cell={self.cell!r}) needs units")
         return CELLS[self.cell](self.units, **dict(self.options or {}))

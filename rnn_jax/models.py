@@ -1,11 +1,13 @@
-"""Dense heads and sequence models built from a cell and :func:`rnn_jax.unroll`."""
+"""Models from cells: recurrent, stacked and bidirectional layers and their Dense heads."""
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rnn_jax.cells import Cell, add_bias, glorot_uniform, matmul
+from rnn_jax._fast import matmul
+from rnn_jax.cells import Carry, Cell, add_bias, glorot_uniform
 from rnn_jax.scan import unroll
 
 Params = Any
@@ -20,7 +22,10 @@ class Model(NamedTuple):
 
 def dense_init(key: jax.Array, input_dim: int, output_dim: int) -> Params:
     """Keras ``Dense`` parameters: ``kernel (input_dim, output_dim)`` glorot-uniform, zero bias."""
-    return {"kernel": glorot_uniform(key, (input_dim, output_dim)), "bias": jnp.zeros((output_dim,))}
+    return {
+        "kernel": glorot_uniform(key, (input_dim, output_dim)),
+        "bias": jnp.zeros((output_dim,)),
+    }
 
 
 def dense(params: Params, x: jax.Array) -> jax.Array:
@@ -28,26 +33,180 @@ def dense(params: Params, x: jax.Array) -> jax.Array:
     return add_bias(matmul(x, params["kernel"]), params["bias"])
 
 
-def rnn_classifier(cell: Cell, input_dim: int, num_classes: int, unroll_steps: int | bool = 1):
-    """Many-to-one: a recurrent layer's last output, then ``Dense(num_classes)`` logits.
+class Layer(NamedTuple):
+    """A sequence layer as pure functions, :func:`rnn_jax.unroll`'s signature without the cell.
 
-    With ``input_dim`` the vocabulary size and integer tokens as input this is the tutorial's
-    char-RNN (``SimpleRNN(128)`` + ``Dense(V)`` + softmax) without the one-hot arrays.
-
-    Params: ``{"rnn": cell params, "dense": dense params}``.
-    ``apply(params, xs, lengths=None) -> logits (batch, num_classes)`` with ``xs``
-    ``(batch, time, input_dim)`` float or ``(batch, time)`` int.
+    Attributes:
+      init: ``(key, input_dim) -> params``.
+      apply: ``(params, xs, carry=None, *, lengths=None, return_sequences=False)
+        -> (carry, ys)``; ``xs`` is ``(batch, time, input_dim)`` float or ``(batch, time)``
+        int, ``ys`` is ``(batch, time, units)`` with ``return_sequences`` (zero past each
+        length), else ``(batch, units)``.
+      units: the width of ``ys``.
     """
+
+    init: Callable[[jax.Array, int], Params]
+    apply: Callable[..., tuple[Carry, jax.Array]]
+    units: int
+
+
+def recurrent(cell: Cell, *, reverse: bool = False, unroll_steps: int | bool = 1) -> Layer:
+    """One cell over the sequence (Keras ``RNN(cell, go_backwards=reverse)``, outputs in order).
+
+    With ``reverse`` and ``lengths`` each sequence is read from its own last real step down to
+    step 0, as if it had been flipped alone; the last output is then step 0's.
+    """
+
+    def apply(params, xs, carry=None, *, lengths=None, return_sequences=False):
+        return unroll(
+            cell,
+            params,
+            xs,
+            carry,
+            lengths=lengths,
+            reverse=reverse,
+            return_sequences=return_sequences,
+            unroll=unroll_steps,
+        )
+
+    return Layer(cell.init, apply, cell.units)
+
+
+_MERGES = {"concat": lambda a, b: jnp.concatenate([a, b], axis=-1), "sum": lambda a, b: a + b}
+
+
+def bidirectional(
+    forward: Cell, backward: Cell | None = None, merge: str = "concat", unroll_steps: int | bool = 1
+) -> Layer:
+    """A forward and a reversed scan over the same inputs, merged (Keras ``Bidirectional``).
+
+    Both directions honour ``lengths``: the backward scan meets the padding first with its
+    carry frozen, so it starts at each sequence's own last real step (not at the padded end).
+    With ``return_sequences`` step ``t`` merges the forward output after reading ``x_0..x_t``
+    with the backward output after reading ``x_{len-1}..x_t``; otherwise the forward output at
+    ``len - 1`` is merged with the backward output at step 0 (both have read the whole
+    sequence).
+
+    Args:
+      forward: the forward cell.
+      backward: the backward cell (its own parameters either way); ``forward`` when None.
+      merge: ``"concat"`` (units = sum of both) or ``"sum"`` (both cells need equal units).
+      unroll_steps: ``lax.scan``'s unroll factor.
+
+    Params: ``{"forward": ..., "backward": ...}``. Carry: ``(forward carry, backward carry)``.
+    """
+    backward = forward if backward is None else backward
+    if merge not in _MERGES:
+        raise ValueError(f"merge={merge!r} must be one of {sorted(_MERGES)}")
+    if merge == "sum" and forward.units != backward.units:
+        raise ValueError(
+            f"merge='sum' needs equal units, got {forward.units} and {backward.units}; "
+            "use merge='concat'"
+        )
+    units = forward.units + backward.units if merge == "concat" else forward.units
+
+    def init(key, input_dim):
+        k_f, k_b = jax.random.split(key)
+        return {"forward": forward.init(k_f, input_dim), "backward": backward.init(k_b, input_dim)}
+
+    def apply(params, xs, carry=None, *, lengths=None, return_sequences=False):
+        carry_f, carry_b = (None, None) if carry is None else carry
+        kwargs = dict(lengths=lengths, return_sequences=return_sequences, unroll=unroll_steps)
+        carry_f, ys_f = unroll(forward, params["forward"], xs, carry_f, **kwargs)
+        carry_b, ys_b = unroll(backward, params["backward"], xs, carry_b, reverse=True, **kwargs)
+        return (carry_f, carry_b), _MERGES[merge](ys_f, ys_b)
+
+    return Layer(init, apply, units)
+
+
+def stacked(layers: Sequence[Layer]) -> Layer:
+    """Layers applied in turn, each reading every step of the one below (Keras stacked RNNs).
+
+    Params: ``{"layer_0": ..., "layer_1": ...}``. Carry: a tuple with one carry per layer
+    (``carry=None`` starts every layer from zeros); ``lengths`` reach every layer.
+    """
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("stacked needs at least one layer")
+
+    def init(key, input_dim):
+        params = {}
+        for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, len(layers)))):
+            params[f"layer_{i}"] = layer.init(k, input_dim)
+            input_dim = layer.units
+        return params
+
+    def apply(params, xs, carry=None, *, lengths=None, return_sequences=False):
+        carries = (None,) * len(layers) if carry is None else tuple(carry)
+        finals = []
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1
+            c, xs = layer.apply(
+                params[f"layer_{i}"],
+                xs,
+                carries[i],
+                lengths=lengths,
+                return_sequences=return_sequences or not last,
+            )
+            finals.append(c)
+        return tuple(finals), xs
+
+    return Layer(init, apply, layers[-1].units)
+
+
+def _as_layer(layer: Layer | Cell) -> Layer:
+    return recurrent(layer) if isinstance(layer, Cell) else layer
+
+
+def _with_head(layer: Layer, input_dim: int, num_classes: int):
+    """``init(key) -> {"rnn": layer params, "dense": Dense(num_classes) params}``."""
 
     def init(key):
         k_rnn, k_dense = jax.random.split(key)
         return {
-            "rnn": cell.init(k_rnn, input_dim),
-            "dense": dense_init(k_dense, cell.units, num_classes),
+            "rnn": layer.init(k_rnn, input_dim),
+            "dense": dense_init(k_dense, layer.units, num_classes),
         }
 
+    return init
+
+
+def sequence_classifier(layer: Layer | Cell, input_dim: int, num_classes: int) -> Model:
+    """Many-to-one: the layer's last output (each sequence's own) into ``Dense(num_classes)``.
+
+    With a cell, the vocabulary as ``input_dim`` and ``num_classes`` and integer tokens as
+    input, this is the tutorial's char-RNN (``SimpleRNN(128)`` + ``Dense(V)`` + softmax)
+    without the one-hot arrays.
+
+    Args:
+      layer: a :class:`Layer` or a :class:`rnn_jax.Cell` (run by :func:`recurrent`).
+      input_dim: features per step, or the vocabulary size for integer tokens.
+      num_classes: the head's outputs.
+
+    Returns:
+      ``Model``: ``apply(params, xs, lengths=None) -> logits (batch, num_classes)``, params
+      ``{"rnn": layer params, "dense": dense params}``.
+    """
+    layer = _as_layer(layer)
+
     def apply(params, xs, lengths=None):
-        _, h = unroll(cell, params["rnn"], xs, lengths=lengths, unroll=unroll_steps)
+        _, h = layer.apply(params["rnn"], xs, lengths=lengths)
         return dense(params["dense"], h)
 
-    return Model(init, apply)
+    return Model(_with_head(layer, input_dim, num_classes), apply)
+
+
+def sequence_tagger(layer: Layer | Cell, input_dim: int, num_classes: int) -> Model:
+    """Synced many-to-many: one ``Dense(num_classes)`` head on every step (``TimeDistributed``).
+
+    As :func:`sequence_classifier`, but ``apply(params, xs, lengths=None) -> logits (batch,
+    time, num_classes)``; mask the steps past each length in the loss
+    (:func:`rnn_jax.losses.masked_cross_entropy`).
+    """
+    layer = _as_layer(layer)
+
+    def apply(params, xs, lengths=None):
+        _, ys = layer.apply(params["rnn"], xs, lengths=lengths, return_sequences=True)
+        return dense(params["dense"], ys)
+
+    return Model(_with_head(layer, input_dim, num_classes), apply)

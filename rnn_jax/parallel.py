@@ -21,23 +21,23 @@ def make_mesh(num_devices: int = 0, devices=None) -> Mesh:
 
     Raises:
       ValueError: ``num_devices`` is negative, larger than the devices available, or a part of
-        the devices of a multi-process run; the message names ``--num_devices``.
+        the devices of a multi-process run; the message names ``num_devices``.
     """
     available = list(jax.devices() if devices is None else devices)
     if num_devices < 0:
-        raise ValueError(f"--num_devices must be >= 0 (0: all devices), got {num_devices}")
+        raise ValueError(f"num_devices={num_devices} must be >= 0 (0: all devices)")
     if num_devices > len(available):
         raise ValueError(
-            f"--num_devices={num_devices}, but only {len(available)} "
-            f"{available[0].platform.upper()} device(s) are available; lower --num_devices "
+            f"num_devices={num_devices}, but only {len(available)} "
+            f"{available[0].platform.upper()} device(s) are available; lower num_devices "
             "(0 uses all), or on a CPU-only machine set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} before starting"
         )
     count = num_devices or len(available)
     if jax.process_count() > 1 and count != len(available):
         raise ValueError(
-            f"--num_devices={num_devices} in a run of {jax.process_count()} processes: use "
-            f"--num_devices=0 (all {len(available)} devices of every host)"
+            f"num_devices={num_devices} in a run of {jax.process_count()} processes: use "
+            f"num_devices=0 (all {len(available)} devices of every host)"
         )
     # Mesh's default "auto" axes (unlike jax.make_mesh's explicit ones): the compiler propagates
     # shardings from the few constraints train.py places.

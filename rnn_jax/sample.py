@@ -1,11 +1,13 @@
 """Compiled greedy (or temperature) generation that rolls the input window forward on device."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+from rnn_jax._fast import zero_initial_carry
 from rnn_jax.cells import Cell, Recurrence
 from rnn_jax.models import dense
-from rnn_jax.scan import zero_initial_carry
 
 
 def _sample_one(cell: Cell, params, seed: jax.Array, num_chars: int, temperature: float, key):
@@ -85,7 +87,8 @@ def _start_step(cell: Cell, params):
 def make_sampler(cell: Cell, num_chars: int, temperature: float = 0.0):
     """A jitted ``sample(params, seeds, key=None) -> (batch, num_chars) int32``.
 
-    The model is :func:`rnn_jax.rnn_classifier` over tokens (params ``{"rnn", "dense"}``). For
+    The model is :func:`rnn_jax.sequence_classifier` of ``cell`` over tokens (params
+    ``{"rnn", "dense"}``). For
     each seed window ``(seq_len,)``, predicts the next token from the current window, takes the
     argmax (``temperature == 0``, the tutorial's greedy decoding) or samples from
     ``softmax(logits / temperature)``, appends it and drops the window's first token, as the
@@ -93,9 +96,9 @@ def make_sampler(cell: Cell, num_chars: int, temperature: float = 0.0):
     generated at once (``vmap``).
     """
     if num_chars < 1:
-        raise ValueError(f"num_chars must be positive, got {num_chars}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ValueError(f"num_chars={num_chars} must be positive")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature={temperature} must be finite and >= 0")
 
     @jax.jit
     def sample(params, seeds, key=None):

@@ -1,10 +1,11 @@
-"""TrainState, the Keras-default RMSprop, and the jitted train step and fused epoch."""
+"""TrainState, the Keras-default RMSprop, the one update engine (a jitted scan of steps), fit."""
 
 import json
 import math
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,14 @@ from absl import logging
 from jax.sharding import Mesh
 
 from rnn_jax import parallel
+from rnn_jax.checkpoint import (
+    CheckpointError,
+    latest_step,
+    restore_checkpoint,
+    restore_meta,
+    save_checkpoint,
+)
+from rnn_jax.models import sequence_classifier, sequence_tagger
 
 Params = Any
 Batch = Any
@@ -52,8 +61,8 @@ def rmsprop(
     opt = optax.rmsprop(learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=eps_in_sqrt)
     if clip_norm is None:
         return opt
-    if not clip_norm > 0:
-        raise ValueError(f"clip_norm must be positive or None, got {clip_norm}")
+    if not (clip_norm > 0 and math.isfinite(clip_norm)):
+        raise ValueError(f"clip_norm={clip_norm} must be finite and > 0 (None: no clipping)")
     return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
 
 
@@ -63,14 +72,27 @@ def _weighted(loss_fn: LossFn, params, batch, weights):
     loss = jnp.sum(losses * weights) / total
     sums = {name: jnp.sum(value * weights) for name, value in stats.items()}
     sums["loss"] = jnp.sum(losses * weights)
+    sums["examples"] = jnp.sum(weights)
     return loss, sums
 
 
-def _apply_update(loss_fn, optimizer, state: TrainState, batch, weights):
+def apply_update(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation, state: TrainState, batch, weights
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser update on ``batch``: the pure function every trainer scans.
+
+    The loss is the ``weights``-weighted mean of ``loss_fn``'s per-example losses (weight 0
+    marks padding).
+
+    Returns:
+      ``(state, sums)``: the updated state (``step + 1``) and, over the batch's examples, the
+      weighted sums of the loss and of ``loss_fn``'s statistics, ``examples`` (the sum of the
+      weights) and ``grad_norm``, the global norm of the gradient before the optimiser.
+    """
     (_, sums), grads = jax.value_and_grad(_weighted, argnums=1, has_aux=True)(
         loss_fn, state.params, batch, weights
     )
-    sums["grad_norm"] = optax.global_norm(grads)
+    sums["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state._replace(params=params, opt_state=opt_state, step=state.step + 1), sums
@@ -116,9 +138,9 @@ def make_train_step(
             weights = jnp.ones(jax.tree.leaves(batch)[0].shape[0])
         if mesh is not None:
             batch, weights = parallel.constrain_batch(batch, weights, mesh)
-        state, sums = _apply_update(loss_fn, optimizer, _replicated(state, mesh), batch, weights)
+        state, sums = apply_update(loss_fn, optimizer, _replicated(state, mesh), batch, weights)
         grad_norm = sums.pop("grad_norm")
-        count = jnp.maximum(jnp.sum(weights), 1.0)
+        count = jnp.maximum(sums.pop("examples"), 1.0)
         metrics = {**{k: v / count for k, v in sums.items()}, "grad_norm": grad_norm}
         return _replicated(state, mesh), metrics
 
@@ -176,7 +198,7 @@ def _epoch_order(key, num_examples: int) -> Callable[[jax.Array], jax.Array]:
 
 
 def _batch_at(order, b, num_examples: int, batch_size: int, size: int):
-    """Batch ``b``'s ``(indices (size,), weights (size,))``, as row ``b`` of _batch_indices.
+    """Batch ``b``'s ``(indices (size,), weights (size,))`` in an epoch of ``order``.
 
     Rows ``j >= batch_size`` (padding to a multiple of the device count) and positions past
     the data (the last partial batch) get example 0 and weight 0.
@@ -188,13 +210,6 @@ def _batch_at(order, b, num_examples: int, batch_size: int, size: int):
     return indices, valid.astype(jnp.float32)
 
 
-def _batch_indices(key, num_examples: int, batch_size: int, shuffle: bool):
-    """All of an epoch's batches at once: ``(indices, weights)``, each ``(batches, batch_size)``."""
-    order = _epoch_order(key, num_examples) if shuffle else (lambda positions: positions)
-    batches = jnp.arange(math.ceil(num_examples / batch_size))
-    return jax.vmap(lambda b: _batch_at(order, b, num_examples, batch_size, batch_size))(batches)
-
-
 def _gather(get_batch, data, indices, weights, mesh: Mesh | None):
     if mesh is None:
         return get_batch(data, indices), weights
@@ -202,98 +217,280 @@ def _gather(get_batch, data, indices, weights, mesh: Mesh | None):
     return parallel.constrain_batch(get_batch(data, indices), weights, mesh)
 
 
-def make_epoch(
-    loss_fn: LossFn,
-    optimizer: optax.GradientTransformation,
+class Batches(NamedTuple):
+    """Where a scan of steps (:func:`train_steps`) gets its batches.
+
+    Attributes:
+      plan: ``(key, data) -> plan``, once per call: the epoch's shuffle, the draws with
+        replacement, the keys of generated batches. ``key`` is split from ``state.key``.
+      take: ``(plan, data, i) -> (batch, weights)`` for step ``i``; ``weights (size,)`` are 1
+        for real examples and 0 for padding.
+      num_steps: steps per call.
+    """
+
+    plan: Callable[[jax.Array, Any], Any]
+    take: Callable[[Any, Any, jax.Array], tuple[Batch, jax.Array]]
+    num_steps: int
+
+
+def shuffled_epoch(
     get_batch: Callable[[Any, jax.Array], Batch],
     num_examples: int,
     batch_size: int,
     *,
-    mesh: Mesh | None = None,
+    shuffle: bool = True,
     num_batches: int | None = None,
-):
-    """One shuffled epoch as one compiled call: a ``lax.scan`` over the batches, on device.
+    mesh: Mesh | None = None,
+) -> Batches:
+    """One pass over ``num_examples`` examples in batches (Keras ``fit`` for one epoch).
 
     Args:
-      loss_fn: ``(params, batch) -> (per-example loss, {name: per-example statistic})``.
-      optimizer: an optax transformation.
-      get_batch: ``(data, indices (batch_size,)) -> batch``, gathering examples on device.
+      get_batch: ``(data, indices (size,)) -> batch``, gathering examples on device.
       num_examples: how many examples ``data`` holds (indices ``0 .. num_examples - 1``).
       batch_size: examples per update; the last partial batch is kept and its loss averaged
         over its real examples only, as Keras does.
-      mesh: optional :func:`rnn_jax.parallel.make_mesh` mesh: each batch is split along its
-        'data' axis (padded with weight-0 rows to a multiple of the device count, which
-        changes nothing), params, optimiser state and ``data`` are replicated. Same updates
-        as on one device, up to the order of float32 sums.
-      num_batches: run only the first ``num_batches`` batches of each shuffled epoch (Keras's
+      shuffle: a new order every call (False: in order, for evaluation). Up to ``2**20``
+        examples the shuffle is ``jax.random.permutation``; beyond, a keyed pseudo-random
+        permutation computed batch by batch, so that memory does not grow with the data.
+      num_batches: only the first ``num_batches`` batches of each pass (Keras's
         ``steps_per_epoch``; benchmarks); default all.
-
-    Returns:
-      jitted ``epoch(state, data) -> (state, metrics)``: a new shuffle key is split from
-      ``state.key``; ``metrics`` are example-weighted means over the epoch plus
-      ``grad_norm_max`` (the largest pre-clip global gradient norm) and ``finite`` (false when a
-      loss or gradient was NaN or infinite). Up to ``2**20`` examples the shuffle is
-      ``jax.random.permutation``; beyond, a keyed pseudo-random permutation computed batch by
-      batch, so that memory does not grow with the number of examples.
+      mesh: each batch is padded with weight-0 rows to a multiple of the devices along its
+        'data' axis and split over them (:mod:`rnn_jax.parallel`).
     """
     if num_examples < 1:
-        raise ValueError("the data holds no examples")
+        raise ValueError(f"num_examples={num_examples}: the data holds no examples")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
     total = math.ceil(num_examples / batch_size)
     if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be positive or None, got {num_batches}")
+        raise ValueError(f"num_batches={num_batches} must be positive or None")
     num_batches = total if num_batches is None else min(num_batches, total)
-    seen = min(num_batches * batch_size, num_examples)
     size = parallel.padded_size(batch_size, mesh)
 
-    @jax.jit
-    def epoch(state: TrainState, data):
-        key, shuffle_key = jax.random.split(state.key)
-        order = _epoch_order(shuffle_key, num_examples)
+    def plan(key, data):
+        del data
+        return _epoch_order(key, num_examples) if shuffle else (lambda positions: positions)
 
-        def body(state, b):
-            indices, weights = _batch_at(order, b, num_examples, batch_size, size)
-            batch, weights = _gather(get_batch, data, indices, weights, mesh)
-            return _apply_update(loss_fn, optimizer, state, batch, weights)
+    def take(order, data, b):
+        indices, weights = _batch_at(order, b, num_examples, batch_size, size)
+        return _gather(get_batch, data, indices, weights, mesh)
 
-        state = _replicated(state._replace(key=key), mesh)
-        state, sums = jax.lax.scan(body, state, jnp.arange(num_batches))
-        grad_norms = sums.pop("grad_norm")
-        metrics = {k: jnp.sum(v) / seen for k, v in sums.items()}
-        metrics["grad_norm_max"] = jnp.max(grad_norms)
-        metrics["finite"] = jnp.all(jnp.isfinite(grad_norms)) & jnp.isfinite(metrics["loss"])
-        return _replicated(state, mesh), metrics
-
-    return _on_mesh(epoch, mesh)
+    return Batches(plan, take, num_batches)
 
 
-def make_evaluate(
-    loss_fn: LossFn,
+def with_replacement(
     get_batch: Callable[[Any, jax.Array], Batch],
     num_examples: int,
     batch_size: int,
+    num_steps: int,
+) -> Batches:
+    """``num_steps`` batches of examples drawn uniformly with replacement."""
+    if num_examples < 1 or batch_size < 1 or num_steps < 1:
+        raise ValueError(
+            f"num_examples={num_examples}, batch_size={batch_size} and num_steps={num_steps} "
+            "must be positive"
+        )
+
+    def plan(key, data):
+        del data
+        return jax.random.randint(key, (num_steps, batch_size), 0, num_examples)
+
+    def take(indices, data, i):
+        return get_batch(data, indices[i]), jnp.ones((batch_size,))
+
+    return Batches(plan, take, num_steps)
+
+
+def generated(
+    sample: Callable[[jax.Array, int], Batch], batch_size: int, num_steps: int
+) -> Batches:
+    """``num_steps`` fresh batches of ``sample(key, batch_size)`` (synthetic tasks); no data."""
+    if batch_size < 1 or num_steps < 1:
+        raise ValueError(f"batch_size={batch_size} and num_steps={num_steps} must be positive")
+
+    def plan(key, data):
+        del data
+        return jax.random.split(key, num_steps)
+
+    def take(keys, data, i):
+        del data
+        return sample(keys[i], batch_size), jnp.ones((batch_size,))
+
+    return Batches(plan, take, num_steps)
+
+
+def train_steps(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    batches: Batches,
+    state: TrainState,
+    data: Any,
     *,
     mesh: Mesh | None = None,
-):
-    """Jitted ``evaluate(params, data) -> metrics``: example-weighted means, in order, one call.
+    trace: bool = False,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``batches.num_steps`` updates (:func:`apply_update`) as one ``lax.scan``: pure, so it
+    jits (:func:`make_train_steps`) and vmaps (over seeds, or a traced clipping norm).
 
-    With a ``mesh`` the batches are split over its devices as in :func:`make_epoch`.
+    Returns:
+      ``(state, metrics)``: ``loss`` and every statistic of ``loss_fn`` as means over the
+      examples seen, ``grad_norm_max`` (the largest pre-clip global gradient norm) and
+      ``finite`` (false when a loss or gradient was NaN or infinite); with ``trace`` also
+      ``step_loss`` and ``step_grad_norm``, ``(num_steps,)`` each (the loss of each step's
+      batch, before its update).
     """
-    num_batches = math.ceil(num_examples / batch_size)
-    size = parallel.padded_size(batch_size, mesh)
+    key, plan_key = jax.random.split(state.key)
+    plan = batches.plan(plan_key, data)
+
+    def body(state, i):
+        batch, weights = batches.take(plan, data, i)
+        return apply_update(loss_fn, optimizer, state, batch, weights)
+
+    state = _replicated(state._replace(key=key), mesh)
+    state, sums = jax.lax.scan(body, state, jnp.arange(batches.num_steps))
+    grad_norms, examples = sums.pop("grad_norm"), sums.pop("examples")
+    seen = jnp.sum(examples)
+    metrics = {k: jnp.sum(v) / seen for k, v in sums.items()}
+    metrics["grad_norm_max"] = jnp.max(grad_norms)
+    metrics["finite"] = jnp.all(jnp.isfinite(grad_norms)) & jnp.isfinite(metrics["loss"])
+    if trace:
+        metrics["step_loss"] = sums["loss"] / jnp.maximum(examples, 1.0)
+        metrics["step_grad_norm"] = grad_norms
+    return _replicated(state, mesh), metrics
+
+
+def make_train_steps(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    batches: Batches,
+    *,
+    mesh: Mesh | None = None,
+    trace: bool = False,
+):
+    """Jitted ``run(state, data) -> (state, metrics)``: :func:`train_steps` as one compiled call.
+
+    With :func:`shuffled_epoch` batches, one call is an epoch, fused on device. With a ``mesh``
+    (:func:`rnn_jax.parallel.make_mesh`; give the batches the same mesh) params, optimiser
+    state and ``data`` are replicated and each batch is split over the devices: the same
+    updates as on one device, up to the order of float32 sums.
+    """
+
+    @jax.jit
+    def run(state: TrainState, data):
+        return train_steps(loss_fn, optimizer, batches, state, data, mesh=mesh, trace=trace)
+
+    return _on_mesh(run, mesh)
+
+
+def make_evaluate(loss_fn: LossFn, batches: Batches, *, mesh: Mesh | None = None):
+    """Jitted ``evaluate(params, data) -> metrics``: example-weighted means, one call.
+
+    ``batches`` is usually ``shuffled_epoch(..., shuffle=False)``: every example once, in
+    order. With a ``mesh`` the batches are split over its devices as in training.
+    """
 
     @jax.jit
     def evaluate(params, data):
         params = _replicated(params, mesh)
+        plan = batches.plan(jax.random.PRNGKey(0), data)
 
-        def body(_, b):
-            indices, weights = _batch_at(lambda p: p, b, num_examples, batch_size, size)
-            batch, weights = _gather(get_batch, data, indices, weights, mesh)
+        def body(_, i):
+            batch, weights = batches.take(plan, data, i)
             return None, _weighted(loss_fn, params, batch, weights)[1]
 
-        _, sums = jax.lax.scan(body, None, jnp.arange(num_batches))
-        return {k: jnp.sum(v) / num_examples for k, v in sums.items()}
+        _, sums = jax.lax.scan(body, None, jnp.arange(batches.num_steps))
+        seen = jnp.sum(sums.pop("examples"))
+        return {k: jnp.sum(v) / seen for k, v in sums.items()}
 
     return _on_mesh(evaluate, mesh)
+
+
+class TrainCurves(NamedTuple):
+    """What :func:`make_task_trainer`'s ``train`` records.
+
+    Attributes:
+      train_loss: ``(num_steps,)`` mean loss of each step's batch (before its update).
+      grad_norm: ``(num_steps,)`` global gradient norm before clipping.
+      test_loss: ``(num_evals + 1,)`` mean test loss at steps ``0, eval_every, 2·eval_every, …``.
+    """
+
+    train_loss: jax.Array
+    grad_norm: jax.Array
+    test_loss: jax.Array
+
+
+def make_task_trainer(
+    cell,
+    task,
+    *,
+    num_steps: int,
+    eval_every: int,
+    batch_size: int,
+    learning_rate: float = 1e-3,
+    optimizer: str = "adam",
+):
+    """A model for a synthetic ``task`` and a pure, vmappable ``train`` on generated batches.
+
+    The model is ``cell`` with a ``Dense(task.output_dim)`` head on its last output
+    (:func:`rnn_jax.sequence_classifier`) or, for sequence tasks, on every output
+    (:func:`rnn_jax.sequence_tagger`). The whole run is one ``lax.scan`` of
+    :func:`train_steps` calls (``eval_every`` steps of fresh ``task.sample`` batches, then a
+    test evaluation), so ``jax.vmap`` over ``params`` and ``key`` trains many seeds in one
+    compiled program, and over ``clip_norm`` several clipping settings at once.
+
+    Args:
+      cell: the recurrence.
+      task: a :class:`rnn_jax.synthetic.Task`.
+      num_steps: updates; a multiple of ``eval_every``.
+      eval_every: steps between test evaluations.
+      batch_size: examples per update.
+      learning_rate: of the optimiser.
+      optimizer: ``"adam"`` (``optax.adam``, default betas) or ``"rmsprop"`` (the Keras 3
+        defaults of :func:`rmsprop`).
+
+    Returns:
+      ``(model, train)``. ``train(params, key, clip_norm, test_xs, test_targets)`` starts from
+      ``params = model.init(...)``, draws the batches from ``key``, clips the global gradient
+      norm to ``clip_norm`` (a float scalar, may be traced; ``jnp.inf`` for no clipping) and
+      returns the final params and :class:`TrainCurves`.
+    """
+    if num_steps < 1 or eval_every < 1 or num_steps % eval_every:
+        raise ValueError(
+            f"num_steps={num_steps} must be a positive multiple of eval_every={eval_every}"
+        )
+    if optimizer not in ("adam", "rmsprop"):
+        raise ValueError(f"optimizer={optimizer!r} must be 'adam' or 'rmsprop'")
+    head = sequence_tagger if task.return_sequences else sequence_classifier
+    model = head(cell, task.input_dim, task.output_dim)
+    batches = generated(task.sample, batch_size, eval_every)
+
+    def loss_fn(params, batch):
+        xs, targets = batch
+        return task.loss(model.apply(params, xs), targets), {}
+
+    def test_loss(params, test_xs, test_targets):
+        return jnp.mean(task.loss(model.apply(params, test_xs), test_targets))
+
+    def train(params, key, clip_norm, test_xs, test_targets):
+        base = optax.adam(learning_rate) if optimizer == "adam" else rmsprop(learning_rate)
+        opt = optax.chain(optax.clip_by_global_norm(clip_norm), base)
+        state = create_train_state(params, opt, key)
+
+        def chunk(state, _):
+            state, m = train_steps(loss_fn, opt, batches, state, None, trace=True)
+            test = test_loss(state.params, test_xs, test_targets)
+            return state, (m["step_loss"], m["step_grad_norm"], test)
+
+        first = test_loss(params, test_xs, test_targets)
+        state, (losses, norms, tests) = jax.lax.scan(
+            chunk, state, None, length=num_steps // eval_every
+        )
+        curves = TrainCurves(
+            losses.reshape(-1), norms.reshape(-1), jnp.concatenate([first[None], tests])
+        )
+        return state.params, curves
+
+    return model, train
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -301,8 +498,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _check_resumable(directory: str, step: int, meta: dict):
-    from rnn_jax.checkpoint import CheckpointError, restore_meta
-
     saved = restore_meta(directory, step)
     problems = []
     for key, value in meta.items():
@@ -312,28 +507,30 @@ def _check_resumable(directory: str, step: int, meta: dict):
             for name in sorted(set(value) | set(saved[key])):
                 old, new = saved[key].get(name), value.get(name)
                 if old != new:
-                    problems.append(f"--{name}: checkpoint has {old!r}, flags give {new!r}")
+                    problems.append(f"{name}={new!r} differs from the checkpoint's {old!r}")
         elif saved[key] != value:
-            problems.append(f"{key}: checkpoint has {saved[key]!r}, this run has {value!r}")
+            problems.append(f"{key}: the checkpoint has {saved[key]!r}, this run {value!r}")
     if problems:
         raise CheckpointError(
-            f"the checkpoint in {directory!r} (iteration {step}) was written by a different run:\n  "
+            f"the checkpoint in {directory!r} (iteration {step}) was written by a different "
+            "run:\n  "
             + "\n  ".join(problems)
-            + "\nRerun with the flags it was written with to resume it, or pass a new --workdir."
+            + "\nResume it with the configuration it was written with, or use a new workdir."
         )
 
 
-def _read_log(path: str, last_iteration: int) -> list[str]:
+def read_history(workdir: str) -> list[dict]:
+    """The rows of ``workdir/metrics.jsonl`` that :func:`fit` wrote, one per iteration."""
+    path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return [line for line in lines if json.loads(line)["iteration"] <= last_iteration]
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def fit(
     state: TrainState,
-    epoch: Callable,
+    train_fn: Callable,
     data: Any,
     *,
     iterations: int,
@@ -341,35 +538,39 @@ def fit(
     workdir: str | None = None,
     meta: dict | None = None,
     on_iteration: Callable[[int, TrainState, dict], dict] | None = None,
+    stop: Callable[[dict], bool] | None = None,
     max_to_keep: int = 3,
 ) -> tuple[TrainState, list[dict]]:
-    """The shared training loop: fused epochs, a checkpoint and a metrics line per iteration.
+    """The training loop: compiled runs of steps, a checkpoint and a metrics line per iteration.
 
-    Each iteration runs ``epochs_per_iteration`` calls of ``epoch(state, data)`` (see
-    :func:`make_epoch`), then ``on_iteration(iteration, state, metrics)`` (evaluation, samples),
-    whose dict is merged into the iteration's metrics; the metrics are appended to
+    Each iteration runs ``epochs_per_iteration`` calls of ``train_fn(state, data)`` (see
+    :func:`make_train_steps`), then ``on_iteration(iteration, state, metrics)`` (evaluation,
+    samples), whose dict is merged into the iteration's metrics; the metrics are appended to
     ``workdir/metrics.jsonl`` and an orbax checkpoint of ``state`` with ``meta`` is written to
     ``workdir/checkpoints``. With an existing checkpoint in ``workdir`` the loop resumes after
     its iteration, once ``meta`` is checked against the saved one (a mismatch raises a
     :class:`~rnn_jax.checkpoint.CheckpointError` naming what differs). Everything random is
     drawn from ``state.key``, so a resumed run ends bit-identical to an uninterrupted one.
 
+    Args:
+      stop: ``metrics -> bool``, asked after every iteration (and of the last one a resumed
+        run finds): true ends training there, e.g. once a target is met.
+
     Raises:
       NonFiniteLossError: an epoch's loss or gradient was NaN or infinite; nothing of that
         iteration is saved, so the last good checkpoint stays the latest.
 
     Returns:
-      ``(state, history)``: the final state and this call's metrics, one dict per iteration.
+      ``(state, history)``: the final state and one dict per iteration, those of an earlier
+      run that this one resumed included.
     """
-    from rnn_jax.checkpoint import CheckpointError, latest_step, restore_checkpoint, save_checkpoint
-
     if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
         raise CheckpointError(
-            f"--workdir {workdir!r} is a file, not a directory; pass a directory (created if missing)"
+            f"workdir={workdir!r} is a file, not a directory; pass a directory (created if missing)"
         )
 
     meta = dict(meta or {})
-    start, ckpt_dir, log_path = 0, None, None
+    start, ckpt_dir, log_path, history = 0, None, None, []
     primary = jax.process_index() == 0  # multi-host: one process writes the shared log
     if workdir is not None:
         ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -380,33 +581,38 @@ def fit(
             state, _ = restore_checkpoint(ckpt_dir, found, state)
             start = found
             logging.info("resuming from iteration %d in %s", found, ckpt_dir)
-        kept = _read_log(log_path, start)
+        history = [row for row in read_history(workdir) if row["iteration"] <= start]
         if primary:
-            _atomic_write(log_path, "".join(kept))
+            _atomic_write(log_path, "".join(json.dumps(row) + "\n" for row in history))
+    if history and stop is not None and stop(history[-1]):
+        return state, history
 
-    history = []
     for iteration in range(start + 1, iterations + 1):
         for _ in range(epochs_per_iteration):
             tic = time.perf_counter()
-            state, metrics = epoch(state, data)
-            metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+            state, metrics = train_fn(state, data)
+            metrics = {k: v.tolist() for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - tic
             if not metrics.pop("finite"):
                 raise NonFiniteLossError(
                     f"iteration {iteration}: the loss or a gradient became NaN or infinite "
                     f"(epoch loss {metrics['loss']}); stopped without saving this iteration"
                     + (f", the last good checkpoint in {ckpt_dir} is kept" if ckpt_dir else "")
-                    + ". Lower --learning_rate or set --clip_norm."
+                    + ". Lower the learning rate or clip the gradient norm."
                 )
         metrics = {"iteration": iteration, "step": int(state.step), **metrics, "seconds": seconds}
         if on_iteration is not None:
             metrics.update(on_iteration(iteration, state, metrics))
+        # The form a resumed run reads back from metrics.jsonl: string keys, lists.
+        metrics = json.loads(json.dumps(metrics))
         history.append(metrics)
         if workdir is not None:
             if primary:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             save_checkpoint(ckpt_dir, iteration, state, meta, max_to_keep)
+        if stop is not None and stop(metrics):
+            break
     return state, history
 
 

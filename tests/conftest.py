@@ -1,21 +1,14 @@
-"""Strict numerics for every test: silent rank promotion is an error."""
-
-import os
+"""Strict numerics for every test (silent rank promotion is an error) and the shipped corpus."""
 
 import jax
 import pytest
 
-ALICE = os.environ.get(
-    "RNN_JAX_ALICE",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alice_in_wonderland.txt"),
-)
+from rnn_jax.data import alice_path as _alice_path
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @pytest.fixture
-def alice_path():
-    """The shared Alice text (CI lays ../shared beside the clone); skipped with a reason if absent."""
-    if not os.path.exists(ALICE):
-        pytest.skip(f"Alice corpus not found at {ALICE}; set RNN_JAX_ALICE")
-    return ALICE
+def alice_path() -> str:
+    """The committed Alice corpus, sha256-checked (rnn_jax.data.alice_path)."""
+    return _alice_path()

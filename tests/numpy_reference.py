@@ -14,13 +14,27 @@ def sigmoid(x):
 
 def simple_rnn_step(p, h, x, activation="tanh"):
     """``h_t = act(x_t W + h_{t-1} U + b)``."""
-    z = x @ p["kernel"] + h @ p["recurrent_kernel"] + p["bias"]
-    h = np.tanh(z) if activation == "tanh" else np.maximum(z, 0.0)
+    h, _ = simple_rnn_parts(p, h, x, activation)
     return h, h
+
+
+def simple_rnn_parts(p, h, x, activation="tanh"):
+    """The new ``h`` and the step's activations: its tanh units (none for relu)."""
+    z = x @ p["kernel"] + h @ p["recurrent_kernel"] + p["bias"]
+    if activation == "tanh":
+        h = np.tanh(z)
+        return h, {"gates": {}, "tanh": {"tanh": h}}
+    return np.maximum(z, 0.0), {"gates": {}, "tanh": {}}
 
 
 def lstm_step(p, carry, x):
     """Gate blocks i, f, c, o; carry ``(h, c)``."""
+    carry, _ = lstm_parts(p, carry, x)
+    return carry, carry[0]
+
+
+def lstm_parts(p, carry, x):
+    """The new ``(h, c)`` and the step's activations: gates i, f, o; tanh g and tanh(c_t)."""
     h, c = carry
     u = h.shape[-1]
     z = x @ p["kernel"] + h @ p["recurrent_kernel"] + p["bias"]
@@ -29,12 +43,22 @@ def lstm_step(p, carry, x):
     g = np.tanh(z[:, 2 * u : 3 * u])
     o = sigmoid(z[:, 3 * u : 4 * u])
     c = f * c + i * g
-    h = o * np.tanh(c)
-    return (h, c), h
+    tanh_c = np.tanh(c)
+    acts = {
+        "gates": {"input_gate": i, "forget_gate": f, "output_gate": o},
+        "tanh": {"candidate": g, "cell_tanh": tanh_c},
+    }
+    return (o * tanh_c, c), acts
 
 
 def gru_step(p, h, x, reset_after=True):
     """Gate blocks z, r, h; ``bias (2, 3u)`` rows ``b_x, b_h`` when reset_after, else ``(3u,)``."""
+    h, _ = gru_parts(p, h, x, reset_after)
+    return h, h
+
+
+def gru_parts(p, h, x, reset_after=True):
+    """The new ``h`` and the step's activations: gates z (update), r (reset); tanh n."""
     u = h.shape[-1]
     W, U = p["kernel"], p["recurrent_kernel"]
     Wz, Wr, Wh = W[:, :u], W[:, u : 2 * u], W[:, 2 * u :]
@@ -49,8 +73,8 @@ def gru_step(p, h, x, reset_after=True):
         z = sigmoid(x @ Wz + h @ Uz + b[:u])
         r = sigmoid(x @ Wr + h @ Ur + b[u : 2 * u])
         n = np.tanh(x @ Wh + (r * h) @ Uh + b[2 * u :])
-    h = z * h + (1.0 - z) * n
-    return h, h
+    acts = {"gates": {"update_gate": z, "reset_gate": r}, "tanh": {"candidate": n}}
+    return z * h + (1.0 - z) * n, acts
 
 
 def keras_step(kind, p, carry, x, **options):
@@ -59,6 +83,12 @@ def keras_step(kind, p, carry, x, **options):
     if kind == "lstm":
         return lstm_step(p, carry, x)
     return gru_step(p, carry, x, **options)
+
+
+def keras_activations(kind, p, carry, x, **options):
+    """``{"gates": {name: σ outputs}, "tanh": {name: tanh outputs}}`` of one step."""
+    parts = {"simple_rnn": simple_rnn_parts, "lstm": lstm_parts, "gru": gru_parts}[kind]
+    return parts(p, carry, x, **options)[1]
 
 
 def keras_initial_carry(kind, batch, units):

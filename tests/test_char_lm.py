@@ -1,8 +1,10 @@
-"""The char-RNN end to end: the experiment script, exact resume, every bad input, Alice."""
+"""The char-RNN experiment end to end, in process: the recipe's defaults, exact resume, every
+bad input, Alice; and its command line (one bad flag, --helpshort) in a subprocess."""
 
-import json
+import dataclasses
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,11 +14,13 @@ import jax
 import numpy as np
 import pytest
 
-from rnn_jax import char_lm, checkpoint, train
+from experiments import char_lm, cli
+from rnn_jax import checkpoint, train
+from rnn_jax.data import TextError, clean_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DESIGN = os.path.join(ROOT, "..", "shared", "DESIGN.md")
 TINY = dict(units=8, batch_size=64, num_preds=12)
-TINY_FLAGS = ["--units=8", "--batch_size=64", "--num_preds=12"]
 
 
 def _tiny_text():
@@ -33,21 +37,8 @@ def text_path(tmp_path_factory):
     return str(path)
 
 
-def _run(args, timeout=240):
-    """``python -m experiments.char_lm ARGS`` from the repository root."""
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.char_lm", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-
-
-def _run_many(arg_lists):
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(_run, arg_lists))
+def _quiet(*_):
+    pass
 
 
 def _snapshot(directory):
@@ -59,211 +50,6 @@ def _snapshot(directory):
             with open(path, "rb") as f:
                 out[os.path.relpath(path, directory)] = f.read()
     return out
-
-
-def _rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-# --- The script end to end ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, text_path):
-    """Two iterations of the experiment on the tiny text: ``(workdir, completed process)``."""
-    workdir = str(tmp_path_factory.mktemp("cli") / "run")
-    proc = _run([f"--text={text_path}", f"--workdir={workdir}", "--iterations=2", *TINY_FLAGS])
-    return workdir, proc
-
-
-def test_experiment_end_to_end(cli_run):
-    workdir, proc = cli_run
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    assert "Iteration #: 1" in out and "Iteration #: 2" in out
-    rows = _rows(workdir)
-    assert [r["iteration"] for r in rows] == [1, 2]
-    for r in rows:
-        assert {
-            "loss",
-            "accuracy",
-            "bits_per_char",
-            "seconds",
-            "examples_per_second",
-            "seed",
-            "generated",
-        } <= set(r)
-        assert r["bits_per_char"] == pytest.approx(r["loss"] / math.log(2))
-        assert len(r["seed"]) == 10 and len(r["generated"]) == 12
-        assert f'Generating from seed: "{r["seed"]}"' in out
-        assert r["seed"] + r["generated"] in out  # the tutorial's print: seed then generation
-    assert rows[1]["loss"] < rows[0]["loss"] < math.log(len(set(_tiny_text().lower())))
-    with open(os.path.join(workdir, "samples.txt")) as f:
-        assert rows[1]["seed"] + "|" + rows[1]["generated"] in f.read()
-    assert checkpoint.latest_step(os.path.join(workdir, "checkpoints")) == 2
-
-
-def test_experiment_resumes_from_last_iteration(cli_run, text_path, tmp_path):
-    workdir = str(tmp_path / "run")
-    shutil.copytree(cli_run[0], workdir)
-    proc = _run([f"--text={text_path}", f"--workdir={workdir}", "--iterations=3", *TINY_FLAGS])
-    assert proc.returncode == 0, proc.stderr
-    assert "Iteration #: 3" in proc.stdout and "Iteration #: 2" not in proc.stdout
-    rows = _rows(workdir)
-    assert [r["iteration"] for r in rows] == [1, 2, 3]
-    assert rows[:2] == _rows(cli_run[0])
-
-
-def _mismatch(cli_run, tmp_path, args):
-    workdir = str(tmp_path / "run")
-    shutil.copytree(cli_run[0], workdir)
-    before = _snapshot(workdir)
-    proc = _run([f"--workdir={workdir}", "--iterations=3", *args])
-    assert proc.returncode != 0
-    assert _snapshot(workdir) == before, "the refused run changed the existing workdir"
-    return proc.stderr
-
-
-def test_checkpoint_with_other_config_is_refused(cli_run, text_path, tmp_path):
-    err = _mismatch(
-        cli_run,
-        tmp_path,
-        [f"--text={text_path}", "--units=16", "--batch_size=64", "--num_preds=12"],
-    )
-    assert "--units" in err and "--workdir" in err and "Traceback" not in err
-
-
-def test_checkpoint_with_other_vocabulary_is_refused(cli_run, tmp_path):
-    other = tmp_path / "other.txt"
-    other.write_text("Zebras quietly jump over the lazy fox. " * 40)
-    err = _mismatch(cli_run, tmp_path, [f"--text={other}", *TINY_FLAGS])
-    assert "vocabulary" in err and "Traceback" not in err
-    assert "--text" in err, (
-        f"the vocabulary comes from --text, but the message does not say so:\n{err}"
-    )
-
-
-# --- Bad input: a clear message naming the flag, exit code non-zero, nothing written --------
-
-
-def test_bad_inputs_exit_with_a_message_naming_the_flag(tmp_path, text_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_bytes(b"")
-    binary = tmp_path / "weights.bin"
-    binary.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    short = tmp_path / "short.txt"
-    short.write_text("Too short\n")
-    cases = [
-        ([f"--text={tmp_path / 'missing.txt'}"], "--text"),
-        ([f"--text={empty}"], "--text"),
-        ([f"--text={binary}"], "--text"),
-        ([f"--text={short}"], "--seq_len"),
-        ([f"--text={text_path}", "--units=0"], "--units"),
-        ([f"--text={text_path}", "--seq_len=0"], "--seq_len"),
-        ([f"--text={text_path}", "--learning_rate=0"], "--learning_rate"),
-        ([f"--text={text_path}", "--learning_rate=nan"], "--learning_rate"),
-        ([f"--text={text_path}", "--clip_norm=-1"], "--clip_norm"),
-        ([f"--text={text_path}", "--val_fraction=1.5"], "--val_fraction"),
-        ([f"--text={text_path}", "--temperature=-0.5"], "--temperature"),
-        ([f"--text={text_path}", "--cell=transformer"], "--cell"),
-        # NaN from the first epoch: stops, says so, names the flag, saves nothing.
-        ([f"--text={text_path}", "--learning_rate=1e38"], ("NaN", "--learning_rate")),
-    ]
-    workdirs = [str(tmp_path / f"run{i}") for i in range(len(cases))]
-    procs = _run_many(
-        [
-            [f"--workdir={w}", *TINY_FLAGS, *args]
-            for w, (args, _) in zip(workdirs, cases, strict=True)
-        ]
-    )
-    problems = []
-    for (args, want), proc in zip(cases, procs, strict=True):
-        want = (want,) if isinstance(want, str) else want
-        if (
-            proc.returncode == 0
-            or any(w not in proc.stderr for w in want)
-            or "Traceback" in proc.stderr
-        ):
-            problems.append(f"{args}: exit {proc.returncode}, stderr:\n{proc.stderr[-600:]}")
-    assert not problems, "\n\n".join(problems)
-    for w in workdirs:
-        assert checkpoint.latest_step(os.path.join(w, "checkpoints")) is None
-
-
-def test_seed_text_outside_vocabulary_names_the_flag(text_path, tmp_path):
-    proc = _run(
-        [
-            f"--text={text_path}",
-            f"--workdir={tmp_path / 'run'}",
-            *TINY_FLAGS,
-            "--seed_text=the sky was falling?",
-        ]
-    )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "'?'" in proc.stderr
-    assert "--seed_text" in proc.stderr, f"the message does not name --seed_text:\n{proc.stderr}"
-
-
-def test_short_seed_text_is_refused_before_training():
-    with pytest.raises(ValueError, match="--seed_text"):
-        char_lm.Config(seed_text="abc").validate()  # seq_len 10: fail before the first epoch
-
-
-def test_workdir_that_is_a_file(text_path, tmp_path):
-    a_file = tmp_path / "notes.txt"
-    a_file.write_text("my notes")
-    proc = _run([f"--text={text_path}", f"--workdir={a_file}", *TINY_FLAGS])
-    assert proc.returncode != 0
-    assert a_file.read_text() == "my notes"
-    assert "--workdir" in proc.stderr and "Traceback" not in proc.stderr, (
-        f"--workdir pointing at a file should be a clear error, got:\n{proc.stderr[-800:]}"
-    )
-
-
-def test_alice_download_offline_names_text(tmp_path):
-    code = (
-        "import sys, urllib.error, urllib.request\n"
-        "def offline(*a, **k):\n"
-        "    raise urllib.error.URLError('no network')\n"
-        "urllib.request.urlopen = offline\n"
-        "from absl import app\n"
-        "from experiments import char_lm\n"
-        f"char_lm._DATA_DIR = {str(tmp_path / 'data')!r}\n"
-        f"app.run(char_lm.main, argv=['char_lm', '--workdir={tmp_path / 'run'}'])\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "--text" in proc.stderr and "no network" in proc.stderr
-    assert not (tmp_path / "data" / "alice_in_wonderland.txt").exists()
-
-
-def test_bad_text_in_process(tmp_path):
-    binary = tmp_path / "x.bin"
-    binary.write_bytes(bytes(range(256)) * 10)
-    for path, match in [(tmp_path / "missing", "does not exist"), (binary, "binary")]:
-        with pytest.raises(char_lm.data_lib.TextError, match=match):
-            char_lm.train_and_evaluate(char_lm.Config(**TINY), str(tmp_path / "run"), str(path))
-    assert not (tmp_path / "run").exists()
-
-
-# --- Exact resume and NaN recovery (in process) ----------------------------------------------
-
-
-def _quiet(*_):
-    pass
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, text_path):
-    """An uninterrupted 3-iteration run: ``(state, history)``."""
-    workdir = str(tmp_path_factory.mktemp("reference"))
-    state, history, _ = char_lm.train_and_evaluate(
-        char_lm.Config(iterations=3, **TINY), workdir, text_path, out=_quiet
-    )
-    return state, history
 
 
 def _assert_bit_identical(a, b):
@@ -278,26 +64,267 @@ def _strip_timing(history):
     ]
 
 
-def test_stopped_and_resumed_run_is_bit_identical(reference, text_path, tmp_path):
-    workdir = str(tmp_path)
-    _, first, _ = char_lm.train_and_evaluate(
-        char_lm.Config(iterations=1, **TINY), workdir, text_path, out=_quiet
+# --- The defaults are the tutorial's recipe, as DESIGN.md §1-2 states it ----------------------
+
+# Where §1-2 state each default: (pattern, its value from the match); \s+ where a line may
+# break. Rewording the document or changing a default breaks the test; ../shared is absent
+# outside the project's checkout.
+RECIPE = {
+    "cell": (r"Model:\s+`(SimpleRNN)\(\d+\)`", lambda m: {"SimpleRNN": "simple_rnn"}[m[1]]),
+    "units": (r"Model:\s+`SimpleRNN\((\d+)\)`", lambda m: int(m[1])),
+    "seq_len": (r"`SEQLEN\s+=\s+(\d+)`", lambda m: int(m[1])),
+    "step": (r"`STEP\s+=\s+(\d+)`", lambda m: int(m[1])),
+    "batch_size": (r"with\s+batch\s+(\d+)", lambda m: int(m[1])),
+    "iterations": (r"Training:\s+(\d+)\s+iterations", lambda m: int(m[1])),
+    "epochs_per_iteration": (r"each\s+`fit`\s+for\s+(\d+)\s+epoch", lambda m: int(m[1])),
+    "num_preds": (r"(\d+)\s+times:\s+predict", lambda m: int(m[1])),
+    "temperature": (r"take\s+the\s+argmax\s+\((greedy)\)", lambda m: 0.0),
+    "learning_rate": (r"RMSprop:\s+learning\s+rate\s+([0-9.e-]+),", lambda m: float(m[1])),
+    "rho": (r"`rho\s+=\s+([0-9.]+)`", lambda m: float(m[1])),
+    "epsilon": (r"`epsilon\s+=\s+([0-9.e-]+)`", lambda m: float(m[1])),
+    "eps_in_sqrt": (
+        r"Keras\s+3\s+adds\s+epsilon\s+\*\*(inside|outside)\*\*[\s\S]*defaulting\s+to\s+(Keras\s+3)",
+        lambda m: m[1] == "inside",
+    ),
+}
+RECIPE_VALUES = dict(
+    cell="simple_rnn",
+    units=128,
+    seq_len=10,
+    step=1,
+    batch_size=128,
+    iterations=25,
+    epochs_per_iteration=1,
+    num_preds=100,
+    temperature=0.0,
+    learning_rate=1e-3,
+    rho=0.9,
+    epsilon=1e-7,
+    eps_in_sqrt=True,
+)
+
+
+def test_defaults_are_the_recipe_of_design_md():
+    config = char_lm.Config()
+    want = dict(RECIPE_VALUES)
+    if os.path.exists(DESIGN):
+        with open(DESIGN, encoding="utf-8") as f:
+            recipe = f.read().split("## 3.")[0]  # §1-2
+        stated = {}
+        for name, (pattern, value) in RECIPE.items():
+            match = re.search(pattern, recipe)
+            assert match, f"DESIGN.md §1-2 no longer states {name} as {pattern!r}"
+            stated[name] = value(match)
+        assert stated == want  # the regexes read what the document says
+        want = stated
+    got = {name: getattr(config, name) for name in want}
+    assert got == want
+    for name in ("eps_in_sqrt",):  # a bool must stay a bool, not 1
+        assert type(getattr(config, name)) is bool
+    assert config.text is None and config.clip_norm is None and config.seed_text is None
+
+
+# --- Config: every bad value is a ValueError naming name=value, before anything runs ----------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(cell="transformer"), "cell='transformer'"),
+        (dict(units=0), "units=0 "),
+        (dict(units=1.5), "units=1.5 "),
+        (dict(seq_len=0), "seq_len=0 "),
+        (dict(step=-1), "step=-1 "),
+        (dict(batch_size=0), "batch_size=0 "),
+        (dict(iterations=0), "iterations=0 "),
+        (dict(epochs_per_iteration=0), "epochs_per_iteration=0 "),
+        (dict(num_preds=0), "num_preds=0 "),
+        (dict(learning_rate=0.0), "learning_rate=0.0 "),
+        (dict(learning_rate=float("nan")), "learning_rate=nan "),
+        (dict(rho=1.0), "rho=1.0 "),
+        (dict(epsilon=float("inf")), "epsilon=inf "),
+        (dict(epsilon=0.0), "epsilon=0.0 "),
+        (dict(eps_in_sqrt=1), "eps_in_sqrt=1 "),
+        (dict(clip_norm=-1.0), "clip_norm=-1.0 "),
+        (dict(clip_norm=0.0), "clip_norm=0.0 "),
+        (dict(clip_norm=float("inf")), "clip_norm=inf "),
+        (dict(seed=0.5), "seed=0.5 "),
+        (dict(val_fraction=1.5), "val_fraction=1.5 "),
+        (dict(temperature=-0.5), "temperature=-0.5 "),
+        (dict(temperature=float("nan")), "temperature=nan "),
+        (dict(unroll=-1), "unroll=-1 "),
+        (dict(num_devices=-2), "num_devices=-2 "),
+        (dict(compute_dtype="float16"), "compute_dtype='float16'"),
+        (dict(text=""), "text='' "),
+        (dict(seed_text="abc"), "seed_text='abc' has 3 characters.*seq_len=10"),
+    ],
+)
+def test_bad_config_values_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message).replace(r"\.\*", ".*")):
+        char_lm.Config(**kwargs)
+
+
+def test_launch_flags():
+    assert char_lm.Launch() == char_lm.Launch(False, None, None, None)
+    char_lm.setup(char_lm.Launch())  # not distributed: nothing to join
+    with pytest.raises(ValueError, match=r"^num_processes=2 is only used with distributed=True"):
+        char_lm.Launch(num_processes=2)
+    with pytest.raises(ValueError, match=r"^process_id=-1 "):
+        char_lm.Launch(distributed=True, process_id=-1)
+
+
+# --- The run end to end, in process -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, text_path):
+    """Two iterations on the tiny text: ``(workdir, result, printed lines)``."""
+    workdir = str(tmp_path_factory.mktemp("tiny") / "run")
+    lines = []
+    result = char_lm.run(
+        char_lm.Config(text=text_path, iterations=2, **TINY), workdir, out=lines.append
     )
-    state, rest, _ = char_lm.train_and_evaluate(
-        char_lm.Config(iterations=3, **TINY), workdir, text_path, out=_quiet
+    return workdir, result, lines
+
+
+def test_run_end_to_end(tiny_run):
+    workdir, (state, history, vocab), lines = tiny_run
+    text = clean_text(_tiny_text().encode())
+    assert vocab.chars == "".join(sorted(set(text)))
+    assert [r["iteration"] for r in history] == [1, 2]
+    assert "Iteration #: 1" in lines and "Iteration #: 2" in lines
+    steps_per_epoch = -(-(len(text) - 10) // 64)  # windows of 10 with step 1, batch 64
+    assert int(state.step) == history[-1]["step"] == 2 * steps_per_epoch
+    for r in history:
+        assert {
+            "loss",
+            "accuracy",
+            "bits_per_char",
+            "seconds",
+            "examples_per_second",
+            "seed",
+            "generated",
+            "grad_norm_max",
+        } <= set(r)
+        assert r["bits_per_char"] == pytest.approx(r["loss"] / math.log(2))
+        assert len(r["seed"]) == 10 and len(r["generated"]) == 12
+        assert f'Generating from seed: "{r["seed"]}"' in lines
+        assert r["seed"] + r["generated"] in lines  # the tutorial's print: seed then generation
+    assert history[1]["loss"] < history[0]["loss"] < math.log(vocab.size)
+    assert train.read_history(workdir) == history
+    with open(os.path.join(workdir, "samples.txt")) as f:
+        assert f.read() == "".join(
+            f"iteration {r['iteration']}  loss {r['loss']:.4f}\n{r['seed']}|{r['generated']}\n\n"
+            for r in history
+        )
+    assert checkpoint.latest_step(os.path.join(workdir, "checkpoints")) == 2
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, text_path):
+    """An uninterrupted 3-iteration run."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    return char_lm.run(char_lm.Config(text=text_path, iterations=3, **TINY), workdir, out=_quiet)
+
+
+def test_resumed_run_is_bit_identical(tiny_run, reference, text_path, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tiny_run[0], workdir)
+    lines = []
+    state, history, _ = char_lm.run(
+        char_lm.Config(text=text_path, iterations=3, **TINY), workdir, out=lines.append
     )
-    assert [h["iteration"] for h in rest] == [2, 3]
-    _assert_bit_identical(state, reference[0])
-    assert _strip_timing(first + rest) == _strip_timing(reference[1])
+    assert "Iteration #: 3" in lines and "Iteration #: 2" not in lines  # only 3 was trained
+    assert [h["iteration"] for h in history] == [1, 2, 3]  # the whole history comes back
+    assert history[:2] == tiny_run[1].history
+    _assert_bit_identical(state, reference.state)
+    assert _strip_timing(history) == _strip_timing(reference.history)
+    with open(os.path.join(workdir, "samples.txt")) as f:
+        assert f.read().count("iteration ") == 3  # samples.txt holds the resumed rows too
+
+
+def _refused(tiny_run, tmp_path, config):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tiny_run[0], workdir)
+    before = _snapshot(workdir)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        char_lm.run(config, workdir, out=_quiet)
+    assert _snapshot(workdir) == before, "the refused run changed the existing workdir"
+    return cli.as_flags(str(e.value), [f.name for f in dataclasses.fields(char_lm.Config)])
+
+
+def test_checkpoint_with_other_config_is_refused(tiny_run, text_path, tmp_path):
+    config = char_lm.Config(text=text_path, iterations=3, **{**TINY, "units": 16})
+    message = _refused(tiny_run, tmp_path, config)
+    assert "--units=16 differs from the checkpoint's 8" in message and "workdir" in message
+
+
+def test_checkpoint_with_other_vocabulary_is_refused(tiny_run, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("Zebras quietly jump over the lazy fox. " * 40)
+    message = _refused(tiny_run, tmp_path, char_lm.Config(text=str(other), iterations=3, **TINY))
+    assert "--text=" in message and "vocabulary" in message, message
+
+
+# --- Bad input at run time: a message naming the field, nothing written ------------------------
+
+
+def test_bad_text_files_name_the_text(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    short = tmp_path / "short.txt"
+    short.write_text("Too short\n")
+    cases = [
+        (tmp_path / "missing.txt", "does not exist"),
+        (tmp_path, "is a directory"),
+        (empty, "is empty"),
+        (binary, "binary"),
+        (short, r"has 9 characters after cleaning, fewer than seq_len=10 \+ 1"),
+    ]
+    workdir = tmp_path / "run"
+    for path, what in cases:
+        with pytest.raises(TextError, match=f"^text={re.escape(repr(str(path)))} .*{what}"):
+            char_lm.run(char_lm.Config(text=str(path), **TINY), str(workdir), out=_quiet)
+    assert not workdir.exists()
+
+
+def test_nan_loss_names_the_learning_rate(text_path, tmp_path):
+    config = char_lm.Config(text=text_path, learning_rate=1e38, **TINY)
+    with pytest.raises(train.NonFiniteLossError, match=r"iteration 1: .*NaN.*learning_rate=1e\+38"):
+        char_lm.run(config, str(tmp_path), out=_quiet)
+    assert checkpoint.latest_step(os.path.join(tmp_path, "checkpoints")) is None
+
+
+def test_seed_text_outside_vocabulary_names_the_field(text_path, tmp_path):
+    config = char_lm.Config(text=text_path, seed_text="the sky was falling?", **TINY)
+    with pytest.raises(ValueError, match=r"^seed_text='the sky was falling\?': .*'\?'"):
+        char_lm.run(config, str(tmp_path / "run"), out=_quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_seed_text_is_lower_cased_as_the_corpus(text_path):
+    config = char_lm.Config(text=text_path, seed_text="Alice SAW the Rabbit", iterations=1, **TINY)
+    (row,) = char_lm.run(config, None, out=_quiet).history
+    assert row["seed"] == "the rabbit"  # the last seq_len characters, lower-cased
+
+
+def test_workdir_that_is_a_file(text_path, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("my notes")
+    with pytest.raises(checkpoint.CheckpointError, match=r"^workdir=.* is a file"):
+        char_lm.run(char_lm.Config(text=text_path, **TINY), str(a_file), out=_quiet)
+    assert a_file.read_text() == "my notes"
 
 
 def test_nan_keeps_last_good_checkpoint_and_resume_recovers(
     reference, text_path, tmp_path, monkeypatch
 ):
-    real_make_epoch = train.make_epoch
+    real = train.make_train_steps
 
-    def poisoned_make_epoch(*args, **kwargs):
-        epoch, calls = real_make_epoch(*args, **kwargs), []
+    def poisoned(*args, **kwargs):
+        epoch, calls = real(*args, **kwargs), []
 
         def run(state, data):
             calls.append(1)
@@ -309,36 +336,70 @@ def test_nan_keeps_last_good_checkpoint_and_resume_recovers(
         return run
 
     workdir = str(tmp_path)
-    config = char_lm.Config(iterations=3, **TINY)
-    monkeypatch.setattr(train, "make_epoch", poisoned_make_epoch)
-    with pytest.raises(train.NonFiniteLossError, match="iteration 3.*last good checkpoint"):
-        char_lm.train_and_evaluate(config, workdir, text_path, out=_quiet)
-    monkeypatch.setattr(train, "make_epoch", real_make_epoch)
+    config = char_lm.Config(text=text_path, iterations=3, **TINY)
+    monkeypatch.setattr(train, "make_train_steps", poisoned)
+    with pytest.raises(train.NonFiniteLossError, match=r"iteration 3.*last good checkpoint"):
+        char_lm.run(config, workdir, out=_quiet)
+    monkeypatch.setattr(train, "make_train_steps", real)
 
     ckpt = os.path.join(workdir, "checkpoints")
     assert checkpoint.latest_step(ckpt) == 2
-    restored, meta = checkpoint.restore_checkpoint(ckpt, 2, reference[0])
-    assert int(restored.step) == 2 * int(reference[0].step) // 3
+    restored, meta = checkpoint.restore_checkpoint(ckpt, 2, reference.state)
+    assert int(restored.step) == 2 * int(reference.state.step) // 3
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(restored.params))
-    assert meta["config"]["units"] == 8
-    assert [r["iteration"] for r in _rows(workdir)] == [1, 2]
+    assert meta["config"]["units"] == 8 and "text" in meta["config"]
+    assert [r["iteration"] for r in train.read_history(workdir)] == [1, 2]
 
-    state, rest, _ = char_lm.train_and_evaluate(config, workdir, text_path, out=_quiet)
-    assert [h["iteration"] for h in rest] == [3]
-    _assert_bit_identical(state, reference[0])
+    state, history, _ = char_lm.run(config, workdir, out=_quiet)
+    assert [h["iteration"] for h in history] == [1, 2, 3]
+    _assert_bit_identical(state, reference.state)
+    assert _strip_timing(history) == _strip_timing(reference.history)
 
 
-# --- The tutorial's recipe on the shared Alice text ----------------------------------------
+# --- The tutorial's recipe on the shipped Alice text (the default text) ------------------------
 
 
 def test_alice_loss_falls(alice_path):
     lines = []
-    state, history, vocab = char_lm.train_and_evaluate(
-        char_lm.Config(iterations=2, num_preds=20), None, alice_path, out=lines.append
+    _, history, vocab = char_lm.run(
+        char_lm.Config(iterations=2, num_preds=20), None, out=lines.append
     )
+    with open(alice_path, "rb") as f:
+        assert lines[0].startswith(f"{len(clean_text(f.read()))} characters")
     first, second = history[0]["loss"], history[1]["loss"]
     assert 40 <= vocab.size <= 70
     assert first < math.log(vocab.size)  # learned something during epoch 1
     assert second < first - 0.1
     assert second < 2.3
-    assert any(line.startswith("Iteration #: 2") for line in lines)
+    assert "Iteration #: 2" in lines
+
+
+# --- The command line: one bad flag, the flag list ------------------------------------------
+
+
+def _cli(args):
+    """``python -m experiments.char_lm ARGS`` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.char_lm", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_command_line(tmp_path):
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        bad, listed = pool.map(
+            _cli, [[f"--workdir={tmp_path / 'run'}", "--clip_norm=-1"], ["--helpshort"]]
+        )
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr == "error: --clip_norm=-1.0 must be finite and > 0\n"
+    assert not (tmp_path / "run").exists()
+    assert listed.stderr == ""  # absl's help exits with status 1
+    listed_flags = set(re.findall(r"^\s+--(?:\[no\])?(\w+):", listed.stdout, re.MULTILINE))
+    fields = dataclasses.fields(char_lm.Config) + dataclasses.fields(char_lm.Launch)
+    missing = {f.name for f in fields} - listed_flags
+    assert not missing, f"--helpshort does not list {sorted(missing)}:\n{listed.stdout}"
+    assert "workdir" in listed_flags

@@ -144,7 +144,7 @@ def test_bias_free_and_bad_inputs():
     p = convert.from_torch(no_bias, "gru")["layer_0"]
     np.testing.assert_array_equal(p["bias"], np.zeros((2, 12)))
 
-    with pytest.raises(ValueError, match="cell must be"):
+    with pytest.raises(ValueError, match="cell='rnn' must be one of"):
         convert.from_torch(sd, "rnn")
     with pytest.raises(ValueError, match="weight_ih_l0"):
         convert.from_torch(sd, "gru", prefix="decoder.")

@@ -1,9 +1,8 @@
-"""The tutorial's text preparation, vocabulary, windows, shuffling, and the corpus download."""
+"""The tutorial's text preparation, vocabulary, windows, and the shipped corpus."""
 
-import io
+import hashlib
 import os
-import urllib.error
-import urllib.request
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,10 @@ import numpy_reference as ref
 import pytest
 
 from rnn_jax import data
-from rnn_jax.train import _batch_indices
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Jitted: one compilation per shape rather than one per primitive and shape.
+_window_batch = jax.jit(data.get_window_batch, static_argnums=2)
 
 
 def test_the_sky_was_falling_windows():
@@ -22,7 +24,7 @@ def test_the_sky_was_falling_windows():
     vocab = data.Vocabulary.from_text(text)
     windows = data.make_windows(vocab.encode(text), seq_len=10, step=1)
     n = int(windows.starts.shape[0])
-    inputs, labels = data.get_window_batch(windows, jnp.arange(n), 10)
+    inputs, labels = _window_batch(windows, jnp.arange(n), 10)
     got_inputs = [vocab.decode(row) for row in np.asarray(inputs)]
     got_labels = vocab.decode(labels)
     assert got_inputs == [
@@ -46,7 +48,7 @@ def test_windows_match_tutorial_loop(seq_len, step):
     vocab = data.Vocabulary.from_text(text)
     windows = data.make_windows(vocab.encode(text), seq_len, step)
     idx = jnp.arange(windows.starts.shape[0])
-    inputs, labels = data.get_window_batch(windows, idx, seq_len)
+    inputs, labels = _window_batch(windows, idx, seq_len)
     want_inputs, want_labels = ref.tutorial_windows(text, seq_len, step)
     assert [vocab.decode(r) for r in np.asarray(inputs)] == want_inputs
     assert list(vocab.decode(labels)) == want_labels
@@ -78,27 +80,28 @@ def test_vocabulary_sorted_and_round_trip():
         vocab.encode("zebra x")
 
 
-def test_load_text_errors(tmp_path):
-    with pytest.raises(data.TextError, match="--text"):
-        data.load_text(str(tmp_path / "missing.txt"))
-    with pytest.raises(data.TextError, match="directory.*--text"):
-        data.load_text(str(tmp_path))
+def test_load_text_errors_name_the_path(tmp_path):
+    cases = []
+    missing = str(tmp_path / "missing.txt")
+    cases.append((missing, 2, "does not exist"))
+    cases.append((str(tmp_path), 2, "is a directory"))
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
-    with pytest.raises(data.TextError, match="empty.*--text"):
-        data.load_text(str(empty))
+    cases.append((str(empty), 2, "is empty"))
     blank = tmp_path / "blank.txt"
     blank.write_bytes(b"  \n\n\t \n")
-    with pytest.raises(data.TextError, match="empty"):
-        data.load_text(str(blank))
+    cases.append((str(blank), 2, "is empty"))
     binary = tmp_path / "model.bin"
     binary.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    with pytest.raises(data.TextError, match="binary.*--text"):
-        data.load_text(str(binary))
+    cases.append((str(binary), 2, "binary"))
     short = tmp_path / "short.txt"
     short.write_bytes(b"Hello\n")
-    with pytest.raises(data.TextError, match="--seq_len"):
-        data.load_text(str(short), min_length=11)
+    cases.append((str(short), 11, "min_length=11"))
+    for path, min_length, what in cases:
+        with pytest.raises(data.TextError, match=what) as err:
+            data.load_text(path, min_length=min_length)
+        assert f"path={path!r}" in str(err.value)  # the library names its parameter
+        assert "pass " in str(err.value)  # and says what to do
     assert data.load_text(str(short), min_length=5) == "hello"
 
 
@@ -114,8 +117,9 @@ def test_load_text_unreadable(tmp_path, monkeypatch):
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", denied)
-    with pytest.raises(data.TextError, match="cannot read.*--text"):
+    with pytest.raises(data.TextError, match=r"cannot be read.*Permission denied") as err:
         data.load_text(str(path))
+    assert f"path={str(path)!r}" in str(err.value)
 
 
 def test_make_windows_and_split_errors():
@@ -123,67 +127,57 @@ def test_make_windows_and_split_errors():
     with pytest.raises(ValueError, match="seq_len"):
         data.make_windows(tokens, 5, 1)  # needs seq_len + 1 = 6
     assert data.make_windows(tokens, 4, 1).starts.tolist() == [0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="seq_len"):
         data.make_windows(tokens, 0, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="step"):
         data.make_windows(tokens, 2, 0)
     train, val = data.split_tokens(np.arange(100), 0.2, 10)
     assert train.tolist() == list(range(80)) and val.tolist() == list(range(80, 100))
     assert data.split_tokens(np.arange(100), 0.0, 10)[1] is None
-    with pytest.raises(ValueError, match="--val_fraction"):
+    with pytest.raises(ValueError, match=r"val_fraction=0\.95"):
         data.split_tokens(np.arange(100), 0.95, 10)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="val_fraction"):
+            data.split_tokens(np.arange(100), bad, 10)
 
 
-def test_shuffle_is_a_deterministic_permutation_with_last_batch_kept():
-    key = jax.random.PRNGKey(7)
-    idx, w = _batch_indices(key, 10, 4, True)
-    assert idx.shape == (3, 4) and w.tolist() == [[1] * 4, [1] * 4, [1, 1, 0, 0]]
-    real = np.asarray(idx)[np.asarray(w) > 0]
-    assert sorted(real.tolist()) == list(range(10))  # every example exactly once
-    idx2, _ = _batch_indices(jax.random.PRNGKey(7), 10, 4, True)
-    np.testing.assert_array_equal(idx, idx2)
-    idx3, _ = _batch_indices(jax.random.PRNGKey(8), 10, 4, True)
-    assert not np.array_equal(
-        np.asarray(idx)[np.asarray(w) > 0], np.asarray(idx3)[np.asarray(w) > 0]
-    )
-    ordered, _ = _batch_indices(key, 10, 4, False)
-    assert np.asarray(ordered)[np.asarray(w) > 0].tolist() == list(range(10))
+# --- the shipped corpus -----------------------------------------------------------------------
 
 
-class _Response(io.BytesIO):
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_fetch_alice_offline_names_text_flag(tmp_path, monkeypatch):
-    def offline(url, timeout=None):
-        raise urllib.error.URLError("Temporary failure in name resolution")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(data.TextError, match="--text"):
-        data.fetch_alice(str(tmp_path / "data"))
-    assert not (tmp_path / "data" / data.ALICE_FILENAME).exists()
-    assert not any(p.name.endswith(".part") for p in tmp_path.rglob("*"))
-
-
-def test_fetch_alice_download_strips_gutenberg_header(tmp_path, monkeypatch):
-    body = (
-        b"The Project Gutenberg eBook\r\n*** START OF THE PROJECT GUTENBERG EBOOK 11 ***\r\n"
-        b"Alice was beginning\r\n*** END OF THE PROJECT GUTENBERG EBOOK 11 ***\r\nlicence"
-    )
-    calls = []
-
-    def fake(url, timeout=None):
-        calls.append(url)
-        return _Response(body)
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake)
-    path = data.fetch_alice(str(tmp_path))
+def _sha256(path) -> str:
     with open(path, "rb") as f:
-        saved = f.read()
-    assert b"Alice was beginning" in saved
-    assert b"START OF" not in saved and b"licence" not in saved
-    assert data.fetch_alice(str(tmp_path)) == path and len(calls) == 1  # present: no download
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_alice_path_is_the_committed_checked_file():
+    path = data.alice_path()
+    assert path == os.path.join(ROOT, "data", "alice_in_wonderland.txt") and os.path.isfile(path)
+    assert _sha256(path) == data.ALICE_SHA256
+    text = data.load_text(path)
+    # Project Gutenberg #11 without its licence: the book itself, first line to last (the
+    # curly apostrophe of "Alice's" is not ASCII, so the cleaning drops it).
+    assert text.startswith("[illustration] alices adventures in wonderland by lewis carroll")
+    assert text.endswith("and the happy summer days. the end")
+    assert "gutenberg" not in text
+
+
+def test_alice_path_in_another_directory(tmp_path):
+    shutil.copy(data.alice_path(), tmp_path / data.ALICE_FILENAME)
+    assert data.alice_path(str(tmp_path)) == str(tmp_path / data.ALICE_FILENAME)
+
+
+def test_alice_path_missing_or_modified_says_what_to_do(tmp_path):
+    missing = tmp_path / data.ALICE_FILENAME
+    with pytest.raises(data.TextError, match="missing") as err:
+        data.alice_path(str(tmp_path))
+    assert repr(str(missing)) in str(err.value) and "git checkout data/" in str(err.value)
+
+    with open(data.alice_path(), "rb") as f:
+        raw = bytearray(f.read())
+    raw[100] ^= 1  # one bit of another revision
+    missing.write_bytes(bytes(raw))
+    with pytest.raises(data.TextError, match="sha256") as err:
+        data.alice_path(str(tmp_path))
+    message = str(err.value)
+    assert repr(str(missing)) in message and "git checkout data/" in message
+    assert _sha256(missing) in message and data.ALICE_SHA256 in message

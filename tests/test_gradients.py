@@ -1,10 +1,12 @@
 """BPTT probes against jax.jacrev chains, finite differences and float64 NumPy cells."""
 
 import csv
+import dataclasses
 import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,10 +16,32 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import rnn_jax
+from experiments import gradient_flow
 from rnn_jax import cells, gradients
+from rnn_jax.synthetic import adding_problem
 
 CELLS = ["simple_rnn", "lstm", "gru"]
 BATCH, TIME, INPUT_DIM, UNITS = 2, 5, 2, 3
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bad_flag():
+    """The one command-line test of experiments.gradient_flow, started with the module so that
+    its interpreter start-up overlaps the in-process tests: clip_norm=-1 (gradient ascent) is
+    refused in one line on stderr, exit status 1."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.gradient_flow", "--clip_norm=-1", "--workdir=unused"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
 def _setup(name, scale=1.0, **kwargs):
@@ -69,32 +93,40 @@ def _jacrev(cell, params, row, x_row):
     return jax.jacrev(lambda v: _flat_step(cell, params, unravel(v), x_row))(flat)
 
 
+def _jacrev_chain(cell, params, xs, loss_fn, every, carry_size):
+    """``(‖∂L/∂h_t‖, ‖∂L/∂c_t‖)``, each ``(batch, time)``: ``∂L/∂y`` from ``jax.grad``, carried
+    back by explicit ``jax.jacrev`` Jacobians of ``cell.step`` (``c``: the carry past ``h``)."""
+    befores, ys = _stepwise(cell, params, xs)
+
+    def total(ys):
+        return jnp.sum(loss_fn(ys if every else ys[:, -1]))
+
+    dy = np.asarray(jax.grad(total)(ys))
+    expected_h = np.zeros((BATCH, TIME))
+    expected_c = np.zeros((BATCH, TIME))
+    for b in range(BATCH):
+        g = None
+        for t in reversed(range(TIME)):
+            direct = np.zeros(carry_size)
+            direct[:UNITS] = dy[b, t]
+            if g is None:
+                g = direct
+            else:
+                jac = _jacrev(cell, params, _row(befores[t + 1], b), xs[b, t + 1])
+                g = g @ np.asarray(jac) + direct
+            expected_h[b, t] = np.linalg.norm(g[:UNITS])
+            expected_c[b, t] = np.linalg.norm(g[UNITS:])
+    return expected_h, expected_c
+
+
 @pytest.mark.parametrize("name", CELLS)
 def test_carry_gradient_norms_equal_jacrev_chain(name):
     with jax.enable_x64(True):
         cell, params, xs, readout = _setup(name)
-        befores, ys = _stepwise(cell, params, xs)
+        _, ys = _stepwise(cell, params, xs)
         for every, loss_fn in ((False, _loss_last(readout)), (True, _loss_every(readout))):
-            # dL/dy from jax.grad, carried back by explicit jacrev Jacobians of cell.step.
-            def total(ys):
-                return jnp.sum(loss_fn(ys if every else ys[:, -1]))
-
-            dy = np.asarray(jax.grad(total)(ys))
-            expected_h = np.zeros((BATCH, TIME))
-            expected_c = np.zeros((BATCH, TIME))
-            for b in range(BATCH):
-                g = None
-                for t in reversed(range(TIME)):
-                    direct = np.zeros(UNITS * (2 if name == "lstm" else 1))
-                    direct[:UNITS] = dy[b, t]
-                    if g is None:
-                        g = direct
-                    else:
-                        jac = _jacrev(cell, params, _row(befores[t + 1], b), xs[b, t + 1])
-                        g = g @ np.asarray(jac) + direct
-                    expected_h[b, t] = np.linalg.norm(g[:UNITS])
-                    expected_c[b, t] = np.linalg.norm(g[UNITS:])
-
+            carry_size = UNITS * (2 if name == "lstm" else 1)
+            expected_h, expected_c = _jacrev_chain(cell, params, xs, loss_fn, every, carry_size)
             losses, norms = jax.jit(
                 lambda p, x: gradients.carry_gradient_norms(
                     cell, p, x, loss_fn, return_sequences=every
@@ -158,7 +190,7 @@ def test_probes_float32_under_jit_and_vmap_over_seeds():
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
     stacked = jax.vmap(lambda k: cell.init(k, INPUT_DIM))(keys)
     xs = jax.random.normal(jax.random.PRNGKey(4), (BATCH, TIME, INPUT_DIM))
-    loss_fn = lambda y: jnp.sum(y, axis=-1)  # noqa: E731
+    loss_fn = lambda y: jnp.sum(y, axis=-1)
 
     def probe(params):
         _, norms = gradients.carry_gradient_norms(cell, params, xs, loss_fn)
@@ -181,16 +213,20 @@ def test_probes_float32_under_jit_and_vmap_over_seeds():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4), one[0], n64)
 
 
-# float64 NumPy cells from the equations of DESIGN.md §3, with their gate activations.
+# float64 NumPy cells from the equations of DESIGN.md §3, with their bounded activations by the
+# names the library documents (rnn_jax.cells): {"gates": {name: σ}, "tanh": {name: tanh}}.
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
 def _numpy_step(name, p, carry, x):
     w, u, bias = p["kernel"], p["recurrent_kernel"], p["bias"]
-    if name == "simple_rnn":
-        h = np.tanh(x @ w + carry @ u + bias)
-        return h, {"tanh": [h]}
+    if name in ("simple_rnn", "irnn"):
+        z = x @ w + carry @ u + bias
+        if name == "irnn":
+            return np.maximum(z, 0.0), {"gates": {}, "tanh": {}}  # relu does not saturate
+        h = np.tanh(z)
+        return h, {"gates": {}, "tanh": {"tanh": h}}
     if name == "lstm":
         h, c = carry
         z = x @ w + h @ u + bias
@@ -198,7 +234,8 @@ def _numpy_step(name, p, carry, x):
         i, f, g, o = _sigmoid(i), _sigmoid(f), np.tanh(g), _sigmoid(o)
         c = f * c + i * g
         h = o * np.tanh(c)
-        return (h, c), {"gates": [i, f, o], "tanh": [g, np.tanh(c)]}
+        gates = {"input_gate": i, "forget_gate": f, "output_gate": o}
+        return (h, c), {"gates": gates, "tanh": {"candidate": g, "cell_tanh": np.tanh(c)}}
     a = x @ w + (bias[0] if bias.ndim == 2 else 0.0)
     a_z, a_r, a_h = np.split(a, 3, axis=-1)
     if name == "gru":
@@ -212,82 +249,259 @@ def _numpy_step(name, p, carry, x):
         r = _sigmoid(a_r + b_r + carry @ u_r)
         n = np.tanh(a_h + b_h + (r * carry) @ u_h)
     h = z * carry + (1 - z) * n
-    return h, {"gates": [z, r], "tanh": [n]}
+    return h, {"gates": {"update_gate": z, "reset_gate": r}, "tanh": {"candidate": n}}
 
 
-@pytest.mark.parametrize("name", CELLS + ["gru_reset_before"])
+def _expected_saturation(step, carry, xs, margin=0.1):
+    """``{name: (batch, time)}`` as :func:`rnn_jax.gradients.saturation` documents it, from a
+    NumPy ``step(carry, x) -> (carry, activations)``; also the carries after every step."""
+    stats, carries = {}, []
+    for t in range(xs.shape[1]):
+        carry, acts = step(carry, xs[:, t])
+        carries.append(carry)
+        gates = {k: (a < margin) | (a > 1 - margin) for k, a in acts["gates"].items()}
+        tanhs = {k: np.abs(a) > 1 - margin for k, a in acts["tanh"].items()}
+        row = {k: np.mean(f, axis=-1) for k, f in {**gates, **tanhs}.items()}
+        if gates:
+            row["gates"] = np.mean(np.concatenate(list(gates.values()), axis=-1), axis=-1)
+        if tanhs:
+            row["tanh_units"] = np.mean(np.concatenate(list(tanhs.values()), axis=-1), axis=-1)
+        for k, v in row.items():
+            stats.setdefault(k, []).append(v)
+    return {k: np.stack(v, axis=1) for k, v in stats.items()}, carries
+
+
+_SATURATION_CASES = {
+    "simple_rnn": ("simple_rnn", {}),
+    "irnn": ("simple_rnn", {"activation": "relu", "recurrent_init": "identity"}),
+    "lstm": ("lstm", {}),
+    "gru": ("gru", {}),
+    "gru_reset_before": ("gru", {"reset_after": False}),
+}
+
+
+@pytest.mark.parametrize("name", list(_SATURATION_CASES))
 def test_saturation_matches_numpy_cells(name):
-    kwargs = {"reset_after": False} if name == "gru_reset_before" else {}
+    cell_name, kwargs = _SATURATION_CASES[name]
     with jax.enable_x64(True):
-        cell, params, xs, _ = _setup(name.split("_reset")[0], scale=3.0, **kwargs)
+        cell, params, xs, _ = _setup(cell_name, scale=3.0, **kwargs)
         params = {k: np.asarray(v) for k, v in params.items()}
         sat = jax.jit(functools.partial(gradients.saturation, cell, margin=0.1))(params, xs)
-        carry = (
-            (np.zeros((BATCH, UNITS)),) * 2 if name == "lstm" else np.zeros((BATCH, UNITS))
+        zeros = np.zeros((BATCH, UNITS))
+        expected, carries = _expected_saturation(
+            lambda c, x: _numpy_step(name, params, c, x),
+            (zeros, zeros) if name == "lstm" else zeros,
+            xs,
+        )
+        # The NumPy cell is the library's cell: the same hidden states.
+        _, ys = _stepwise(cell, params, xs)
+        for t, carry in enumerate(carries):
+            np.testing.assert_allclose(carry[0] if name == "lstm" else carry, ys[:, t], atol=1e-12)
+        # Exactly the documented entries: per activation, "gates" only for gated cells,
+        # "tanh_units" only for cells with tanh units (the relu IRNN has neither: nothing).
+        assert set(sat) == set(expected)
+        for key, value in expected.items():
+            assert sat[key].shape == (BATCH, TIME) and sat[key].dtype == jnp.float64
+            np.testing.assert_allclose(sat[key], value, err_msg=key)
+        if name == "irnn":
+            assert sat == {}
+        else:
+            assert 0.0 < np.mean(sat["tanh_units"]) < 1.0  # the test can tell the stats apart
+        assert ("gates" in sat) == (name not in ("simple_rnn", "irnn"))
+
+
+# A user's own cell: the minimal gated unit (Zhou et al. 2016), one forget gate f,
+#   f = σ(x W_f + h U_f + b_f),  n = tanh(x W_n + (f ⊙ h) U_n + b_n),  h' = (1 - f) ⊙ h + f ⊙ n,
+# built with rnn_jax.custom_cell from three functions (and its activations).
+def _mgu_init(key, input_dim):
+    k_w, k_f, k_n = jax.random.split(key, 3)
+    return {
+        "w": jax.random.normal(k_w, (input_dim, 2 * UNITS)),
+        "u_f": jax.random.normal(k_f, (UNITS, UNITS)),
+        "u_n": jax.random.normal(k_n, (UNITS, UNITS)),
+        "b": jnp.linspace(-1.0, 1.0, 2 * UNITS),
+    }
+
+
+def _mgu(params, h, x):
+    a_f, a_n = jnp.split(x @ params["w"] + params["b"][None], 2, axis=-1)
+    f = jax.nn.sigmoid(a_f + h @ params["u_f"])
+    n = jnp.tanh(a_n + (f * h) @ params["u_n"])
+    return (1.0 - f) * h + f * n, {"gates": {"forget": f}, "tanh": {"candidate": n}}
+
+
+def _mgu_step(params, h, x):
+    h, _ = _mgu(params, h, x)
+    return h, h
+
+
+def _numpy_mgu(p, h, x):
+    a_f, a_n = np.split(x @ p["w"] + p["b"], 2, axis=-1)
+    f = _sigmoid(a_f + h @ p["u_f"])
+    n = np.tanh(a_n + (f * h) @ p["u_n"])
+    return (1 - f) * h + f * n, {"gates": {"forget": f}, "tanh": {"candidate": n}}
+
+
+def _mgu_cell(with_activations=True):
+    return rnn_jax.custom_cell(
+        _mgu_init,
+        lambda batch: jnp.zeros((batch, UNITS)),
+        _mgu_step,
+        activations=(lambda p, h, x: _mgu(p, h, x)[1]) if with_activations else None,
+        # Given: custom_cell's default, read from jax.eval_shape(initial_carry, 1), traces the
+        # batch size and fails for initial_carry = lambda batch: jnp.zeros((batch, units)).
+        units=UNITS,
+    )
+
+
+def test_custom_cell_with_every_probe():
+    cell = _mgu_cell()
+    with jax.enable_x64(True):
+        params = jax.tree.map(
+            lambda a: np.asarray(a, np.float64), cell.init(jax.random.PRNGKey(2), INPUT_DIM)
+        )
+        rng = np.random.default_rng(1)
+        xs = 2.0 * rng.normal(size=(BATCH, TIME, INPUT_DIM))
+        readout = rng.normal(size=(TIME, UNITS))
+
+        sat = jax.jit(functools.partial(gradients.saturation, cell))(params, xs)
+        expected, carries = _expected_saturation(
+            lambda h, x: _numpy_mgu(params, h, x), np.zeros((BATCH, UNITS)), xs
         )
         _, ys = _stepwise(cell, params, xs)
-        for t in range(TIME):
-            carry, acts = _numpy_step(name, params, carry, xs[:, t])
-            np.testing.assert_allclose(carry[0] if name == "lstm" else carry, ys[:, t], atol=1e-12)
-            tanh = np.concatenate(acts["tanh"], axis=-1)
-            np.testing.assert_allclose(sat["tanh_units"][:, t], np.mean(np.abs(tanh) > 0.9, -1))
-            if "gates" in acts:
-                gates = np.concatenate(acts["gates"], axis=-1)
-                frac = np.mean((gates < 0.1) | (gates > 0.9), axis=-1)
-                np.testing.assert_allclose(sat["gates"][:, t], frac)
-        if name == "lstm":
-            np.testing.assert_allclose(
-                sat["forget_gate"][:, -1],
-                np.mean((acts["gates"][1] < 0.1) | (acts["gates"][1] > 0.9), -1),
-            )
-        assert 0.0 < np.mean(sat["tanh_units"]) < 1.0  # the test can tell the stats apart
+        np.testing.assert_allclose(np.stack(carries, axis=1), ys, atol=1e-12)
+        assert set(sat) == {"forget", "candidate", "gates", "tanh_units"}
+        for key, value in expected.items():
+            np.testing.assert_allclose(sat[key], value, err_msg=key)
+        np.testing.assert_allclose(sat["gates"], sat["forget"])  # the only gate
+        assert 0.0 < np.mean(sat["tanh_units"]) < 1.0 and 0.0 < np.mean(sat["gates"]) < 1.0
+
+        # ‖∂L/∂h_t‖ against a jax.jacrev chain through the cell's own step, for a loss on the
+        # last output and on every output.
+        for every, loss_fn in ((False, _loss_last(readout)), (True, _loss_every(readout))):
+            expected_h, _ = _jacrev_chain(cell, params, xs, loss_fn, every, carry_size=UNITS)
+            # (The probes do not read the activations: a cell without them probes the same.)
+            for probed in (cell,) if every else (cell, _mgu_cell(with_activations=False)):
+                _, norms = gradients.carry_gradient_norms(
+                    probed, params, xs, loss_fn, return_sequences=every
+                )
+                np.testing.assert_allclose(norms, expected_h, rtol=1e-9)
+
+        # Step Jacobians and the norms of their products, against jax.jacrev per step.
+        befores, _ = _stepwise(cell, params, xs)
+        out = gradients.jacobian_norms(cell, params, xs, spectrum=True)
+        for b in range(BATCH):
+            prod = np.eye(UNITS)
+            for t in reversed(range(TIME)):
+                np.testing.assert_allclose(
+                    out["log_product_norm"][b, t], np.log(np.linalg.norm(prod, 2)), atol=1e-10
+                )
+                jac = np.asarray(_jacrev(cell, params, _row(befores[t], b), xs[b, t]))
+                prod = prod @ jac
+                sv = np.linalg.svd(jac, compute_uv=False)
+                np.testing.assert_allclose(out["singular_values"][b, t], sv, atol=1e-12)
+                np.testing.assert_allclose(out["step_norm"][b, t], sv[0], rtol=1e-12)
 
 
-def test_saturation_rejects_unknown_cells():
-    cell = cells.simple_rnn(UNITS)
+def test_saturation_needs_the_cells_activations():
+    cell = _mgu_cell(with_activations=False)
     params = cell.init(jax.random.PRNGKey(0), INPUT_DIM)
-    params["recurrent_kernel"] = jnp.zeros((UNITS, 2 * UNITS))
-    with pytest.raises(ValueError, match="simple_rnn, lstm, gru"):
+    with pytest.raises(ValueError, match=r"cell\.activations is None.*custom_cell"):
         gradients.saturation(cell, params, jnp.zeros((1, 2, INPUT_DIM)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gradient_flow_run(tmp_path_factory):
-    """A tiny ``experiments.gradient_flow`` run, started with this module so it overlaps the
-    in-process tests; a subprocess because absl flags are process-global."""
-    workdir = tmp_path_factory.mktemp("gradient_flow")
-    args = ["--configs=rnn_g0.5,rnn_g3", "--lengths=5", "--seeds=2", "--units=3",
-            "--train_steps=2", "--batch_size=4", "--probe_batch=3", "--jacobian_batch=2",
-            f"--workdir={workdir}"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.gradient_flow", *args], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    yield proc, workdir
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+TINY_FLOW = gradient_flow.Config(
+    configs=("rnn_g0.5", "rnn_g3"),
+    lengths=(5,),
+    seeds=2,
+    units=3,
+    train_steps=2,
+    batch_size=4,
+    test_size=3,  # = probe_batch: one compilation of the adding batch generator
+    probe_batch=3,
+    jacobian_batch=2,
+)
 
 
-def test_gradient_flow_short_run_end_to_end(gradient_flow_run):
-    proc, workdir = gradient_flow_run
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
-    assert "| config |" in out
-    saved = json.load(open(workdir / "results.json"))
-    by = {(r["config"], r["phase"]): r for r in saved["rows"]}
-    assert set(by) == {(c, p) for c in ("rnn_g0.5", "rnn_g3") for p in ("init", "trained")}
+def test_gradient_flow_short_run_in_process(tmp_path):
+    lines = []
+    rows = gradient_flow.run(TINY_FLOW, str(tmp_path), out=lines.append)
+    table = lines[-1]
+    assert table.startswith("| config |")
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert saved["config"] == json.loads(json.dumps(dataclasses.asdict(TINY_FLOW)))
+    by = {(r["config"], r["phase"]): r for r in rows}
+    assert list(by) == [(c, p) for p in ("init", "trained") for c in TINY_FLOW.configs]
     # ‖J_t‖₂ ≤ gain for tanh(x W + h·gain·Q): the product over T-1 = 4 steps is ≤ 0.5⁴ at init.
     assert by[("rnn_g0.5", "init")]["log10_dhT_dh0"] <= 4 * math.log10(0.5) + 1e-9
     assert by[("rnn_g0.5", "init")]["jacobian_norm"] <= 0.5 + 1e-9
     assert by[("rnn_g3", "init")]["jacobian_norm"] <= 3.0 + 1e-9
     assert by[("rnn_g0.5", "init")]["log10_g0_over_gT"] < by[("rnn_g3", "init")]["log10_g0_over_gT"]
     assert by[("rnn_g3", "trained")]["inf_grad_steps"] == 0.0
+    for phase in ("init", "trained"):  # tanh units, no gates
+        assert 0.0 <= by[("rnn_g3", phase)]["sat_tanh"] <= 1.0
+        assert by[("rnn_g3", phase)]["sat_gates"] is None
+    for r in rows:
+        assert r["nonfinite_test"] == "0/2" and r["test_mse"] > 0
     curve = next(c for c in saved["curves"] if (c["config"], c["phase"]) == ("rnn_g3", "init"))
     assert len(curve["log10_grad_h"]["median"]) == 5 and curve["log10_grad_rel"]["median"][-1] == 0
-    with open(workdir / "results.csv") as f:
+    assert "sat_tanh" in curve and "sat_gates" not in curve
+    with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     for png in ("grad_norms.png", "jacobians.png"):
-        assert (workdir / png).stat().st_size > 1000
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_gradient_flow_irnn_has_no_saturation_columns():
+    # The probes of one configuration as run() takes them (without its training, tested above).
+    task = adding_problem(5)
+    xs, targets = task.sample(jax.random.PRNGKey(0), 3)
+    ((cell_name, structure, members),) = gradient_flow.groups(["irnn"])
+    cell = cells.CELLS[cell_name](UNITS, **structure)
+    params = gradient_flow.init_models(
+        task, cell_name, structure, members, UNITS, 2, jax.random.PRNGKey(1)
+    )
+    probe = gradient_flow.probe_models(cell, params, xs, targets, 2)
+    # Relu units neither gate nor saturate: no saturation entries, reported as None and "-".
+    assert "sat_tanh" not in probe and "sat_gates" not in probe
+    row = gradient_flow.table_row("irnn", 5, "init", probe, probe["loss"])
+    assert row["sat_tanh"] is None and row["sat_gates"] is None
+    assert gradient_flow.format_table([row]).endswith("| - | - |")
+    # IRNN at init: J_t = diag(relu'(z)) · I, so ‖J_t‖₂ ≤ 1, and the head's MSE is positive.
+    assert 0.0 < row["jacobian_norm"] <= 1.0 + 1e-9 and row["test_mse"] > 0
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"clip_norm": 0.0}, "clip_norm=0.0 must be finite and > 0"),
+        ({"clip_norm": -1.0}, "clip_norm=-1.0 must be finite and > 0"),  # gradient ascent
+        ({"clip_norm": math.nan}, "clip_norm=nan must be finite and > 0"),
+        ({"configs": ("rnn_g1", "tcn")}, "configs=('rnn_g1', 'tcn'): 'tcn' is not one of"),
+        ({"configs": ()}, "configs=() must not be empty"),
+        ({"configs": ("gru", "gru")}, "configs=('gru', 'gru') lists 'gru' more than once"),
+        ({"lengths": (1, 5)}, "lengths=(1, 5): the adding problem needs T >= 2"),
+        ({"jacobian_batch": 4}, "jacobian_batch=4 must not exceed probe_batch=3"),
+        ({"train_steps": -1}, "train_steps=-1 must be finite and >= 0"),
+        ({"seeds": 0}, "seeds=0 must be finite and > 0"),
+    ],
+)
+def test_gradient_flow_config_rejects_bad_values(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dataclasses.replace(TINY_FLOW, **changes)
+
+
+def test_gradient_flow_config_accepts_no_clipping_and_no_training():
+    assert dataclasses.replace(TINY_FLOW, clip_norm=None).clip_norm is None
+    assert dataclasses.replace(TINY_FLOW, train_steps=0).train_steps == 0
+
+
+def test_gradient_flow_bad_flag_is_one_line_and_exit_1(bad_flag):
+    _, err = bad_flag.communicate(timeout=300)
+    assert bad_flag.returncode == 1
+    assert err.strip() == "error: --clip_norm=-1.0 must be finite and > 0", err
 
 
 def test_norm_does_not_underflow_in_float32():

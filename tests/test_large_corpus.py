@@ -50,7 +50,9 @@ def test_large_epoch_visits_every_example_once(monkeypatch):
         return -params["w"][idx], {"idx": idx.astype(jnp.float32)}
 
     opt = optax.sgd(1.0)
-    epoch = train.make_epoch(loss_fn, opt, lambda d, idx: idx, n, batch_size)
+    epoch = train.make_train_steps(
+        loss_fn, opt, train.shuffled_epoch(lambda d, idx: idx, n, batch_size)
+    )
     state = train.create_train_state({"w": jnp.zeros(n)}, opt, jax.random.PRNGKey(0))
     state, metrics = epoch(state, None)
     w = np.asarray(state.params["w"])
@@ -85,7 +87,8 @@ def _measure(path: str, num_batches: int) -> dict:
     """Child process: the char-LM pipeline and one (truncated) fused epoch; RSS in MB."""
     import psutil
 
-    from rnn_jax import char_lm, data
+    from experiments import char_lm
+    from rnn_jax import data
 
     def rss():
         return psutil.Process().memory_info().rss / 2**20
@@ -99,17 +102,27 @@ def _measure(path: str, num_batches: int) -> dict:
     _, model = char_lm.make_model(config, vocab.size)
     opt = train.rmsprop()
     state = train.create_train_state(model.init(jax.random.PRNGKey(0)), opt, jax.random.PRNGKey(1))
-    epoch = train.make_epoch(
-        char_lm.make_loss(model), opt, lambda w, idx: data.get_window_batch(w, idx, 10),
-        num_examples, 128, num_batches=num_batches,
+    batches = train.shuffled_epoch(
+        lambda w, idx: data.get_window_batch(w, idx, 10),
+        num_examples,
+        128,
+        num_batches=num_batches,
     )
+    epoch = train.make_train_steps(char_lm.make_loss(model), opt, batches)
     before_epoch = rss()
     state, metrics = epoch(state, windows)
     state, metrics = epoch(state, windows)
     peak = _peak_mb()
-    return {"chars": len(text), "vocab": vocab.size, "examples": num_examples, "base": base,
-            "before_epoch": before_epoch, "after_epoch": rss(), "peak": peak,
-            "loss": float(metrics["loss"])}
+    return {
+        "chars": len(text),
+        "vocab": vocab.size,
+        "examples": num_examples,
+        "base": base,
+        "before_epoch": before_epoch,
+        "after_epoch": rss(),
+        "peak": peak,
+        "loss": float(metrics["loss"]),
+    }
 
 
 def test_ten_megabyte_corpus_memory_is_bounded(tmp_path):
@@ -119,8 +132,12 @@ def test_ten_megabyte_corpus_memory_is_bounded(tmp_path):
         paths.append(tmp_path / f"synthetic_{size}.txt")
         _synthetic_text(paths[-1], size)
     run = subprocess.run(
-        [sys.executable, __file__, *map(str, paths)], capture_output=True, text=True,
-        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}, cwd=ROOT,
+        [sys.executable, __file__, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
+        cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     small, large = json.loads(run.stdout.strip().splitlines()[-1])

@@ -105,8 +105,9 @@ def test_options_tokens_and_cell_instances():
     np.testing.assert_array_equal(p["bias"][5:10], 2.0)
     with pytest.raises(ValueError, match="units"):
         RNN(cell="lstm").init(jax.random.PRNGKey(0), _xs())
-    with pytest.raises(ValueError, match="cell must be"):
+    with pytest.raises(ValueError, match="cell") as error:
         RNN(cell="transformer", units=3).init(jax.random.PRNGKey(0), _xs())
+    assert "'transformer'" in str(error.value)
 
 
 class _Classifier(nn.Module):
@@ -135,8 +136,8 @@ def test_inside_a_flax_model_under_jit_and_grad():
         logits = h @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"][None, :]
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
 
-    value, grads = jax.jit(jax.value_and_grad(loss))(params)
-    assert float(value) == pytest.approx(float(jax.jit(pure_loss)(params)), rel=1e-6)
+    (value, grads), want = jax.jit(lambda p: (jax.value_and_grad(loss)(p), pure_loss(p)))(params)
+    assert float(value) == pytest.approx(float(want), rel=1e-6)
     for g in jax.tree.leaves(grads):
         assert np.all(np.isfinite(g)) and np.any(np.asarray(g) != 0)
 

@@ -1,145 +1,146 @@
-"""The vmapped task trainer against separate runs and a hand-written loop; a tiny sweep."""
+"""experiments.long_range in process: a tiny sweep against separate runs of the trainer, its
+files, the Config's validation, and one command line.
+
+The trainer itself (rnn_jax.train.make_task_trainer: vmapped over seeds and clip norms, against
+a hand-written clipped Adam loop) is tested in tests/test_train.py."""
 
 import csv
+import dataclasses
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from rnn_jax import cells, tasks
+from experiments import long_range
+from rnn_jax import cells
+from rnn_jax.synthetic import adding_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-STEPS, EVAL_EVERY, BATCH = 4, 2, 3
-
-
-def _trainer(name, task):
-    return tasks.make_task_trainer(
-        cells.CELLS[name](4), task, num_steps=STEPS, eval_every=EVAL_EVERY, batch_size=BATCH,
-        learning_rate=1e-2,
-    )
-
-
-def test_vmap_over_seeds_and_clips_equals_separate_runs():
-    # The trainer is cell-agnostic: the cheapest cell to compile will do.
-    task = tasks.adding_problem(5)
-    model, train = _trainer("simple_rnn", task)
-    seeds = jax.random.split(jax.random.PRNGKey(0), 2)
-    params = jax.vmap(model.init)(seeds)
-    keys = jax.random.split(jax.random.PRNGKey(1), 2)
-    clips = jnp.array([jnp.inf, 0.05])
-    test = task.sample(jax.random.PRNGKey(2), 8)
-    over_seeds = jax.vmap(train, in_axes=(0, 0, None, None, None))
-    vmapped = jax.jit(jax.vmap(over_seeds, in_axes=(None, None, 0, None, None)))(
-        params, keys, clips, *test
-    )
-    one = jax.jit(train)
-    for c in range(2):
-        for s in range(2):
-            alone = one(jax.tree.map(lambda a: a[s], params), keys[s], clips[c], *test)
-            jax.tree.map(
-                lambda v, a: np.testing.assert_allclose(v[c, s], a, rtol=1e-5, atol=1e-6),
-                vmapped, alone,
-            )
-    # Clipping changed the runs, and the recorded norms are the pre-clip ones.
-    final_params, curves = vmapped
-    assert not np.allclose(final_params["dense"]["kernel"][0], final_params["dense"]["kernel"][1])
-    np.testing.assert_allclose(curves.grad_norm[0, :, 0], curves.grad_norm[1, :, 0], rtol=1e-6)
-    assert np.all(curves.grad_norm[1] > 0.05)
-
-
-def test_trainer_equals_a_hand_written_clipped_adam_loop():
-    task = tasks.copy_task(3, num_symbols=3, copy_length=2)
-    model, train = _trainer("gru", task)
-    params = model.init(jax.random.PRNGKey(0))
-    key, clip = jax.random.PRNGKey(5), 0.3
-    test = task.sample(jax.random.PRNGKey(6), 8)
-    got_params, curves = jax.jit(train)(params, key, clip, *test)
-
-    # The loop the trainer must equal: the batches come from the key's split, as documented.
-    def mean_loss(p, xs, ys):
-        logits = model.apply(p, xs)
-        return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), ys[..., None], -1))
-
-    opt = optax.adam(1e-2)
-    state = opt.init(params)
-    value_and_grad = jax.jit(jax.value_and_grad(mean_loss))
-    update = jax.jit(opt.update)
-    batch_keys = jax.random.split(jax.random.split(key)[0], STEPS)
-    p, losses, norms = params, [], []
-    for k in batch_keys:
-        xs, ys = task.sample(k, BATCH)
-        loss, grads = value_and_grad(p, xs, ys)
-        norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
-        grads = jax.tree.map(lambda g: g * min(1.0, clip / norm), grads)
-        updates, state = update(grads, state, p)
-        p = optax.apply_updates(p, updates)
-        losses.append(loss)
-        norms.append(norm)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got_params, p)
-    np.testing.assert_allclose(curves.train_loss, losses, rtol=1e-5)
-    np.testing.assert_allclose(curves.grad_norm, norms, rtol=1e-5)
-    assert curves.test_loss.shape == (STEPS // EVAL_EVERY + 1,)
-    test_loss = jax.jit(mean_loss)
-    np.testing.assert_allclose(curves.test_loss[-1], test_loss(p, *test), rtol=1e-5)
-    np.testing.assert_allclose(curves.test_loss[0], test_loss(params, *test), rtol=1e-5)
-
-
-def test_trainer_rejects_bad_step_counts():
-    with pytest.raises(ValueError, match="multiple of eval_every"):
-        tasks.make_task_trainer(cells.gru(2), tasks.adding_problem(4), num_steps=5,
-                                eval_every=2, batch_size=2)
-
-
-def _launch(*args):
-    return subprocess.Popen([sys.executable, "-m", "experiments.long_range", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
 
 @pytest.fixture(scope="module", autouse=True)
-def sweeps(tmp_path_factory):
-    """A tiny sweep and one with a bad flag, started with this module so they overlap the
-    in-process tests; subprocesses because absl flags are process-global."""
-    workdir = tmp_path_factory.mktemp("long_range")
-    procs = {
-        "sweep": _launch("--task=adding", "--cells=lstm", "--lengths=4", "--seeds=2",
-                         "--steps=4", "--eval_every=2", "--batch_size=4", "--test_size=16",
-                         "--units=3", "--clip_norm=0.5", f"--workdir={workdir}"),
-        "bad": _launch("--cells=lstm,tcn", f"--workdir={workdir / 'bad'}"),
-    }
-    yield procs, workdir
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+def bad_flag():
+    """The one command-line test, started with the module so that its interpreter start-up
+    overlaps the in-process tests: a bad --clip_norm is one line on stderr and exit status 1."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.long_range", "--clip_norm=0", "--workdir=unused"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
-def test_short_sweep_end_to_end_and_a_bad_flag(sweeps):
-    procs, tmp_path = sweeps
-    _, err = procs["bad"].communicate(timeout=300)
-    assert procs["bad"].returncode != 0 and "--cells: unknown ['tcn']" in err
-    out, err = procs["sweep"].communicate(timeout=300)
-    assert procs["sweep"].returncode == 0, err[-2000:]
-    assert "| adding | lstm | 4 | 0.5 |" in out
-    results = json.load(open(tmp_path / "results.json"))
+TINY = long_range.Config(
+    cells=("lstm",),
+    lengths=(4,),
+    seeds=2,
+    steps=4,
+    eval_every=2,
+    batch_size=4,
+    test_size=16,
+    units=3,
+    clip_norm=0.5,
+)
+
+
+def test_short_sweep_in_process(tmp_path):
+    lines = []
+    rows = long_range.run(TINY, str(tmp_path), out=lines.append)
+    table = lines[-1]
+    assert "| adding | lstm | 4 | none | 0.1667 |" in table
+    assert "| adding | lstm | 4 | 0.5 | 0.1667 |" in table
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert results["config"] == json.loads(json.dumps(dataclasses.asdict(TINY)))
     (res,) = results["results"]
+    assert res["clip_norms"] == [None, 0.5]  # JSON has no inf: null is the unclipped twin
+    assert res["rows"] == json.loads(json.dumps(rows))
     test = np.asarray(res["test_loss"])  # (clip settings, seeds, evaluations)
     assert test.shape == (2, 2, 3)
-    rows = res["rows"]
     assert [r["clip"] for r in rows] == ["none", 0.5]
-    for r, curves in zip(rows, test):
-        np.testing.assert_allclose(r["final_test_median"], np.median(curves[:, -1]), rtol=1e-6)
-        np.testing.assert_allclose(r["baseline"], 1 / 6)
-        expected = [2 * int(np.argmax(c < 0.05)) if np.any(c < 0.05) else None for c in curves]
-        assert r["first_solved"] == expected
-        assert 0.0 <= r["frac_above_clip"] <= 1.0
+
+    # The runs start from the experiment's own initialisation and test set: at step 0 every run
+    # of a seed has that model's test MSE, whatever its clip setting.
+    task = adding_problem(4)
+    model, _, params, _, (test_xs, test_targets) = long_range.prepare(
+        task, cells.lstm(TINY.units), TINY
+    )
+    for s in range(TINY.seeds):
+        outputs = model.apply(jax.tree.map(lambda a, s=s: a[s], params), test_xs)
+        mse = np.mean((np.asarray(outputs)[:, 0] - np.asarray(test_targets)) ** 2)
+        np.testing.assert_allclose(test[:, s, 0], [mse, mse], rtol=1e-5)
+    for row, tests in zip(rows, test):
+        assert np.all(np.isfinite(tests)) and np.all(tests > 0)
+        np.testing.assert_allclose(row["final_test_median"], np.median(tests[:, -1]), rtol=1e-6)
+        np.testing.assert_allclose(row["final_test_min"], np.min(tests[:, -1]), rtol=1e-6)
+        np.testing.assert_allclose(row["final_over_baseline"], row["final_test_median"] * 6)
+        np.testing.assert_allclose(row["baseline"], 1 / 6)
+        expected = [2 * int(np.argmax(t < 0.05)) if np.any(t < 0.05) else None for t in tests]
+        assert row["first_solved"] == expected
+        assert row["solved"] == f"{sum(e is not None for e in expected)}/2"
+        assert 0 < row["grad_norm_median"] <= row["grad_norm_p99"] <= row["grad_norm_max"]
+        # The fraction of steps whose pre-clip norm exceeds the clip, in both twins.
+        assert row["frac_above_clip"] in {k / (2 * TINY.steps) for k in range(2 * TINY.steps + 1)}
+    # Clipping was active (pre-clip norms above 0.5), so the clipped twin ends elsewhere.
+    assert rows[1]["frac_above_clip"] > 0 and not np.allclose(test[0, :, -1], test[1, :, -1])
+
     with open(tmp_path / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2
+        saved = list(csv.DictReader(f))
+    assert [r["clip"] for r in saved] == ["none", "0.5"]
+    np.testing.assert_allclose(float(saved[1]["final_test_median"]), rows[1]["final_test_median"])
     assert (tmp_path / "curves_adding.png").stat().st_size > 1000
-    assert not os.path.exists(tmp_path / "bad" / "results.json")
+
+
+def test_clip_settings():
+    assert TINY.clip_norms() == [math.inf, 0.5]
+    assert dataclasses.replace(TINY, compare_unclipped=False).clip_norms() == [0.5]
+    # clip_norm unset means no clipping: only the unclipped runs, whatever compare_unclipped.
+    for compare in (True, False):
+        config = dataclasses.replace(TINY, clip_norm=None, compare_unclipped=compare)
+        assert config.clip_norms() == [math.inf]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"clip_norm": 0.0}, "clip_norm=0.0 must be finite and > 0"),
+        ({"clip_norm": -1.0}, "clip_norm=-1.0 must be finite and > 0"),
+        ({"clip_norm": math.inf}, "clip_norm=inf must be finite and > 0"),
+        ({"cells": ("lstm", "tcn")}, "cells=('lstm', 'tcn'): 'tcn' is not one of"),
+        ({"cells": ()}, "cells=() must not be empty"),
+        ({"cells": ("gru", "gru")}, "cells=('gru', 'gru') lists 'gru' more than once"),
+        ({"task": "parity"}, "task='parity': 'parity' is not one of"),
+        ({"lengths": (1, 4)}, "lengths=(1, 4): the adding problem needs T >= 2"),
+        ({"lengths": (0,)}, "lengths=(0,) must be a non-empty list of numbers > 0"),
+        ({"steps": 5}, "steps=5 must be a multiple of eval_every=2"),
+        ({"seeds": 0}, "seeds=0 must be finite and > 0"),
+        ({"learning_rate": -1e-3}, "learning_rate=-0.001 must be finite and > 0"),
+        ({"optimizer": "sgd"}, "optimizer='sgd': 'sgd' is not one of"),
+    ],
+)
+def test_config_rejects_bad_values(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dataclasses.replace(TINY, **changes)
+
+
+def test_config_accepts_copy_delay_one():
+    config = dataclasses.replace(TINY, task="copy", lengths=(1, 3))
+    assert config.lengths == (1, 3)
+
+
+def test_bad_flag_is_one_line_and_exit_1(bad_flag):
+    _, err = bad_flag.communicate(timeout=300)
+    assert bad_flag.returncode == 1
+    assert err.strip() == "error: --clip_norm=0.0 must be finite and > 0", err
+    assert not os.path.exists(os.path.join(ROOT, "unused"))

@@ -17,9 +17,10 @@ import numpy as np
 import optax
 import pytest
 
-from rnn_jax import cells, char_lm, parallel, train
+from experiments import char_lm
+from rnn_jax import cells, parallel, train
 from rnn_jax.losses import accuracy, softmax_cross_entropy
-from rnn_jax.models import rnn_classifier
+from rnn_jax.models import recurrent, sequence_classifier
 
 DEVICES = 8
 VOCAB, SEQ_LEN = 7, 5
@@ -34,12 +35,18 @@ def test_eight_host_devices():
     if jax.device_count() >= DEVICES:
         pytest.skip("already on 8 devices")
     flags = os.environ.get("XLA_FLAGS", "")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip()}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip(),
+    }
     run = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-k", "eight_devices", "--durations=3"],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "3 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
@@ -48,7 +55,8 @@ def test_eight_host_devices():
 
 def _problem(cell_name="gru", n=50, seed=0):
     """A char model on random tokens: (model, loss_fn, data, get_batch)."""
-    model = rnn_classifier(cells.CELLS[cell_name](8), VOCAB, VOCAB, unroll_steps=True)
+    layer = recurrent(cells.CELLS[cell_name](8), unroll_steps=True)
+    model = sequence_classifier(layer, VOCAB, VOCAB)
 
     def loss_fn(params, batch):
         inputs, labels = batch
@@ -56,8 +64,10 @@ def _problem(cell_name="gru", n=50, seed=0):
         return softmax_cross_entropy(logits, labels), {"accuracy": accuracy(logits, labels)}
 
     rng = np.random.default_rng(seed)
-    batch = (rng.integers(0, VOCAB, (n, SEQ_LEN)).astype(np.int32),
-             rng.integers(0, VOCAB, n).astype(np.int32))
+    batch = (
+        rng.integers(0, VOCAB, (n, SEQ_LEN)).astype(np.int32),
+        rng.integers(0, VOCAB, n).astype(np.int32),
+    )
     return model, loss_fn, batch, lambda d, idx: jax.tree.map(lambda a: a[idx], d)
 
 
@@ -92,8 +102,10 @@ def test_eight_devices_epoch_equals_one_device():
         jax.debug.inspect_array_sharding(got[0], callback=seen.append)
         return got
 
-    one = train.make_epoch(loss_fn, opt, get_batch, 50, 12)
-    many = train.make_epoch(loss_fn, opt, spy, 50, 12, mesh=mesh)
+    one = train.make_train_steps(loss_fn, opt, train.shuffled_epoch(get_batch, 50, 12))
+    many = train.make_train_steps(
+        loss_fn, opt, train.shuffled_epoch(spy, 50, 12, mesh=mesh), mesh=mesh
+    )
     s1, s8 = state, state
     for _ in range(2):
         s1, m1 = one(s1, batch)
@@ -129,16 +141,24 @@ def test_eight_devices_train_step():
 
 @eight
 def test_eight_devices_char_lm_matches_one_device(tmp_path):
-    """--num_devices=0 (all 8) against 1: same losses and validation loss, same final params."""
+    """num_devices=0 (all 8) against 1: same losses and validation loss, same final params."""
     rng = np.random.default_rng(0)
     words = "the sky was falling and alice saw a white rabbit".split()
     path = tmp_path / "tiny.txt"
     path.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(30)))
     runs = {}
     for n in (1, 0):
-        config = char_lm.Config(units=8, seq_len=5, batch_size=20, iterations=2, num_preds=5,
-                                num_devices=n, val_fraction=0.2)
-        runs[n] = char_lm.train_and_evaluate(config, None, str(path), out=lambda *a: None)
+        config = char_lm.Config(
+            text=str(path),
+            units=8,
+            seq_len=5,
+            batch_size=20,
+            iterations=2,
+            num_preds=5,
+            num_devices=n,
+            val_fraction=0.2,
+        )
+        runs[n] = char_lm.run(config, None, out=lambda *a: None)
     (s1, h1, _), (s8, h8, _) = runs[1], runs[0]
     for a, b in zip(h1, h8, strict=True):
         for k in ("loss", "accuracy", "val_loss"):
@@ -146,15 +166,15 @@ def test_eight_devices_char_lm_matches_one_device(tmp_path):
     _assert_trees_close(s8.params, s1.params)
 
 
-def test_num_devices_errors_name_the_flag():
-    with pytest.raises(ValueError, match="--num_devices=9999.*XLA_FLAGS"):
+def test_num_devices_errors_name_the_parameter():
+    with pytest.raises(ValueError, match=r"^num_devices=9999, .*XLA_FLAGS"):
         parallel.make_mesh(9999)
-    with pytest.raises(ValueError, match="--num_devices"):
+    with pytest.raises(ValueError, match=r"^num_devices=-1 "):
         parallel.make_mesh(-1)
-    with pytest.raises(ValueError, match="--num_devices"):
-        char_lm.Config(num_devices=-2).validate()
-    with pytest.raises(ValueError, match="--compute_dtype"):
-        char_lm.Config(compute_dtype="float16").validate()
+    with pytest.raises(ValueError, match=r"^num_devices=-2 "):
+        char_lm.Config(num_devices=-2)
+    with pytest.raises(ValueError, match=r"^compute_dtype='float16'"):
+        char_lm.Config(compute_dtype="float16")
 
 
 def test_padding_rows_change_nothing():

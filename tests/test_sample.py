@@ -1,4 +1,5 @@
-"""The sampler: stub cells with known outputs, real cells against the rolling-window loop, vmap."""
+"""The sampler: stub cells with known outputs, real cells against the rolling-window loop (the
+ring buffer of windows at its edges), vmap, temperature, and its argmax against jnp.argmax."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import numpy_reference as ref
 import pytest
 
 from rnn_jax import cells
-from rnn_jax.models import rnn_classifier
-from rnn_jax.sample import make_sampler
+from rnn_jax.models import sequence_classifier
+from rnn_jax.sample import _argmax, make_sampler
 
 V = 7
 
@@ -71,9 +72,10 @@ def test_stub_window_sum_rolls_exactly_seq_len(seq_len):
 
 
 def _trained_like(name, seed):
-    """A real classifier with weights large enough that the greedy path visits many tokens."""
+    """A real classifier, every param random (GRU's recurrent bias reaches the sampler's
+    peeled first step), weights large enough that the greedy path visits many tokens."""
     cell = cells.CELLS[name](16)
-    model = rnn_classifier(cell, V, V)
+    model = sequence_classifier(cell, V, V)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     rng = np.random.default_rng(seed)
     params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), jnp.float32), shapes)
@@ -83,10 +85,12 @@ def _trained_like(name, seed):
     return cell, model, params
 
 
-@pytest.mark.parametrize("name", ["simple_rnn", "lstm", "gru"])
-def test_real_cells_match_rolling_window_reference(name):
+# (cell, window length): the ring buffer holds T - 1 rows; 1 and 2 rows are its edge cases.
+@pytest.mark.parametrize("name,seq_len", [("simple_rnn", 6), ("lstm", 3), ("gru", 2), ("gru", 6)])
+def test_real_cells_match_rolling_window_reference(name, seq_len):
+    """The ring buffer of windows against re-running the model on each rolled window."""
     cell, model, params = _trained_like(name, seed=0)
-    seeds = jnp.asarray(np.random.default_rng(1).integers(0, V, (4, 6)))
+    seeds = jnp.asarray(np.random.default_rng(1).integers(0, V, (4, seq_len)))
     num_chars = 15
     out = np.asarray(make_sampler(cell, num_chars)(params, seeds))
     predict = jax.jit(lambda window: model.apply(params, window[None])[0])
@@ -129,3 +133,13 @@ def test_bad_arguments():
         make_sampler(cell, 0)
     with pytest.raises(ValueError, match="temperature"):
         make_sampler(cell, 5, temperature=-1.0)
+
+
+def test_argmax_is_jnp_argmax():
+    """Ties give the first maximum, NaN gives the first NaN, as ``jnp.argmax``."""
+    rng = np.random.default_rng(4)
+    logits = rng.integers(0, 4, (200, 6)).astype(np.float32)  # many ties
+    logits[rng.random(200) < 0.2, 2] = np.nan
+    logits[rng.random(200) < 0.2, 4] = np.nan
+    logits[rng.random(200) < 0.2, 0] = -np.inf
+    np.testing.assert_array_equal(_argmax(jnp.asarray(logits)), np.argmax(logits, axis=-1))

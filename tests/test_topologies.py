@@ -1,291 +1,218 @@
-"""Topologies: bidirectional and stacked layers, greedy decoding, masked losses, the experiments."""
+"""experiments.topologies and experiments.compare_topologies end to end, in process, tiny."""
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from rnn_jax import topologies as topo
-from rnn_jax.cells import CELLS, LSTMCarry
+from experiments import compare_topologies, topologies
+from experiments.topologies import Config, resolve, run
+from rnn_jax.data import TextError
 
-CELL_NAMES = sorted(CELLS)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(
+    units=8,
+    steps=4,
+    eval_every=2,
+    batch_size=8,
+    digits=2,
+    train_examples=200,
+    test_examples=50,
+    count_per_length=8,
+    train_max_len=4,
+    test_max_len=8,
+    seq_len=16,
+    window_step=16,
+)
+TIMING = ("seconds", "elapsed_seconds")
 
 
-def _scramble(params, key, scale=1.0):
-    """Random params of the same shapes, large enough for argmax decisions to vary."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+def _written(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _check_run(rows, lines, workdir, topology, cell, steps):
+    """What every run writes and prints, whatever its topology."""
+    assert [r["step"] for r in rows] == steps
+    assert _written(workdir) == json.loads(json.dumps(rows))  # returned == logged
+    assert all(math.isfinite(r["loss"]) and r["grad_norm_max"] > 0 for r in rows)
+    assert all(r["topology"] == topology and r["cell"] == cell for r in rows)
+    elapsed = [r["elapsed_seconds"] for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert 0 < os.path.getsize(os.path.join(workdir, "learning_curve.png")) < 200_000
+    assert sum(line.startswith("step ") for line in lines) >= 1
+    metric, target = topologies.METRICS[topology], topologies.TARGETS[topology]
+    assert f"final {metric} {rows[-1][metric]:.4f} at step {steps[-1]}" in "\n".join(lines)
+    hit = next((r["step"] for r in rows if r[metric] >= target), None)
+    reported = [line for line in lines if line.startswith(f"first reached {target} ")]
+    assert len(reported) == (hit is not None)
+    if hit is not None:
+        assert reported[0].startswith(f"first reached {target} at step {hit} (")
+
+
+def _cased_tail(path: str, val_fraction: float) -> str:
+    """The held-out end of the cased text, by str methods: strip, ASCII, join non-empty lines."""
+    with open(path, "rb") as f:
+        lines = [line.strip().decode("ascii", "ignore") for line in f.read().split(b"\n")]
+    text = " ".join(line for line in lines if line)
+    return text[round(len(text) * (1 - val_fraction)) :]
+
+
+@pytest.mark.parametrize(
+    "topology,cell", [("one_to_many", "lstm"), ("seq2seq", "gru"), ("synced", "simple_rnn")]
+)
+def test_topology_runs_end_to_end(topology, cell, tmp_path, alice_path):
+    lines = []
+    config = Config(topology=topology, cell=cell, **TINY)
+    rows = run(config, str(tmp_path), out=lines.append)
+    _check_run(rows, lines, tmp_path, topology, cell, [2, 4])
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    last = rows[-1]
+    if topology == "one_to_many":
+        # digits=2: 90 training and 10 held-out numbers; exact match is a count over them.
+        assert 10 * last["test_exact_match"] == pytest.approx(round(10 * last["test_exact_match"]))
+        assert 90 * last["train_exact_match"] == pytest.approx(
+            round(90 * last["train_exact_match"])
+        )
+        for sample in last["samples"]:
+            number, _ = sample.split(" -> ")
+            assert 0 <= int(number) < 100
+    elif topology == "seq2seq":
+        assert 50 * last["test_exact_match"] == pytest.approx(round(50 * last["test_exact_match"]))
+        for sample in last["samples"]:
+            question, answer = sample.split(" = ")
+            assert set(question) <= set("0123456789+") and set(answer) <= set("0123456789")
+    else:
+        # The baselines on Alice's held-out tenth (docs/topologies.md), independently: the
+        # all-lower-case guess is right wherever the character is not upper-case.
+        tail = _cased_tail(alice_path, 0.1)
+        assert last["baseline_accuracy"] == pytest.approx(
+            sum(not c.isupper() for c in tail) / len(tail), abs=1e-12
+        )
+        assert round(last["baseline_accuracy"], 4) == 0.9765
+        assert round(last["rule_accuracy"], 4) == 0.9847
+        assert round(last["rule_upper_f1"], 3) == 0.577
+        p, r = last["val_upper_precision"], last["val_upper_recall"]
+        assert last["val_upper_f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
+        assert len(last["samples"][0]) == 160
+
+
+def test_many_to_one_stops_at_target_resumes_bit_identically_and_compares(tmp_path):
+    config = Config(topology="many_to_one", cell="simple_rnn", **{**TINY, "steps": 6})
+    fresh, resumed = str(tmp_path / "fresh"), str(tmp_path / "resumed")
+    lines = []
+    full = run(config, fresh, out=lines.append)
+    _check_run(full, lines, fresh, "many_to_one", "simple_rnn", [2, 4, 6])
+    last = full[-1]
+    # Test words: 2 per even length 2..8; seen lengths 2 and 4, longer 6 and 8.
+    by_length = last["accuracy_by_length"]
+    assert list(by_length) == ["2", "4", "6", "8"]  # JSON keys
+    assert last["seen_accuracy"] == pytest.approx((by_length["2"] + by_length["4"]) / 2)
+    assert last["longer_accuracy"] == pytest.approx((by_length["6"] + by_length["8"]) / 2)
+
+    # Stopped at the first evaluation that meets stop_at (accuracy 0.05 is met by any model
+    # that is not always wrong).
+    lines = []
+    stopped = run(dataclasses.replace(config, stop_at=0.05), resumed, out=lines.append)
+    assert [r["step"] for r in stopped] == [2]
+    assert "seen_accuracy reached stop_at=0.05; stopped" in lines
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["1"]
+    # A rerun finds the target met and trains nothing.
+    lines = []
+    again = run(dataclasses.replace(config, stop_at=0.05), resumed, out=lines.append)
+    assert again == stopped and not any(line.startswith("step ") for line in lines)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["1"]
+
+    # Without stop_at it resumes: bit-identical to the uninterrupted run, its clock continued.
+    rows = run(config, resumed, out=lambda line: None)
+    assert rows[0] == stopped[0]
+    assert _without_timing(rows) == _without_timing(full)
+    assert rows[1]["elapsed_seconds"] > rows[0]["elapsed_seconds"]
+    assert _written(resumed) == json.loads(json.dumps(rows))
+
+    # Both runs in one figure, named by their topology, relative to the workdir.
+    figures = tmp_path / "figures"
+    path = compare_topologies.run(
+        compare_topologies.Config(runs=(fresh, resumed)), str(figures), out=lambda line: None
     )
+    assert path == str(figures / "topology_many_to_one.png") and os.path.getsize(path) > 0
+    named = compare_topologies.Config(runs=(fresh,), figure="x.png")
+    assert compare_topologies.run(named, str(figures), out=lambda line: None).endswith("x.png")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "topology": "synced"}))
+    with pytest.raises(ValueError, match="mix the topologies"):
+        compare_topologies.run(compare_topologies.Config(runs=(fresh, str(other))), str(figures))
+    with pytest.raises(ValueError, match=r"runs=.*no metrics.jsonl"):
+        compare_topologies.run(compare_topologies.Config(runs=(str(tmp_path),)), str(figures))
+    with pytest.raises(ValueError, match=r"runs=\(\) must list"):
+        compare_topologies.Config()
 
 
-def _explicit_scan(step, carry, params, xs):
-    """Final carry and outputs (time, units) of one unpadded sequence (time, in), step by step."""
-    ys = []
-    for x in xs:
-        carry, y = step(params, carry, x[None])
-        ys.append(y[0])
-    return carry, np.stack(ys)
+def test_unset_fields_take_the_topology_and_cell_defaults():
+    for cell, steps, lr in (("simple_rnn", 20000, 3e-3), ("gru", 8000, 1e-2)):
+        config = resolve(Config(topology="seq2seq", cell=cell))
+        got = (config.steps, config.learning_rate, config.units, config.digits)
+        assert got == (steps, lr, 128, 3)
+        assert (config.eval_every, config.batch_size) == (250, 128)
+    config = resolve(Config(topology="many_to_one", units=7, learning_rate=0.5))
+    assert (config.units, config.learning_rate, config.steps, config.digits) == (7, 0.5, 3000, None)
+    assert resolve(Config(topology="one_to_many")).digits == 4
+    # Checks that need the defaults run again on the resolved config.
+    unresolved = Config(topology="seq2seq", train_examples=999_000)
+    with pytest.raises(ValueError, match="train_examples=999000 and test_examples=5000"):
+        resolve(unresolved)
 
 
-@pytest.mark.parametrize("name", CELL_NAMES)
-def test_bidirectional_with_lengths_equals_two_explicit_scans(name):
-    cell = CELLS[name](3)
-    layer = topo.bidirectional(cell, CELLS[name](3))
-    batch, time, input_dim = 3, 5, 2
-    lengths = np.array([5, 3, 1])
-    params = layer.init(jax.random.PRNGKey(0), input_dim)
-    xs = jax.random.normal(jax.random.PRNGKey(1), (batch, time, input_dim))
-    apply = jax.jit(layer.apply, static_argnames="return_sequences")
-    (carry_f, carry_b), ys = apply(params, xs, lengths=lengths, return_sequences=True)
-    _, last = apply(params, xs, lengths=lengths)
-    assert ys.shape == (batch, time, 6) and last.shape == (batch, 6)
-
-    step, zero = jax.jit(cell.step), cell.initial_carry(1)
-    for b, n in enumerate(lengths):
-        seq = xs[b, :n]
-        cf, yf = _explicit_scan(step, zero, params["forward"], seq)
-        cb, yb_flipped = _explicit_scan(step, zero, params["backward"], seq[::-1])
-        yb = yb_flipped[::-1]  # back in input order: step t has read x_{n-1} .. x_t
-        np.testing.assert_allclose(ys[b, :n], np.concatenate([yf, yb], -1), rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(ys[b, n:], 0.0)
-        np.testing.assert_allclose(last[b], np.concatenate([yf[-1], yb[0]]), rtol=1e-5, atol=1e-6)
-        for got, want in zip(jax.tree.leaves((carry_f, carry_b)), jax.tree.leaves((cf, cb))):
-            np.testing.assert_allclose(got[b], want[0], rtol=1e-5, atol=1e-6)
-
-    # The padding's values reach nothing.
-    noise = jax.random.normal(jax.random.PRNGKey(2), xs.shape)
-    valid = (np.arange(time)[None, :] < lengths[:, None])[..., None]
-    _, ys2 = apply(params, jnp.where(valid, xs, noise), lengths=lengths, return_sequences=True)
-    np.testing.assert_array_equal(ys, ys2)
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(clip_norm=0.0), r"clip_norm=0.0 must be finite and > 0"),
+        (dict(clip_norm=math.inf), r"clip_norm=inf must be finite"),
+        (dict(topology="tree"), r"topology='tree'"),
+        (dict(cell="rnn"), r"cell='rnn'"),
+        (dict(units=0), r"units=0 must be finite and > 0"),
+        (dict(steps=100, eval_every=30), r"steps=100 must be a multiple of eval_every=30"),
+        (dict(train_max_len=5), r"train_max_len=5 must be even"),
+        (dict(train_max_len=12, test_max_len=10), r"test_max_len=10 must be >= train_max_len=12"),
+        (dict(count_per_length=7), r"count_per_length=7 must be even"),
+        (dict(topology="one_to_many", digits=7), r"digits=7: one_to_many"),
+        (dict(digits=1, train_examples=90, test_examples=20), r"train_examples=90 and test_"),
+        (dict(stop_at=1.5), r"stop_at=1.5 must be in \(0, 1\]"),
+        (dict(decay_start=-0.1), r"decay_start=-0.1 must be in \[0, 1\]"),
+        (dict(val_fraction=1.0), r"val_fraction=1.0 must be in \(0, 1\)"),
+        (dict(seed=-1), r"seed=-1"),
+    ],
+)
+def test_bad_config_names_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**fields)
 
 
-def test_bidirectional_sum_merge_and_bad_merge():
-    cell = CELLS["gru"](4)
-    concat = topo.bidirectional(cell)
-    summed = topo.bidirectional(cell, merge="sum")
-    params = concat.init(jax.random.PRNGKey(0), 3)
-    xs = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 3))
-    _, ys_c = jax.jit(concat.apply, static_argnames="return_sequences")(
-        params, xs, return_sequences=True)
-    _, ys_s = jax.jit(summed.apply, static_argnames="return_sequences")(
-        params, xs, return_sequences=True)
-    np.testing.assert_allclose(ys_s, ys_c[..., :4] + ys_c[..., 4:], rtol=1e-6)
-    assert summed.units == 4 and concat.units == 8
-    with pytest.raises(ValueError, match="merge"):
-        topo.bidirectional(cell, merge="mean")
-    with pytest.raises(ValueError, match="concat"):
-        topo.bidirectional(cell, CELLS["gru"](5), merge="sum")
+def test_clip_norm_none_is_no_clipping_and_a_missing_text_names_text(tmp_path):
+    assert Config(clip_norm=None).clip_norm is None
+    with pytest.raises(TextError, match=r"^text='.*nope.txt' does not exist"):
+        run(Config(topology="synced", text=str(tmp_path / "nope.txt")), str(tmp_path / "w"))
 
 
-def test_stacked_feeds_each_layer_the_sequence_below():
-    cells = [CELLS["lstm"](4), CELLS["simple_rnn"](3)]
-    layer = topo.stacked([topo.recurrent(c) for c in cells])
-    params = layer.init(jax.random.PRNGKey(0), 2)
-    tokens = jnp.array([[0, 1, 1, 0], [1, 0, 0, 0]])  # int tokens, read as one-hot rows
-    lengths = jnp.array([4, 2])
-    carries, last = jax.jit(layer.apply)(params, tokens, lengths=lengths)
-    xs = np.eye(2, dtype=np.float32)[tokens]
-    steps = [jax.jit(c.step) for c in cells]
-    for b, n in enumerate([4, 2]):
-        c0, h0 = _explicit_scan(steps[0], cells[0].initial_carry(1), params["layer_0"], xs[b, :n])
-        c1, h1 = _explicit_scan(steps[1], cells[1].initial_carry(1), params["layer_1"], h0)
-        np.testing.assert_allclose(last[b], h1[-1], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(carries[0].c[b], c0.c[0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(carries[1][b], c1[0], rtol=1e-5, atol=1e-6)
-
-
-def _reference_encoder(cells, params, tokens, n, reverse):
-    """Per-layer final carries of one sequence, stepping each layer by hand."""
-    xs = tokens[:n]
-    if reverse:
-        xs = xs[::-1]
-    carries = []
-    for i, cell in enumerate(cells):
-        carry, xs = _explicit_scan(_jitted_step(cell), cell.initial_carry(1),
-                                   params[f"layer_{i}"], xs)
-        carries.append(carry)
-    return carries
-
-
-_STEPS = {}  # keyed by the cell itself (kept alive), so each step compiles once per shape
-
-
-def _jitted_step(cell):
-    if cell not in _STEPS:
-        _STEPS[cell] = jax.jit(cell.step)
-    return _STEPS[cell]
-
-
-def _reference_greedy(cells, params, carries, out_len, go):
-    """Tokens and logits of greedy decoding, one example, one step and one layer at a time."""
-    token, tokens, logits = go, [], []
-    for _ in range(out_len):
-        x = jnp.array([token])
-        for i, cell in enumerate(cells):
-            carries[i], x = _jitted_step(cell)(params[f"layer_{i}"], carries[i], x)
-        h = np.asarray(x[0], np.float64)
-        step_logits = h @ np.asarray(params["dense"]["kernel"], np.float64) + np.asarray(
-            params["dense"]["bias"], np.float64)
-        token = int(np.argmax(step_logits))
-        tokens.append(token)
-        logits.append(step_logits)
-    return np.array(tokens), np.array(logits)
-
-
-@pytest.mark.parametrize("name", CELL_NAMES)
-def test_encoder_decoder_greedy_matches_step_by_step_reference(name):
-    input_dim, num_outputs, out_len = 5, 4, 6
-    cell = CELLS[name](4)  # one set of functions; every layer has its own params
-    enc = dec = [cell, cell]
-    model = topo.encoder_decoder(enc, dec, input_dim, num_outputs, out_len, reverse_input=True)
-    params = _scramble(model.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(1), 1.5)
-    tokens = np.array([[1, 2, 3, 4, 0], [4, 4, 1, 0, 0], [2, 0, 0, 0, 0]], np.int32)
-    lengths = np.array([5, 3, 1], np.int32)
-
-    greedy = np.asarray(model.generate(params, jnp.asarray(tokens), jnp.asarray(lengths)))
-    assert greedy.shape == (3, out_len) and greedy.dtype == np.int32
-    forced = jax.jit(model.apply)(params, jnp.asarray(tokens), jnp.asarray(greedy),
-                                  jnp.asarray(lengths))
-    for b in range(3):
-        carries = _reference_encoder(enc, params["encoder"], tokens[b], lengths[b], True)
-        want_tokens, want_logits = _reference_greedy(dec, params["decoder"], carries, out_len,
-                                                     num_outputs)
-        np.testing.assert_array_equal(greedy[b], want_tokens)
-        # Teacher forcing on the greedy tokens reproduces the greedy logits.
-        np.testing.assert_allclose(forced[b], want_logits, rtol=1e-4, atol=1e-5)
-    assert len(set(greedy.reshape(-1).tolist())) > 1  # the test decodes something non-trivial
-
-
-def test_one_to_many_greedy_matches_reference():
-    input_dim, num_outputs, out_len = 6, 5, 7
-    cells = [CELLS["lstm"](4)]
-    model = topo.one_to_many(cells, input_dim, num_outputs, out_len)
-    params = _scramble(model.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(3), 1.5)
-    vectors = jax.random.normal(jax.random.PRNGKey(4), (3, input_dim))
-    greedy = np.asarray(model.generate(params, vectors))
-    for b in range(3):
-        v = np.asarray(vectors[b], np.float64)
-        h, c = (np.tanh(v @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"]))
-                for p in params["bridge"][0])
-        carries = [LSTMCarry(jnp.asarray(h[None], jnp.float32), jnp.asarray(c[None], jnp.float32))]
-        want, _ = _reference_greedy(cells, params["decoder"], carries, out_len, num_outputs)
-        np.testing.assert_array_equal(greedy[b], want)
-
-
-def test_encoder_decoder_needs_matching_layer_counts():
-    with pytest.raises(ValueError, match="as many"):
-        topo.encoder_decoder([CELLS["gru"](3)], [CELLS["gru"](3)] * 2, 4, 3, 2)
-
-
-def _log_softmax64(logits):
-    z = logits - logits.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def test_masked_cross_entropy_ignores_padding():
-    batch, time, classes = 3, 5, 4
-    logits = jax.random.normal(jax.random.PRNGKey(0), (batch, time, classes))
-    labels = jax.random.randint(jax.random.PRNGKey(1), (batch, time), 0, classes)
-    lengths = jnp.array([5, 2, 1])
-    mask = topo.sequence_mask(lengths, time)
-    np.testing.assert_array_equal(mask, np.arange(time)[None] < np.array([5, 2, 1])[:, None])
-
-    loss = jax.jit(topo.masked_cross_entropy)
-    got = loss(logits, labels, mask)
-    logp = _log_softmax64(np.asarray(logits, np.float64))
-    nll = -np.take_along_axis(logp, np.asarray(labels)[..., None], -1)[..., 0]
-    want = [nll[b, :n].mean() for b, n in enumerate([5, 2, 1])]
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-
-    # Other values (even NaN logits, out-of-range labels) at padded steps change nothing.
-    pad = ~np.asarray(mask)
-    logits2 = jnp.where(pad[..., None], jnp.nan, logits)
-    labels2 = jnp.where(pad, 99, labels)
-
-    grad = jax.jit(jax.grad(lambda lg, lb: jnp.sum(topo.masked_cross_entropy(lg, lb, mask))))
-    np.testing.assert_array_equal(loss(logits2, labels2, mask), got)
-    g1, g2 = grad(logits, labels), grad(logits2, labels2)
-    np.testing.assert_array_equal(g1, g2)
-    np.testing.assert_array_equal(np.asarray(g1)[pad], 0.0)
-
-    predictions = jnp.where(pad, 99, labels)
-    np.testing.assert_array_equal(topo.exact_match(predictions, labels, mask), [1, 1, 1])
-    np.testing.assert_array_equal(topo.masked_accuracy(predictions, labels, mask), [1, 1, 1])
-    wrong_first = predictions.at[:, 0].set(99)
-    np.testing.assert_array_equal(topo.exact_match(wrong_first, labels, mask), [0, 0, 0])
-    np.testing.assert_allclose(topo.masked_accuracy(wrong_first, labels, mask), [0.8, 0.5, 0.0])
-
-
-def test_tagger_and_classifier_ignore_padded_tokens():
-    layer = topo.stacked([topo.bidirectional(CELLS["gru"](3)), topo.recurrent(CELLS["lstm"](2))])
-    tagger = topo.sequence_tagger(layer, 4, 3)
-    classifier = topo.sequence_classifier(layer, 4, 2)
-    tokens = jnp.array([[1, 2, 3, 0], [3, 3, 0, 0]])
-    other = jnp.array([[1, 2, 3, 2], [3, 3, 1, 2]])
-    lengths = jnp.array([3, 2])
-    p_t = tagger.init(jax.random.PRNGKey(0))
-    p_c = classifier.init(jax.random.PRNGKey(0))
-    tag, classify = jax.jit(tagger.apply), jax.jit(classifier.apply)
-    a, b = tag(p_t, tokens, lengths), tag(p_t, other, lengths)
-    assert a.shape == (2, 4, 3)
-    mask = np.asarray(topo.sequence_mask(lengths, 4))
-    np.testing.assert_array_equal(np.asarray(a)[mask], np.asarray(b)[mask])
-    np.testing.assert_array_equal(classify(p_c, tokens, lengths), classify(p_c, other, lengths))
-
-
-# --- the experiments, end to end (tiny sizes, in subprocesses: absl flags are process-global) --
-
-_TINY = ["--units=8", "--steps=4", "--eval_every=2", "--batch_size=8", "--digits=2",
-         "--train_examples=200", "--test_examples=50", "--count_per_length=8",
-         "--train_max_len=4", "--test_max_len=8", "--seq_len=16", "--window_step=16"]
-
-
-def _launch(args, cwd):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, "-m", "experiments.topologies", *args], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc):
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    return out
-
-
-def test_every_topology_runs_end_to_end_and_resumes(tmp_path):
-    text = tmp_path / "tiny.txt"
-    text.write_text("Alice was beginning to get very tired.\nThe Queen said: Off with her head!\n"
-                    * 8)
-    cells = {"many_to_one": "simple_rnn", "one_to_many": "lstm", "seq2seq": "gru",
-             "synced": "lstm"}
-    procs = {t: _launch([f"--topology={t}", f"--cell={c}", f"--workdir={tmp_path / t}",
-                         f"--text={text}", *_TINY], tmp_path) for t, c in cells.items()}
-    missing = _launch(["--topology=synced", f"--text={tmp_path / 'nope.txt'}",
-                       f"--workdir={tmp_path / 'bad'}"], tmp_path)
-    for topology, proc in procs.items():
-        _finish(proc)
-        work = tmp_path / topology
-        rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [2, 4]
-        assert all(np.isfinite(r["loss"]) and r["cell"] == cells[topology] for r in rows)
-        assert (work / "learning_curve.png").stat().st_size < 200_000
-        assert sorted(os.listdir(work / "checkpoints")) == ["1", "2"]
-        if topology == "many_to_one":  # resume it while the others finish
-            resumed = _launch(["--topology=many_to_one", "--cell=simple_rnn",
-                               f"--workdir={work}", *_TINY, "--steps=6"], tmp_path)
-
-    _finish(resumed)
-    rows = [json.loads(line)
-            for line in (tmp_path / "many_to_one" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6]
-    assert rows[2]["elapsed_seconds"] > rows[1]["elapsed_seconds"]
-    out, _ = missing.communicate(timeout=600)
-    assert missing.returncode == 1 and "--text" in out and "Traceback" not in out
+def test_cli_bad_flag_is_one_line_and_exit_1(tmp_path):
+    # --clip_norm=0 meant "no clipping" before; now clipping is off only when the flag is unset.
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.topologies", "--clip_norm=0", f"--workdir={tmp_path}"],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["error: --clip_norm=0.0 must be finite and > 0"]

@@ -1,6 +1,8 @@
-"""RMSprop against its formula, the train step, the fused epoch against a loop of steps, fit."""
+"""RMSprop against its formula, the one update engine against loops of apply_update, fit."""
 
+import functools
 import json
+import math
 import os
 
 import jax
@@ -10,11 +12,31 @@ import numpy_reference as ref
 import optax
 import pytest
 
-from rnn_jax import cells, checkpoint, train
-from rnn_jax.losses import accuracy, masked_mean, softmax_cross_entropy
-from rnn_jax.models import rnn_classifier
+from rnn_jax import cells, checkpoint, synthetic, train
+from rnn_jax.losses import accuracy, softmax_cross_entropy
+from rnn_jax.models import recurrent, sequence_classifier
 
 VOCAB, SEQ_LEN = 7, 5
+
+
+def _gather(data, indices):
+    return jax.tree.map(lambda a: a[indices], data)
+
+
+def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+
+
+# --- RMSprop ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("eps_in_sqrt", [True, False])
@@ -43,36 +65,31 @@ def test_rmsprop_clipping():
     params = {"a": np.zeros(2), "b": np.zeros(1)}
     clipped = {k: v * (2.0 / 13.0) for k, v in g.items()}
     want = ref.rmsprop(params, [clipped], 0.1, 0.9, 1e-7, True)
+    unclipped = ref.rmsprop(params, [g], 0.1, 0.9, 1e-7, True)
     with jax.enable_x64(True):
-        opt = train.rmsprop(0.1, clip_norm=2.0)
-        p = jax.tree.map(jnp.asarray, params)
-        updates, _ = opt.update(jax.tree.map(jnp.asarray, g), opt.init(p), p)
-        p = optax.apply_updates(p, updates)
-        for k in want:
-            np.testing.assert_allclose(p[k], want[k], rtol=1e-12)
-    for bad in (0.0, -1.0):
-        with pytest.raises(ValueError, match="clip_norm"):
-            train.rmsprop(clip_norm=bad)
+        for clip_norm, expected in [(2.0, want), (None, unclipped), (13.5, unclipped)]:
+            opt = train.rmsprop(0.1, clip_norm=clip_norm)
+            p = jax.tree.map(jnp.asarray, params)
+            updates, _ = opt.update(jax.tree.map(jnp.asarray, g), opt.init(p), p)
+            p = optax.apply_updates(p, updates)
+            for k in expected:
+                np.testing.assert_allclose(p[k], expected[k], rtol=1e-12)
 
 
-def test_losses_against_numpy():
-    rng = np.random.default_rng(1)
-    logits = rng.standard_normal((6, 5)).astype(np.float32)
-    labels = np.array([0, 4, 2, 2, 1, 3])
-    np.testing.assert_allclose(
-        softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)),
-        ref.cross_entropy(logits.astype(np.float64), labels),
-        rtol=1e-5,
-    )
-    np.testing.assert_array_equal(accuracy(logits, labels), logits.argmax(-1) == labels)
-    mask = np.array([1, 0, 1, 1, 0, 0], bool)
-    values = jnp.arange(6.0)
-    assert float(masked_mean(values, mask)) == pytest.approx((0 + 2 + 3) / 3)
-    assert float(masked_mean(values, np.zeros(6, bool))) == 0.0
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, -math.inf, math.nan])
+def test_rmsprop_refuses_bad_clip_norm(bad):
+    with pytest.raises(ValueError, match="clip_norm=") as err:
+        train.rmsprop(clip_norm=bad)
+    assert f"clip_norm={bad}" in str(err.value)
 
 
+# --- the char model and single steps -------------------------------------------------------------
+
+
+@functools.cache
 def _char_model(name):
-    model = rnn_classifier(cells.CELLS[name](8), VOCAB, VOCAB)
+    """``(model, loss_fn)``, one pair per cell: jitted functions of them compile once per file."""
+    model = sequence_classifier(recurrent(cells.CELLS[name](8)), VOCAB, VOCAB)
 
     def loss_fn(params, batch):
         inputs, labels = batch
@@ -99,6 +116,33 @@ def _batch(n, seed=0):
     )
 
 
+# The engine tests share one model, optimiser (RMSprop after clipping), data set and epoch, so
+# that the reference loop's update and the epoch compile once for the whole file.
+N, BATCH = 11, 4  # batches of 4, 4, 3: the last partial batch is kept
+OPT = train.rmsprop(1e-2, clip_norm=1.0)
+
+
+@functools.cache
+def _data():
+    return _batch(N, seed=3)
+
+
+@functools.cache
+def _update():
+    """The reference for every scan of steps: one jitted apply_update."""
+    return jax.jit(functools.partial(train.apply_update, _char_model("simple_rnn")[1], OPT))
+
+
+@functools.cache
+def _epoch():
+    loss_fn = _char_model("simple_rnn")[1]
+    return train.make_train_steps(loss_fn, OPT, train.shuffled_epoch(_gather, N, BATCH), trace=True)
+
+
+def _global_norm64(tree) -> float:
+    return math.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+
+
 def test_model_on_one_hot_equals_model_on_tokens():
     """The tutorial's one-hot inputs and our integer tokens give the same logits, every cell."""
     tokens = _batch(4)[0]
@@ -115,22 +159,25 @@ def test_model_on_one_hot_equals_model_on_tokens():
         np.testing.assert_allclose(from_tokens, from_one_hot, rtol=1e-6, atol=1e-6)
 
 
+@functools.cache
+def _step(name):
+    """A jitted train step of the char model with RMSprop (lr 1e-2), one per cell and file."""
+    return train.make_train_step(_char_model(name)[1], train.rmsprop(1e-2))
+
+
 @pytest.mark.parametrize("name", ["simple_rnn", "lstm", "gru"])
 def test_train_step_lowers_loss_moves_every_param_compiles_once(name):
-    model, loss_fn = _char_model(name)
-    opt = train.rmsprop(1e-2)
-    state = train.create_train_state(_params(model), opt, jax.random.PRNGKey(1))
-    step = train.make_train_step(loss_fn, opt)
-    batch = _batch(16)
-    new, metrics = step(state, batch)
-    new2, metrics2 = step(new, batch)
+    model = _char_model(name)[0]
+    step = _step(name)
+    state = train.create_train_state(_params(model), train.rmsprop(1e-2), jax.random.PRNGKey(1))
+    batch, ones = _batch(16), jnp.ones(16)
+    new, metrics = step(state, batch, ones)
+    new2, metrics2 = step(new, batch, ones)
     assert step._cache_size() == 1  # the second call reuses the first compilation
     assert int(new2.step) == 2
-    mean_loss = jax.jit(lambda p: jnp.mean(loss_fn(p, batch)[0]))
-    loss0 = float(mean_loss(state.params))
-    assert float(metrics["loss"]) == pytest.approx(loss0, rel=1e-5)
-    assert float(metrics2["loss"]) < loss0
-    assert float(mean_loss(new2.params)) < float(metrics2["loss"])
+    # metrics: the loss before the update (its value: test_padding_rows_change_nothing);
+    # metrics2: the loss of the same batch after the first update.
+    assert float(metrics2["loss"]) < float(metrics["loss"])
     for path, before, after in zip(
         jax.tree_util.tree_leaves_with_path(state.params),
         jax.tree.leaves(state.params),
@@ -141,81 +188,357 @@ def test_train_step_lowers_loss_moves_every_param_compiles_once(name):
     assert set(metrics) == {"loss", "accuracy", "grad_norm"}
 
 
-def test_padding_weights_equal_the_smaller_batch():
-    """The last partial batch: rows of weight 0 change nothing; the mean is over real rows."""
-    model, loss_fn = _char_model("gru")
-    opt = train.rmsprop(1e-2)
-    state = train.create_train_state(_params(model), opt, jax.random.PRNGKey(1))
-    step = train.make_train_step(loss_fn, opt)
-    (inputs, labels), (junk_inputs, junk_labels) = _batch(5), _batch(5, seed=1)
-    weights = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0])
+def test_padding_rows_change_nothing():
+    """A partial batch padded to full size: rows of weight 0 change nothing, whatever they hold,
+    and the loss is the mean over the real rows (the update is checked against the formula on
+    the real rows alone in test_apply_update_against_formula)."""
+    model, loss_fn = _char_model("simple_rnn")
+    step = _step("simple_rnn")  # compiled for batches of 16 by the test above (or now)
+    state = train.create_train_state(_params(model), train.rmsprop(1e-2), jax.random.PRNGKey(1))
+    (inputs, labels), (junk_inputs, junk_labels) = _batch(16), _batch(16, seed=1)
+    weights = jnp.asarray(np.arange(16) < 10, jnp.float32)
     a, m_a = step(state, (inputs, labels), weights)
-    junk = (inputs.at[3:].set(junk_inputs[3:]), labels.at[3:].set(junk_labels[3:]))
+    junk = (inputs.at[10:].set(junk_inputs[10:]), labels.at[10:].set(junk_labels[10:]))
     b, m_b = step(state, junk, weights)
-    losses = jax.jit(loss_fn)(state.params, (inputs, labels))[0]
-    assert float(m_a["loss"]) == pytest.approx(float(np.mean(np.asarray(losses)[:3])), rel=1e-6)
+    losses = np.asarray(jax.jit(loss_fn)(state.params, (inputs, labels))[0], np.float64)
+    assert float(m_a["loss"]) == pytest.approx(np.mean(losses[:10]), rel=1e-5)
     assert float(m_b["loss"]) == pytest.approx(float(m_a["loss"]), rel=1e-6)
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert float(m_b["grad_norm"]) == pytest.approx(float(m_a["grad_norm"]), rel=1e-6)
+    _assert_trees_close(a.params, b.params)
     assert step._cache_size() == 1
 
 
-def test_fused_epoch_equals_loop_of_steps():
+def test_apply_update_against_formula():
+    """``sums`` are weighted sums over the batch, ``examples`` the sum of the weights; the
+    update is RMSprop after clipping of the real rows' mean-loss gradient (float64 formula)."""
     model, loss_fn = _char_model("simple_rnn")
-    opt = train.rmsprop(1e-2, clip_norm=1.0)
-    n, batch_size = 11, 4  # batches of 4, 4, 3: the last partial batch is kept
-    data = _batch(n, seed=3)
-    get_batch = lambda d, idx: jax.tree.map(lambda a: a[idx], d)
-    state = train.create_train_state(_params(model), opt, jax.random.PRNGKey(5))
-    epoch = train.make_epoch(loss_fn, opt, get_batch, n, batch_size)
-    new, metrics = epoch(state, data)
-    new2, _ = epoch(new, data)
-    assert epoch._cache_size() == 1
+    state = train.create_train_state(_params(model), OPT, jax.random.PRNGKey(0))
+    batch = _batch(BATCH, seed=2)
+    weights = jnp.array([1.0, 0.0, 1.0, 1.0])
+    new, sums = _update()(state, batch, weights)
+    losses, stats = jax.jit(loss_fn)(state.params, batch)
+    real = np.array([0, 2, 3])
+    assert set(sums) == {"loss", "accuracy", "examples", "grad_norm"}
+    assert float(sums["examples"]) == 3.0
+    assert float(sums["loss"]) == pytest.approx(float(np.sum(np.asarray(losses)[real])), rel=1e-6)
+    assert float(sums["accuracy"]) == float(np.sum(np.asarray(stats["accuracy"])[real]))
+    mean_loss = lambda p: jnp.mean(loss_fn(p, _gather(batch, real))[0])
+    grads = jax.jit(jax.grad(mean_loss))(state.params)
+    norm = _global_norm64(grads)
+    assert float(sums["grad_norm"]) == pytest.approx(norm, rel=1e-5)
+    assert norm > 1.0  # so the clipping at 1.0 is part of the update checked here
 
-    # The loop: the epoch splits its shuffle key from state.key, as documented.
-    key, shuffle_key = jax.random.split(state.key)
-    order = np.asarray(jax.random.permutation(shuffle_key, n))
-    step = train.make_train_step(loss_fn, opt)
-    s, loss_sum, acc_sum = state, 0.0, 0.0
-    for i in range(0, n, batch_size):
-        idx = order[i : i + batch_size]
-        s, m = step(s, get_batch(data, idx))
-        loss_sum += float(m["loss"]) * len(idx)
-        acc_sum += float(m["accuracy"]) * len(idx)
+    def flat(tree):
+        return dict(enumerate(np.asarray(x, np.float64) for x in jax.tree.leaves(tree)))
+
+    clipped = {k: g / norm for k, g in flat(grads).items()}
+    want = ref.rmsprop(flat(state.params), [clipped], 1e-2, 0.9, 1e-7, True)
+    got = flat(new.params)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert int(new.step) == 1
+    np.testing.assert_array_equal(new.key, state.key)  # apply_update draws nothing
+
+
+# --- batches: shuffled epochs, draws with replacement, generated ---------------------------------
+
+
+def _take_all(batches, key, data=None):
+    """Every step's ``(batch, weights)`` of one call, stacked: the plan and take of one call."""
+
+    @jax.jit
+    def run(key):
+        plan = batches.plan(key, data)
+        return jax.lax.map(lambda i: batches.take(plan, data, i), jnp.arange(batches.num_steps))
+
+    return jax.device_get(run(key))
+
+
+def test_shuffle_is_a_deterministic_permutation_with_last_batch_kept():
+    epoch = train.shuffled_epoch(lambda d, idx: idx, 10, 4)
+    assert epoch.num_steps == 3
+    idx, w = _take_all(epoch, jax.random.PRNGKey(7))
+    assert idx.shape == (3, 4) and w.tolist() == [[1] * 4, [1] * 4, [1, 1, 0, 0]]
+    real = idx[w > 0]
+    assert sorted(real.tolist()) == list(range(10))  # every example exactly once
+    assert idx[2, 2:].tolist() == [0, 0]  # padding rows: example 0 at weight 0
+    # Up to 2**20 examples the order is jax.random.permutation of the key.
+    np.testing.assert_array_equal(real, jax.random.permutation(jax.random.PRNGKey(7), 10))
+    idx2, _ = _take_all(epoch, jax.random.PRNGKey(7))
+    np.testing.assert_array_equal(idx, idx2)
+    idx3, _ = _take_all(epoch, jax.random.PRNGKey(8))
+    assert not np.array_equal(real, idx3[w > 0])
+    in_order = train.shuffled_epoch(lambda d, i: i, 10, 4, shuffle=False)
+    ordered, w_ordered = _take_all(in_order, None)
+    assert ordered.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
+    assert w_ordered.tolist() == w.tolist()
+    assert train.shuffled_epoch(lambda d, i: i, 10, 4, num_batches=2).num_steps == 2
+    assert train.shuffled_epoch(lambda d, i: i, 10, 4, num_batches=9).num_steps == 3
+    for kwargs, name in [
+        (dict(num_examples=0, batch_size=4), "num_examples=0"),
+        (dict(num_examples=10, batch_size=0), "batch_size=0"),
+        (dict(num_examples=10, batch_size=4, num_batches=0), "num_batches=0"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            train.shuffled_epoch(lambda d, i: i, **kwargs)
+
+
+def test_large_epoch_is_a_feistel_permutation():
+    """Beyond 2**20 examples: the keyed Feistel shuffle, still every example exactly once."""
+    n, batch_size = (1 << 20) + 3, 1 << 18
+    assert n > train._PERMUTATION_MAX
+    epoch = train.shuffled_epoch(lambda d, idx: idx, n, batch_size)
+    assert epoch.num_steps == 5
+    idx, w = _take_all(epoch, jax.random.PRNGKey(3))
+    assert w[:4].min() == 1.0 and w[4].sum() == 3.0  # the last batch holds the 3 left over
+    real = idx[w > 0]
+    np.testing.assert_array_equal(np.sort(real), np.arange(n))
+    # A shuffle: no trace of the input order; another key, another order.
+    assert np.mean(real == np.arange(n)) < 1e-3
+    assert abs(np.corrcoef(np.arange(n, dtype=np.float64), real)[0, 1]) < 0.01
+    other, _ = _take_all(epoch, jax.random.PRNGKey(4))
+    assert np.mean(other[w > 0] == real) < 1e-3
+
+
+def test_with_replacement_draws_uniformly_in_range():
+    n, batch_size, steps = 10, 1000, 10
+    draws = train.with_replacement(lambda d, idx: idx, n, batch_size, steps)
+    assert draws.num_steps == steps
+    idx, w = _take_all(draws, jax.random.PRNGKey(0))
+    assert idx.shape == (steps, batch_size) and np.all(w == 1.0)
+    assert idx.min() >= 0 and idx.max() < n
+    counts = np.bincount(idx.ravel(), minlength=n)
+    # Pearson's chi-square with 9 degrees of freedom: P(chi2 > 33.7) = 1e-4 when uniform.
+    chi2 = np.sum((counts - idx.size / n) ** 2 / (idx.size / n))
+    assert chi2 < 33.7, counts
+    # Independent draws: each step's batch differs from the next.
+    assert not np.array_equal(idx[0], idx[1])
+    with pytest.raises(ValueError, match="num_steps=0"):
+        train.with_replacement(lambda d, i: i, n, batch_size, 0)
+
+
+def _loop(update, state, batches):
+    """A Python loop of jitted apply_update calls: the reference for every scan of steps."""
+    rows = []
+    for batch, weights in batches:
+        state, sums = update(state, batch, weights)
+        rows.append(jax.device_get(sums))
+    return state, rows
+
+
+def _check_against_loop(metrics, rows, stats=()):
+    seen = sum(float(r["examples"]) for r in rows)
+    loss = sum(float(r["loss"]) for r in rows) / seen
+    assert float(metrics["loss"]) == pytest.approx(loss, rel=1e-5)
+    for name in stats:
+        want = sum(float(r[name]) for r in rows) / seen
+        assert float(metrics[name]) == pytest.approx(want, rel=1e-5)
+    norms = np.array([float(r["grad_norm"]) for r in rows])
+    assert float(metrics["grad_norm_max"]) == pytest.approx(norms.max(), rel=1e-5)
+    assert bool(metrics["finite"])
+    # trace=True: each step's mean loss over its real examples and its pre-clip gradient norm.
+    np.testing.assert_allclose(
+        metrics["step_loss"], [float(r["loss"]) / float(r["examples"]) for r in rows], rtol=1e-5
+    )
+    np.testing.assert_allclose(metrics["step_grad_norm"], norms, rtol=1e-5)
+
+
+def test_shuffled_epoch_equals_loop_of_updates():
+    model = _char_model("simple_rnn")[0]
+    data = _data()
+    state = train.create_train_state(_params(model), OPT, jax.random.PRNGKey(5))
+    run = _epoch()
+    new, metrics = run(state, data)
+    new2, _ = run(new, data)
+    assert run._cache_size() == 1  # the second call reuses the first compilation
+
+    # The loop: the epoch splits its shuffle key from state.key, as documented; the last batch
+    # padded with a weight-0 row (the same update as the 3 real rows alone, tested above).
+    key, plan_key = jax.random.split(state.key)
+    order = np.append(np.asarray(jax.random.permutation(plan_key, N)), 0)
+    weights = np.ones(12, np.float32)
+    weights[N:] = 0.0
+    batches = [(_gather(data, order[i : i + 4]), weights[i : i + 4]) for i in (0, 4, 8)]
+    s, rows = _loop(_update(), state, batches)
+    assert [float(r["examples"]) for r in rows] == [4.0, 4.0, 3.0]
     assert int(new.step) == 3 == int(s.step)
     np.testing.assert_array_equal(new.key, key)
-    for a, b in zip(
-        jax.tree.leaves((new.params, new.opt_state)),
-        jax.tree.leaves((s.params, s.opt_state)),
-        strict=True,
-    ):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
-    assert float(metrics["loss"]) == pytest.approx(loss_sum / n, rel=1e-5)
-    assert float(metrics["accuracy"]) == pytest.approx(acc_sum / n, rel=1e-5)
-    assert bool(metrics["finite"])
-    # A new shuffle every epoch, drawn from the state's key: same state, same epoch.
-    again, _ = epoch(state, data)
-    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(new), strict=True):
-        np.testing.assert_array_equal(a, b)
+    _assert_trees_close((new.params, new.opt_state), (s.params, s.opt_state), 2e-5, 1e-6)
+    _check_against_loop(metrics, rows, stats=("accuracy",))
+    assert set(metrics) == {
+        "loss",
+        "accuracy",
+        "grad_norm_max",
+        "finite",
+        "step_loss",
+        "step_grad_norm",
+    }
+    # A new shuffle every call, drawn from the state's key: same state, same epoch.
+    again, _ = run(state, data)
+    _assert_trees_equal(again, new)
     assert not np.array_equal(new2.key, new.key)
 
 
-def test_evaluate_is_the_mean_over_all_examples():
-    model, loss_fn = _char_model("lstm")
-    params = _params(model)
-    data = _batch(10, seed=4)
-    evaluate = train.make_evaluate(loss_fn, lambda d, idx: jax.tree.map(lambda a: a[idx], d), 10, 4)
+def test_with_replacement_scan_equals_loop_of_updates():
+    model, loss_fn = _char_model("simple_rnn")
+    data, steps = _data(), 5
+    state = train.create_train_state(_params(model, seed=2), OPT, jax.random.PRNGKey(9))
+    draws = train.with_replacement(_gather, N, BATCH, steps)
+    new, metrics = train.make_train_steps(loss_fn, OPT, draws, trace=True)(state, data)
+
+    key, plan_key = jax.random.split(state.key)
+    indices = np.asarray(draws.plan(plan_key, data))
+    assert indices.shape == (steps, BATCH) and indices.min() >= 0 and indices.max() < N
+    batches = [(_gather(data, indices[i]), jnp.ones(BATCH)) for i in range(steps)]
+    s, rows = _loop(_update(), state, batches)
+    assert int(new.step) == steps == int(s.step)
+    np.testing.assert_array_equal(new.key, key)
+    _assert_trees_close((new.params, new.opt_state), (s.params, s.opt_state))
+    _check_against_loop(metrics, rows, stats=("accuracy",))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _sample_tokens(key, batch_size):
+    """Fresh random char-model examples: ``(inputs (batch, SEQ_LEN), labels (batch,))``."""
+    k_in, k_label = jax.random.split(key)
+    return (
+        jax.random.randint(k_in, (batch_size, SEQ_LEN), 0, VOCAB),
+        jax.random.randint(k_label, (batch_size,), 0, VOCAB),
+    )
+
+
+def test_generated_batches_equal_loop_of_updates():
+    model, loss_fn = _char_model("simple_rnn")
+    steps = 4
+    state = train.create_train_state(_params(model, seed=3), OPT, jax.random.PRNGKey(11))
+    run = train.make_train_steps(
+        loss_fn, OPT, train.generated(_sample_tokens, BATCH, steps), trace=True
+    )
+    new, metrics = run(state, None)
+
+    # The documented key use: _, plan_key = split(state.key); k_i = split(plan_key, n)[i].
+    key, plan_key = jax.random.split(state.key)
+    batches = [
+        (_sample_tokens(k, BATCH), jnp.ones(BATCH)) for k in jax.random.split(plan_key, steps)
+    ]
+    assert not np.array_equal(batches[0][0][0], batches[1][0][0])  # fresh batches
+    s, rows = _loop(_update(), state, batches)
+    assert int(new.step) == steps == int(s.step)
+    np.testing.assert_array_equal(new.key, key)
+    _assert_trees_close((new.params, new.opt_state), (s.params, s.opt_state))
+    _check_against_loop(metrics, rows, stats=("accuracy",))
+    with pytest.raises(ValueError, match="batch_size=0"):
+        train.generated(_sample_tokens, 0, steps)
+
+
+def test_evaluate_is_the_mean_over_all_examples_in_order():
+    model, loss_fn = _char_model("simple_rnn")
+    params, data = _params(model), _data()
+    gathered = []
+
+    def spy(d, idx):
+        gathered.append(idx)  # traced once: one compiled scan, not a Python loop of batches
+        return _gather(d, idx)
+
+    evaluate = train.make_evaluate(loss_fn, train.shuffled_epoch(spy, N, BATCH, shuffle=False))
     losses, stats = jax.jit(loss_fn)(params, data)
     metrics = evaluate(params, data)
-    assert float(metrics["loss"]) == pytest.approx(float(jnp.mean(losses)), rel=1e-5)
-    assert float(metrics["accuracy"]) == pytest.approx(float(jnp.mean(stats["accuracy"])), rel=1e-6)
+    # The mean over all 11 examples, each once (not the mean of the three batch means).
+    want = np.mean(np.asarray(losses, np.float64))
+    assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5)
+    assert float(metrics["accuracy"]) == pytest.approx(float(np.mean(stats["accuracy"])))
+    assert len(gathered) == 1 and set(metrics) == {"loss", "accuracy"}
 
 
-# --- fit: metrics, checkpoints, resume, NaN ---------------------------------------------------
+# --- make_task_trainer: pure, vmappable over seeds and a traced clip_norm ----------------------
 
 
+def test_task_trainer_vmaps_over_seeds_and_clip_norm_and_learns():
+    task, batch_size = synthetic.adding_problem(6), 16
+    num_steps, eval_every, lr, clip = 20, 10, 1e-2, 0.1
+    model, train_fn = train.make_task_trainer(
+        cells.simple_rnn(4),
+        task,
+        num_steps=num_steps,
+        eval_every=eval_every,
+        batch_size=batch_size,
+        learning_rate=lr,
+        optimizer="rmsprop",
+    )
+    test_xs, test_targets = task.sample(jax.random.PRNGKey(99), batch_size)
+    params = jax.tree.map(lambda *seeds: jnp.stack(seeds), _params(model, 0), _params(model, 1))
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    # Runs: (seed 0, unclipped), (seed 1, unclipped), (seed 0, clipped at 0.1).
+    runs = [(0, math.inf), (1, math.inf), (0, clip)]
+    seeds = jnp.array([seed for seed, _ in runs])
+    final, curves = jax.jit(jax.vmap(train_fn, in_axes=(0, 0, 0, None, None)))(
+        jax.tree.map(lambda p: p[seeds], params),
+        keys[seeds],
+        jnp.array([c for _, c in runs]),
+        test_xs,
+        test_targets,
+    )
+    assert curves.train_loss.shape == (3, num_steps) and curves.grad_norm.shape == (3, num_steps)
+    assert curves.test_loss.shape == (3, num_steps // eval_every + 1)
+
+    # The reference: a Python loop over the same generated batches (the documented key use),
+    # the squared error, the clipping and RMSprop (Keras defaults) written out by hand.
+    @jax.jit
+    def step(p, v, xs, targets, clip_norm):
+        loss_of = lambda p: jnp.mean((model.apply(p, xs)[:, 0] - targets) ** 2)
+        loss, g = jax.value_and_grad(loss_of)(p)
+        norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+        g = jax.tree.map(lambda x: x * jnp.minimum(1.0, clip_norm / norm), g)  # inf: scale 1
+        v = jax.tree.map(lambda v, g: 0.9 * v + 0.1 * g**2, v, g)
+        p = jax.tree.map(lambda p, g, v: p - lr * g / jnp.sqrt(v + 1e-7), p, g, v)
+        return p, v, loss, norm
+
+    def test_loss(p):  # the same compiled step, its update thrown away
+        return float(step(p, p, test_xs, test_targets, math.inf)[2])
+
+    for r, (seed, clip_norm) in enumerate(runs):
+        p, key = jax.tree.map(lambda x, s=seed: x[s], params), keys[seed]
+        v, losses, norms, tests = jax.tree.map(jnp.zeros_like, p), [], [], [test_loss(p)]
+        for _ in range(num_steps // eval_every):
+            key, plan_key = jax.random.split(key)
+            for k in jax.random.split(plan_key, eval_every):
+                p, v, loss, norm = step(p, v, *task.sample(k, batch_size), clip_norm)
+                losses.append(float(loss))
+                norms.append(float(norm))
+            tests.append(test_loss(p))
+        np.testing.assert_allclose(curves.train_loss[r], losses, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(curves.grad_norm[r], norms, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(curves.test_loss[r], tests, rtol=1e-4, atol=1e-6)
+        _assert_trees_close(jax.tree.map(lambda x, r=r: x[r], final), p, rtol=1e-4, atol=1e-5)
+        # It learns: in 20 steps the training loss falls, and the test loss halves.
+        assert np.mean(curves.train_loss[r, -5:]) < np.mean(curves.train_loss[r, :5])
+        assert curves.test_loss[r, -1] < 0.5 * curves.test_loss[r, 0]
+
+    # Clipping was active: the pre-clip norms exceed 0.1, step 0's batch and pre-clip gradient
+    # are those of the unclipped run of seed 0, and the runs part after it.
+    assert float(curves.grad_norm[2, 0]) > clip
+    assert float(curves.grad_norm[2, 0]) == pytest.approx(float(curves.grad_norm[0, 0]), rel=1e-6)
+    assert np.max(np.abs(curves.train_loss[2] - curves.train_loss[0])) > 1e-3
+    assert not np.allclose(curves.train_loss[0], curves.train_loss[1])  # two seeds, two runs
+    with pytest.raises(ValueError, match="num_steps=30"):
+        train.make_task_trainer(
+            cells.simple_rnn(4), task, num_steps=30, eval_every=20, batch_size=4
+        )
+    with pytest.raises(ValueError, match="optimizer='sgd'"):
+        train.make_task_trainer(
+            cells.simple_rnn(4), task, num_steps=20, eval_every=10, batch_size=4, optimizer="sgd"
+        )
+
+
+# --- fit: metrics, checkpoints, resume, stop, NaN ------------------------------------------------
+
+
+@functools.cache
 def _counter_problem():
-    """Linear toy: loss -w·x (x = 1) so SGD(1) adds exactly 1 to w per epoch; NaN once w > 2.5."""
+    """Linear toy: loss -w·x (x = 1) so SGD(1) adds exactly 1 to w per epoch; NaN once w > 2.5.
+
+    Cached: the fit tests share one compiled epoch.
+    """
 
     def loss_fn(params, batch):
         w = params["w"]
@@ -224,51 +547,131 @@ def _counter_problem():
 
     opt = optax.sgd(1.0)
     data = {"x": jnp.ones(4)}
-    epoch = train.make_epoch(loss_fn, opt, lambda d, i: jax.tree.map(lambda a: a[i], d), 4, 4)
+    run = train.make_train_steps(loss_fn, opt, train.shuffled_epoch(_gather, 4, 4))
     state = train.create_train_state({"w": jnp.zeros(())}, opt, jax.random.PRNGKey(0))
-    return state, epoch, data
+    return state, run, data
+
+
+def _lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_fit_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
-    state, epoch, data = _counter_problem()
+    state, run, data = _counter_problem()
     workdir = str(tmp_path)
     with pytest.raises(train.NonFiniteLossError, match="last good checkpoint") as err:
-        train.fit(state, epoch, data, iterations=5, workdir=workdir, meta={"config": {"a": 1}})
-    assert "iteration 4" in str(err.value) and "--learning_rate" in str(err.value)
+        train.fit(state, run, data, iterations=5, workdir=workdir, meta={"config": {"a": 1}})
+    assert "iteration 4" in str(err.value) and "learning rate" in str(err.value)
     ckpt = os.path.join(workdir, "checkpoints")
     assert checkpoint.latest_step(ckpt) == 3
     restored, meta = checkpoint.restore_checkpoint(ckpt, 3, state)
     assert float(restored.params["w"]) == 3.0 and int(restored.step) == 3
     assert meta == {"config": {"a": 1}}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        assert [json.loads(line)["iteration"] for line in f] == [1, 2, 3]
+    rows = _lines(workdir)
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert [r["loss"] for r in rows] == [0.0, -1.0, -2.0] and [r["step"] for r in rows] == [1, 2, 3]
+    assert train.read_history(workdir) == rows
 
 
 def test_fit_resume_and_config_mismatch(tmp_path):
-    state, epoch, data = _counter_problem()
+    state, run, data = _counter_problem()
     workdir, meta = str(tmp_path), {"config": {"units": 8}, "vocabulary": "ab"}
-    _, history = train.fit(state, epoch, data, iterations=1, workdir=workdir, meta=meta)
+    _, history = train.fit(state, run, data, iterations=1, workdir=workdir, meta=meta)
     assert [h["iteration"] for h in history] == [1]
     # A run killed after writing iteration 2's metrics line but before its checkpoint.
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"iteration": 2, "loss": 0.0}) + "\n")
+        f.write(json.dumps({"iteration": 2, "loss": 99.0}) + "\n")
     ckpt = os.path.join(workdir, "checkpoints")
     snapshot = {p: os.path.getmtime(os.path.join(ckpt, p)) for p in os.listdir(ckpt)}
 
-    for bad_meta, flag in [
-        ({"config": {"units": 16}, "vocabulary": "ab"}, "--units"),
+    for bad_meta, name in [
+        ({"config": {"units": 16}, "vocabulary": "ab"}, "units=16"),
         ({"config": {"units": 8}, "vocabulary": "abc"}, "vocabulary"),
     ]:
-        with pytest.raises(checkpoint.CheckpointError, match=flag) as err:
-            train.fit(state, epoch, data, iterations=2, workdir=workdir, meta=bad_meta)
-        assert "--workdir" in str(err.value)
+        with pytest.raises(checkpoint.CheckpointError, match=name) as err:
+            train.fit(state, run, data, iterations=2, workdir=workdir, meta=bad_meta)
+        assert "new workdir" in str(err.value)
         assert {p: os.path.getmtime(os.path.join(ckpt, p)) for p in os.listdir(ckpt)} == snapshot
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            assert len(f.readlines()) == 2  # untouched by the refused run
+        assert len(_lines(workdir)) == 2  # untouched by the refused run
 
-    final, history = train.fit(state, epoch, data, iterations=2, workdir=workdir, meta=meta)
-    assert [h["iteration"] for h in history] == [2]
+    final, history = train.fit(state, run, data, iterations=2, workdir=workdir, meta=meta)
+    # The history holds the resumed run's row 1 and the new row 2 (not the killed run's).
+    assert [h["iteration"] for h in history] == [1, 2]
+    assert [h["loss"] for h in history] == [0.0, -1.0]
     assert float(final.params["w"]) == 2.0 and int(final.step) == 2
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert [r["iteration"] for r in rows] == [1, 2] and rows[1]["loss"] == -1.0
+    assert _lines(workdir) == history
+
+
+def test_fit_workdir_that_is_a_file(tmp_path):
+    state, run, data = _counter_problem()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(checkpoint.CheckpointError, match="workdir="):
+        train.fit(state, run, data, iterations=1, workdir=str(a_file))
+    assert a_file.read_text() == "x"
+
+
+def test_fit_stop_ends_early_and_a_rerun_does_not_train(tmp_path):
+    """Stop once the loss reaches -2 (iteration 3): iteration 4 would be NaN, so stopping there
+    is what keeps the run free of exceptions, and the rerun must not train any further."""
+    state, run, data = _counter_problem()
+    workdir, asked = str(tmp_path), []
+
+    def stop(metrics):
+        asked.append(metrics["iteration"])
+        return metrics["loss"] <= -2.0
+
+    final, history = train.fit(state, run, data, iterations=10, workdir=workdir, stop=stop)
+    assert asked == [1, 2, 3]
+    assert [h["iteration"] for h in history] == [1, 2, 3]
+    assert [h["loss"] for h in history] == [0.0, -1.0, -2.0]
+    assert float(final.params["w"]) == 3.0 and int(final.step) == 3
+    ckpt = os.path.join(workdir, "checkpoints")
+    assert checkpoint.latest_step(ckpt) == 3
+
+    asked.clear()
+    again, history2 = train.fit(state, run, data, iterations=10, workdir=workdir, stop=stop)
+    assert asked == [3]  # asked once, of the last row found; no iteration ran
+    assert history2 == history
+    assert float(again.params["w"]) == 3.0 and int(again.step) == 3
+    assert checkpoint.latest_step(ckpt) == 3 and _lines(workdir) == history
+
+    # Without a stop condition the rerun resumes, and meets the NaN of iteration 4.
+    with pytest.raises(train.NonFiniteLossError, match="iteration 4"):
+        train.fit(state, run, data, iterations=10, workdir=workdir)
+
+
+def test_fit_resumed_run_is_bit_identical(tmp_path):
+    """One iteration, stopped, then resumed to three: the same state and history as three at
+    once, bit for bit (the shuffles come from the checkpointed key)."""
+    model = _char_model("simple_rnn")[0]
+    data, run = _data(), _epoch()
+    state = train.create_train_state(_params(model, seed=4), OPT, jax.random.PRNGKey(2))
+
+    def on_iteration(iteration, state, metrics):
+        return {"kernel_sum": float(jnp.sum(state.params["dense"]["kernel"]))}
+
+    kwargs = dict(meta={"config": {"units": 8}}, on_iteration=on_iteration, epochs_per_iteration=2)
+    whole, history = train.fit(
+        state, run, data, iterations=3, workdir=str(tmp_path / "a"), **kwargs
+    )
+    part, _ = train.fit(state, run, data, iterations=1, workdir=str(tmp_path / "b"), **kwargs)
+    resumed, history_b = train.fit(
+        state, run, data, iterations=3, workdir=str(tmp_path / "b"), **kwargs
+    )
+    assert int(part.step) == 6 and int(whole.step) == 18  # 3 batches per epoch, 2 per iteration
+    _assert_trees_equal(resumed, whole)
+
+    def drop_seconds(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert drop_seconds(history_b) == drop_seconds(history)
+    assert [h["iteration"] for h in history] == [1, 2, 3]
+    assert [h["step"] for h in history] == [6, 12, 18]
+    assert history[-1]["kernel_sum"] == float(jnp.sum(whole.params["dense"]["kernel"]))
+    assert len(history[-1]["step_loss"]) == 3  # the last epoch's trace, as a JSON list
+    # Without a workdir: the same run, nothing written.
+    plain, history_c = train.fit(state, run, data, iterations=3, **kwargs)
+    _assert_trees_equal(plain, whole)
+    assert drop_seconds(history_c) == drop_seconds(history)

@@ -1,10 +1,153 @@
-"""Data for the topology experiments: number names, balanced parentheses, addition, truecasing."""
+"""Synthetic data generated in code: the long-range tasks (adding, copy) with their baselines,
+and the topology experiments' data (number names, balanced parentheses, addition)."""
 
+import functools
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax.data import TextError, Vocabulary, load_text
+from rnn_jax.data import Labelled
+from rnn_jax.losses import sequence_cross_entropy, squared_error
+
+COPY_BLANK = 0
+"""Copy-task token 0: the blank, input and target."""
+
+
+class Task(NamedTuple):
+    """A synthetic sequence task with its analytic baseline.
+
+    Attributes:
+      name: ``"adding"`` or ``"copy"``.
+      length: time steps per sequence.
+      input_dim: features per step (float inputs) or the input vocabulary (integer tokens).
+      output_dim: outputs per prediction (1 for a regression, classes for a classification).
+      return_sequences: the loss reads every step's output, not only the last one.
+      sample: ``(key, batch) -> (xs, targets)``, fresh examples on device.
+      loss: ``(outputs, targets) -> (batch,)`` per-example loss; outputs are ``(batch,
+        output_dim)`` or ``(batch, time, output_dim)``.
+      baseline: the loss of the best predictor that ignores the inputs (a memoryless one for
+        copy): a model has learned something only well below it.
+      solved_below: the test loss under which the task counts as solved.
+    """
+
+    name: str
+    length: int
+    input_dim: int
+    output_dim: int
+    return_sequences: bool
+    sample: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]
+    loss: Callable[[jax.Array, jax.Array], jax.Array]
+    baseline: float
+    solved_below: float
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def adding_batch(key: jax.Array, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
+    """The adding problem (Hochreiter & Schmidhuber 1997; Le, Jaitly & Hinton 2015).
+
+    Each step carries a value uniform in [0, 1] and a marker; exactly two steps are marked, one
+    uniformly in the first half ``[0, length // 2)`` and one in the second half; the target is
+    the sum of the two marked values.
+
+    Returns:
+      ``xs (batch, length, 2)`` float32 ``[value, marker]`` and ``targets (batch,)`` float32.
+    """
+    if length < 2:
+        raise ValueError(f"length={length}: the adding problem needs length >= 2")
+    k_v, k_a, k_b = jax.random.split(key, 3)
+    values = jax.random.uniform(k_v, (batch, length))
+    half = length // 2
+    first = jax.random.randint(k_a, (batch,), 0, half)
+    second = jax.random.randint(k_b, (batch,), half, length)
+    steps = jnp.arange(length)[None, :]
+    markers = ((steps == first[:, None]) | (steps == second[:, None])).astype(jnp.float32)
+    targets = jnp.sum(values * markers, axis=1)
+    return jnp.stack([values, markers], axis=-1), targets
+
+
+def adding_baseline() -> float:
+    """MSE of always predicting 1.0, the mean target: ``Var(u₁ + u₂) = 2 · 1/12 = 1/6``."""
+    return 1.0 / 6.0
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def copy_batch(
+    key: jax.Array, batch: int, delay: int, num_symbols: int = 8, copy_length: int = 10
+) -> tuple[jax.Array, jax.Array]:
+    """The copy (memory) task of Arjovsky, Shah & Bengio (2016).
+
+    Tokens: 0 blank, ``1 .. num_symbols`` the symbols, ``num_symbols + 1`` the cue. Input:
+    ``copy_length`` random symbols, ``delay - 1`` blanks, the cue, ``copy_length`` blanks
+    (``delay + 2·copy_length`` steps). Target: blanks for ``delay + copy_length`` steps, then
+    the symbols in order.
+
+    Returns:
+      ``xs (batch, delay + 2·copy_length)`` int32 tokens and ``targets`` int32 of the same
+      shape, in ``0 .. num_symbols``.
+    """
+    if delay < 1:
+        raise ValueError(f"delay={delay}: the copy task needs delay >= 1")
+    symbols = jax.random.randint(key, (batch, copy_length), 1, num_symbols + 1)
+    blank = jnp.full((batch, delay - 1), COPY_BLANK, jnp.int32)
+    cue = jnp.full((batch, 1), num_symbols + 1, jnp.int32)
+    tail = jnp.full((batch, copy_length), COPY_BLANK, jnp.int32)
+    xs = jnp.concatenate([symbols, blank, cue, tail], axis=1)
+    wait = jnp.full((batch, delay + copy_length), COPY_BLANK, jnp.int32)
+    return xs, jnp.concatenate([wait, symbols], axis=1)
+
+
+def copy_baseline(delay: int, num_symbols: int = 8, copy_length: int = 10) -> float:
+    """Cross-entropy per step of the memoryless predictor: blanks, then uniform symbols.
+
+    ``copy_length · ln(num_symbols) / (delay + 2·copy_length)``, i.e. ``10 ln 8 / (T + 20)``.
+    """
+    return copy_length * math.log(num_symbols) / (delay + 2 * copy_length)
+
+
+def adding_problem(length: int, solved_below: float = 0.05) -> Task:
+    """The adding problem as a :class:`Task`: MSE on the last output, baseline 1/6."""
+    return Task(
+        name="adding",
+        length=length,
+        input_dim=2,
+        output_dim=1,
+        return_sequences=False,
+        sample=lambda key, batch: adding_batch(key, batch, length),
+        loss=squared_error,
+        baseline=adding_baseline(),
+        solved_below=solved_below,
+    )
+
+
+def copy_task(
+    delay: int, num_symbols: int = 8, copy_length: int = 10, solved_fraction: float = 0.1
+) -> Task:
+    """The copy task as a :class:`Task`: mean cross-entropy over every step.
+
+    Counted solved below ``solved_fraction`` of the memoryless baseline.
+    """
+    baseline = copy_baseline(delay, num_symbols, copy_length)
+    return Task(
+        name="copy",
+        length=delay + 2 * copy_length,
+        input_dim=num_symbols + 2,
+        output_dim=num_symbols + 1,
+        return_sequences=True,
+        sample=lambda key, batch: copy_batch(key, batch, delay, num_symbols, copy_length),
+        loss=sequence_cross_entropy,
+        baseline=baseline,
+        solved_below=solved_fraction * baseline,
+    )
+
+
+TASKS: dict[str, Callable[..., Task]] = {"adding": adding_problem, "copy": copy_task}
+
+
+# --- the topology experiments' data ------------------------------------------------------------
 
 
 class SequencePairs(NamedTuple):
@@ -21,20 +164,6 @@ class SequencePairs(NamedTuple):
     lengths: np.ndarray
     targets: np.ndarray
     target_mask: np.ndarray
-
-
-class Labelled(NamedTuple):
-    """Variable-length token sequences with one label each (many-to-one).
-
-    Attributes:
-      tokens: ``(n, max_len)`` int32, padded with ``pad``.
-      lengths: ``(n,)`` int32.
-      labels: ``(n,)`` int32.
-    """
-
-    tokens: np.ndarray
-    lengths: np.ndarray
-    labels: np.ndarray
 
 
 def encode_targets(answers: list[str], chars: str, out_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +199,10 @@ def decode_targets(tokens, chars: str) -> list[str]:
 
 # --- one-to-many: a number in, its English name out --------------------------------------------
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-         "fifteen sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 NAME_CHARS = " -abcdefghijklmnopqrstuvwxyz"
 
@@ -79,7 +210,7 @@ NAME_CHARS = " -abcdefghijklmnopqrstuvwxyz"
 def number_name(n: int) -> str:
     """American English name of ``0 <= n < 10**6``: 347 -> ``"three hundred forty-seven"``."""
     if not 0 <= n < 10**6:
-        raise ValueError(f"number_name covers 0 to 999999, got {n}")
+        raise ValueError(f"n={n}: number_name covers 0 to 999999")
     if n < 20:
         return _ONES[n]
     if n < 100:
@@ -110,19 +241,22 @@ def number_names(numbers: np.ndarray, digits: int) -> SequencePairs:
     targets, mask = encode_targets(
         [number_name(int(n)) for n in numbers], NAME_CHARS, name_out_len(digits)
     )
-    return SequencePairs(digit_vectors(numbers, digits), np.ones(len(numbers), np.int32),
-                         targets, mask)
+    return SequencePairs(
+        digit_vectors(numbers, digits), np.ones(len(numbers), np.int32), targets, mask
+    )
 
 
 def split_numbers(digits: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """All numbers below ``10**digits``, shuffled and split into ``(train, test)``."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"--test_fraction must be in (0, 1), got {test_fraction}")
+        raise ValueError(f"test_fraction={test_fraction} must be in (0, 1)")
     order = np.random.default_rng(seed).permutation(10**digits)
-    cut = int(round(len(order) * (1.0 - test_fraction)))
+    cut = round(len(order) * (1.0 - test_fraction))
     if cut < 1 or cut == len(order):
-        raise ValueError(f"--digits={digits} and --test_fraction={test_fraction} leave no "
-                         "training or no test numbers; change either")
+        raise ValueError(
+            f"digits={digits} and test_fraction={test_fraction} leave no "
+            "training or no test numbers; change either"
+        )
     return order[:cut], order[cut:]
 
 
@@ -187,7 +321,7 @@ def balanced_parentheses(lengths, count_per_length: int, seed: int, max_len: int
     """
     lengths = [int(n) for n in lengths]
     if any(n < 2 or n % 2 for n in lengths):
-        raise ValueError(f"lengths must be even and at least 2, got {lengths}")
+        raise ValueError(f"lengths={lengths} must be even and at least 2")
     max_len = max(lengths) if max_len is None else max_len
     if max(lengths) > max_len:
         raise ValueError(f"max_len={max_len} is shorter than the longest length {max(lengths)}")
@@ -204,14 +338,17 @@ def balanced_parentheses(lengths, count_per_length: int, seed: int, max_len: int
             draws = rng.permuted(base, axis=1)
             shuffled = np.concatenate([shuffled, draws[~_steps_valid(draws)]])[: half // 2]
         for steps, label in ((positives, 1), (flipped, 0), (shuffled, 0)):
-            rows.append(np.pad(np.where(steps > 0, 0, 1), ((0, 0), (0, max_len - n)),
-                               constant_values=2))
+            rows.append(
+                np.pad(np.where(steps > 0, 0, 1), ((0, 0), (0, max_len - n)), constant_values=2)
+            )
             lens.append(np.full(len(steps), n))
             labels.append(np.full(len(steps), label))
     order = rng.permutation(sum(len(r) for r in rows))
-    return Labelled(np.concatenate(rows).astype(np.int32)[order],
-                    np.concatenate(lens).astype(np.int32)[order],
-                    np.concatenate(labels).astype(np.int32)[order])
+    return Labelled(
+        np.concatenate(rows).astype(np.int32)[order],
+        np.concatenate(lens).astype(np.int32)[order],
+        np.concatenate(labels).astype(np.int32)[order],
+    )
 
 
 def decode_words(data: Labelled) -> list[str]:
@@ -237,9 +374,9 @@ def addition_split(num_train: int, num_test: int, digits: int, seed: int):
     space = 10 ** (2 * digits)
     if num_train < 1 or num_test < 1 or num_train + num_test > space:
         raise ValueError(
-            f"operands of up to {digits} digits make {space} problems; --train_examples="
-            f"{num_train} and --test_examples={num_test} must be positive and fit in them: "
-            "lower them or raise --digits"
+            f"operands of up to digits={digits} digits make {space} problems; num_train="
+            f"{num_train} and num_test={num_test} must be positive and fit in them: "
+            "lower them or raise digits"
         )
     rng = np.random.default_rng(seed)
     pairs = rng.choice(space, num_train + num_test, replace=False)
@@ -266,82 +403,10 @@ def addition_problems(a, b, digits: int) -> SequencePairs:
 
 def decode_questions(inputs, lengths) -> list[str]:
     """The question strings of addition inputs."""
-    return ["".join(ADDITION_CHARS[t] for t in row[:n])
-            for row, n in zip(np.asarray(inputs), np.asarray(lengths))]
+    return [
+        "".join(ADDITION_CHARS[t] for t in row[:n])
+        for row, n in zip(np.asarray(inputs), np.asarray(lengths))
+    ]
 
 
 # --- synced many-to-many: truecasing -----------------------------------------------------------
-
-
-def load_cased_text(path: str) -> str:
-    """The tutorial's cleanup (DESIGN.md §1) without lower-casing: strip, ASCII, join lines.
-
-    ``load_cased_text(p).lower() == rnn_jax.data.load_text(p)``.
-
-    Raises:
-      TextError: the file is missing, unreadable, empty or binary (the message names ``--text``).
-    """
-    load_text(path)  # the checks and their messages
-    with open(path, "rb") as f:
-        raw = f.read()
-    lines = (line.strip().decode("ascii", "ignore") for line in raw.split(b"\n"))
-    return " ".join(line for line in lines if line)
-
-
-def truecasing(text: str) -> tuple[str, np.ndarray]:
-    """``(text.lower(), labels)``: ``labels[i]`` is 1 where ``text[i].isupper()``, int32."""
-    return text.lower(), np.fromiter((c.isupper() for c in text), np.int32, len(text))
-
-
-def rule_truecasing(lower: str) -> np.ndarray:
-    """A rule baseline's labels: upper-case the first letter of the text and of each sentence
-    (after ``.``, ``!`` or ``?`` and spaces or quotes) and the word ``i``."""
-    labels = np.zeros(len(lower), np.int32)
-    sentence_start = True
-    for k, c in enumerate(lower):
-        if c.isalpha():
-            alone = (k == 0 or not lower[k - 1].isalpha()) and (
-                k + 1 == len(lower) or not lower[k + 1].isalpha())
-            if sentence_start or (c == "i" and alone):
-                labels[k] = 1
-            sentence_start = False
-        elif c in ".!?":
-            sentence_start = True
-        elif c.isdigit():
-            sentence_start = False
-    return labels
-
-
-def truecasing_split(text: str, val_fraction: float, seq_len: int):
-    """Tokens and labels of the lower-cased text, split into a training head and a held-out tail.
-
-    Returns:
-      ``(vocabulary, (train_tokens, train_labels), (val_tokens, val_labels))``, int32 arrays;
-      the vocabulary is the sorted characters of the whole lower-cased text.
-
-    Raises:
-      TextError: either side is shorter than ``seq_len`` (names ``--val_fraction``).
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"--val_fraction must be in (0, 1), got {val_fraction}")
-    lower, labels = truecasing(text)
-    vocab = Vocabulary.from_text(lower)
-    tokens = vocab.encode(lower)
-    cut = int(round(len(tokens) * (1.0 - val_fraction)))
-    if cut < seq_len + 1 or len(tokens) - cut < seq_len:
-        raise TextError(
-            f"{len(tokens)} characters split at {cut} leave fewer than --seq_len={seq_len} on one "
-            "side; use a longer text, a shorter --seq_len or another --val_fraction"
-        )
-    return vocab, (tokens[:cut], labels[:cut]), (tokens[cut:], labels[cut:])
-
-
-def tile_windows(tokens: np.ndarray, labels: np.ndarray, seq_len: int) -> Labelled:
-    """Consecutive non-overlapping windows covering every character once; the last one is
-    shorter and padded (its ``lengths`` say so). ``Labelled.labels`` is ``(n, seq_len)``."""
-    count = -(-len(tokens) // seq_len)
-    pad = count * seq_len - len(tokens)
-    lengths = np.full(count, seq_len, np.int32)
-    lengths[-1] = seq_len - pad
-    return Labelled(np.pad(tokens, (0, pad)).reshape(count, seq_len).astype(np.int32), lengths,
-                    np.pad(labels, (0, pad)).reshape(count, seq_len).astype(np.int32))

@@ -1,0 +1,63 @@
+"""Every experiment has the one shape: importable together, flags only from its Config."""
+
+import dataclasses
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+from absl import flags
+
+import experiments
+from experiments import cli
+
+# Every module of experiments/ but the command-line helper is an experiment.
+NAMES = tuple(sorted(m.name for m in pkgutil.iter_modules(experiments.__path__) if m.name != "cli"))
+
+# These run with every default (``python -m experiments.<name>`` alone); others, such as a
+# comparison of earlier runs, may require a flag.
+DEFAULT_RUNS = ("char_lm", "topologies", "long_range", "gradient_flow")
+
+
+def test_the_experiments_are_found():
+    assert set(DEFAULT_RUNS) <= set(NAMES)
+
+
+@pytest.fixture(scope="module")
+def modules():
+    """Every experiment module, imported into this one process."""
+    return {name: importlib.import_module(f"experiments.{name}") for name in NAMES}
+
+
+def test_importing_every_experiment_defines_no_flags(modules):
+    """Flags exist only under ``python -m``: importing a module defines none of its fields."""
+    for name, module in modules.items():
+        fields = {f.name for f in dataclasses.fields(module.Config)}
+        defined = fields & set(flags.FLAGS)
+        assert not defined, f"experiments.{name} defines {sorted(defined)} at import"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flags_from_config_round_trip(modules, name):
+    """Each Config defines its flags into a FlagValues of its own, the flags' defaults parse
+    back to ``Config()`` (where every field has a usable default), and ``run`` takes
+    ``(config, workdir)``."""
+    module = modules[name]
+    assert dataclasses.is_dataclass(module.Config)
+    assert module.Config.__dataclass_params__.frozen
+    values = flags.FlagValues()
+    cli.define_flags(module.Config, values)
+    launch = getattr(module, "Launch", None)
+    if launch is not None:  # process-level flags beside the config's, as cli.main defines them
+        cli.define_flags(launch, values)
+    assert "workdir" not in values  # cli.main defines --workdir beside them
+    values(["prog"])
+    if name in DEFAULT_RUNS:
+        assert cli.config_from_flags(module.Config, values) == module.Config()
+    assert list(inspect.signature(module.run).parameters)[:2] == ["config", "workdir"]
+
+
+def test_every_flag_has_help(modules):
+    for name, module in modules.items():
+        for f in dataclasses.fields(module.Config):
+            assert f.metadata.get("help"), f"experiments.{name}: Config.{f.name} has no help"
