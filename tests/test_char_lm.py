@@ -6,9 +6,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -377,23 +374,11 @@ def test_alice_loss_falls(alice_path):
 # --- The command line: one bad flag, the flag list ------------------------------------------
 
 
-def _cli(args):
-    """``python -m experiments.char_lm ARGS`` from the repository root."""
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.char_lm", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-
-
-def test_command_line(tmp_path):
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        bad, listed = pool.map(
-            _cli, [[f"--workdir={tmp_path / 'run'}", "--clip_norm=-1"], ["--helpshort"]]
-        )
+def test_command_line(tmp_path, start_experiment):
+    bad = start_experiment("char_lm", f"--workdir={tmp_path / 'run'}", "--clip_norm=-1")
+    listed = start_experiment("char_lm", "--helpshort")
+    bad.stdout, bad.stderr = bad.communicate(timeout=120)
+    listed.stdout, listed.stderr = listed.communicate(timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr == "error: --clip_norm=-1.0 must be finite and > 0\n"
     assert not (tmp_path / "run").exists()

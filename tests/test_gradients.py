@@ -5,10 +5,7 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,25 +20,14 @@ from rnn_jax.synthetic import adding_problem
 
 CELLS = ["simple_rnn", "lstm", "gru"]
 BATCH, TIME, INPUT_DIM, UNITS = 2, 5, 2, 3
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def bad_flag():
+def bad_flag(start_experiment):
     """The one command-line test of experiments.gradient_flow, started with the module so that
     its interpreter start-up overlaps the in-process tests: clip_norm=-1 (gradient ascent) is
     refused in one line on stderr, exit status 1."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.gradient_flow", "--clip_norm=-1", "--workdir=unused"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    return start_experiment("gradient_flow", "--clip_norm=-1", "--workdir=unused")
 
 
 def _setup(name, scale=1.0, **kwargs):

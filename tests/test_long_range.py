@@ -10,8 +10,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -25,20 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def bad_flag():
+def bad_flag(start_experiment):
     """The one command-line test, started with the module so that its interpreter start-up
     overlaps the in-process tests: a bad --clip_norm is one line on stderr and exit status 1."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.long_range", "--clip_norm=0", "--workdir=unused"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
+    return start_experiment("long_range", "--clip_norm=0", "--workdir=unused")
 
 
 TINY = long_range.Config(

@@ -4,8 +4,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -13,7 +11,6 @@ from experiments import compare_topologies, topologies
 from experiments.topologies import Config, resolve, run
 from rnn_jax.data import TextError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(
     units=8,
     steps=4,
@@ -204,15 +201,9 @@ def test_clip_norm_none_is_no_clipping_and_a_missing_text_names_text(tmp_path):
         run(Config(topology="synced", text=str(tmp_path / "nope.txt")), str(tmp_path / "w"))
 
 
-def test_cli_bad_flag_is_one_line_and_exit_1(tmp_path):
+def test_cli_bad_flag_is_one_line_and_exit_1(tmp_path, start_experiment):
     # --clip_norm=0 meant "no clipping" before; now clipping is off only when the flag is unset.
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.topologies", "--clip_norm=0", f"--workdir={tmp_path}"],
-        cwd=ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = start_experiment("topologies", "--clip_norm=0", f"--workdir={tmp_path}")
+    proc.stdout, proc.stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == ["error: --clip_norm=0.0 must be finite and > 0"]
