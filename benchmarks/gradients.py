@@ -138,7 +138,7 @@ def sweep_benchmark(seeds, steps, batch_size, repeats):
     # same updates on the same batches. The trainer runs its steps as one call of
     # rnn_jax.train.train_steps (eval_every = steps), which splits the key into (next key,
     # plan key) and draws step i's batch from split(plan key, steps)[i].
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+    optimizer = optax.chain(train.clip_by_global_norm(1.0), optax.adam(1e-2))
 
     def loss_fn(p, batch):
         return task.loss(model.apply(p, batch[0]), batch[1]), {}

@@ -10,6 +10,7 @@ Errors become one line on stderr and exit status 1; a library error that names a
 ``name=value`` is shown with the flag, ``--name=value``.
 """
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -18,11 +19,13 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from absl import app, flags, logging
 
 from rnn_jax.checkpoint import CheckpointError
 from rnn_jax.data import TextError
 from rnn_jax.train import NonFiniteLossError
+from rnn_jax.workdir import lock_workdir
 
 # The flags main() defines belong to the script that calls it (so --helpshort lists them).
 flags.disclaim_key_flags()
@@ -253,7 +256,11 @@ def main(
             config = config_from_flags(config_cls)
             if not flags.FLAGS.workdir:
                 raise ValueError("workdir='' is empty: pass a directory for the results")
-            run(config, flags.FLAGS.workdir)
+            # One run per workdir, for all it writes (fit's own lock inside is the same one);
+            # in a multi-host run process 0 holds it, as it writes the shared files.
+            primary = jax.process_index() == 0
+            with lock_workdir(flags.FLAGS.workdir) if primary else contextlib.nullcontext():
+                run(config, flags.FLAGS.workdir)
         except USER_ERRORS as e:
             print(f"error: {as_flags(str(e), names)}", file=sys.stderr)
             sys.exit(1)

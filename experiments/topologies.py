@@ -472,7 +472,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
         return rmsprop(lr, clip_norm=config.clip_norm)
     if config.clip_norm is None:
         return optax.adam(lr)
-    return optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adam(lr))
+    return optax.chain(train.clip_by_global_norm(config.clip_norm), optax.adam(lr))
 
 
 class _Clock:

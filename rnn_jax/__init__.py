@@ -29,6 +29,7 @@ from rnn_jax.data import (
 from rnn_jax.gradients import (
     carry_gradient_norms,
     carry_gradients,
+    global_norm,
     jacobian_norms,
     saturation,
     step_jacobians,
@@ -74,6 +75,7 @@ from rnn_jax.train import (
     TrainCurves,
     TrainState,
     apply_update,
+    clip_by_global_norm,
     create_train_state,
     fit,
     generated,
@@ -87,3 +89,4 @@ from rnn_jax.train import (
     train_steps,
     with_replacement,
 )
+from rnn_jax.workdir import WorkdirBusy, WorkdirError, lock_workdir, read_log

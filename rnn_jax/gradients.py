@@ -29,6 +29,23 @@ def norm(x: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.squeeze(scale, axis) * jnp.sqrt(jnp.sum(jnp.square(x / safe), axis=axis))
 
 
+def global_norm(tree) -> jax.Array:
+    """``sqrt(Σ x²)`` over every leaf of ``tree``, without overflow or underflow.
+
+    Squared directly, a float32 entry above ~1.8e19 overflows to inf (a gain-3 SimpleRNN's
+    gradient over 200 steps has entries near 1e25) and one below ~1e-19 flushes to 0. Each
+    leaf's :func:`norm` is scaled by its largest magnitude, then the norm of those norms is
+    taken the same way: exact up to rounding for any finite entries. A NaN or inf entry gives a
+    non-finite norm.
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros(())
+    dtype = jnp.result_type(*leaves)
+    per_leaf = [norm(jnp.ravel(x).astype(dtype), axis=0) for x in leaves]
+    return norm(jnp.stack(per_leaf), axis=0)
+
+
 def _time_major(cell: Cell, params: Params, xs: jax.Array, carry: Carry | None):
     """Projected inputs ``(time, batch, k·units)`` and the initial carry in their dtype."""
     zs = cell.project(params, jnp.swapaxes(xs, 0, 1))

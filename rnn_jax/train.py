@@ -1,5 +1,6 @@
 """TrainState, the Keras-default RMSprop, the one update engine (a jitted scan of steps), fit."""
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,9 @@ from rnn_jax.checkpoint import (
     restore_meta,
     save_checkpoint,
 )
+from rnn_jax.gradients import global_norm
 from rnn_jax.models import sequence_classifier, sequence_tagger
+from rnn_jax.workdir import append_log, lock_workdir, read_log, rewrite_log
 
 Params = Any
 Batch = Any
@@ -63,7 +66,30 @@ def rmsprop(
         return opt
     if not (clip_norm > 0 and math.isfinite(clip_norm)):
         raise ValueError(f"clip_norm={clip_norm} must be finite and > 0 (None: no clipping)")
-    return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+    return optax.chain(clip_by_global_norm(clip_norm), opt)
+
+
+def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransformation:
+    """Scales the updates to global norm ``max_norm`` when theirs is larger (Pascanu et al. 2013).
+
+    ``optax.clip_by_global_norm`` squares float32 entries: a gradient whose entries pass ~1.8e19
+    has an infinite norm there, and every update is scaled by ``max_norm / inf = 0``: training
+    freezes without a sign. Here the norm is :func:`rnn_jax.gradients.global_norm` (scaled before
+    squaring), so a gradient of norm 1e25 is clipped to ``max_norm``, not zeroed. ``max_norm``
+    may be traced (vmapped over settings); ``inf`` passes every finite gradient unchanged.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        g_norm = global_norm(updates)
+        scale = jnp.where(g_norm > max_norm, max_norm / g_norm, 1.0)
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _weighted(loss_fn: LossFn, params, batch, weights):
@@ -87,12 +113,13 @@ def apply_update(
     Returns:
       ``(state, sums)``: the updated state (``step + 1``) and, over the batch's examples, the
       weighted sums of the loss and of ``loss_fn``'s statistics, ``examples`` (the sum of the
-      weights) and ``grad_norm``, the global norm of the gradient before the optimiser.
+      weights) and ``grad_norm``, the global norm of the gradient before the optimiser
+      (:func:`rnn_jax.gradients.global_norm`: finite for any finite gradient).
     """
     (_, sums), grads = jax.value_and_grad(_weighted, argnums=1, has_aux=True)(
         loss_fn, state.params, batch, weights
     )
-    sums["grad_norm"] = optax.tree.norm(grads)
+    sums["grad_norm"] = global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state._replace(params=params, opt_state=opt_state, step=state.step + 1), sums
@@ -126,7 +153,8 @@ def make_train_step(
     """A jitted ``step(state, batch, weights=None) -> (state, metrics)`` on one batch.
 
     The loss is the ``weights``-weighted mean of ``loss_fn``'s per-example losses (weights 0
-    mark padding); ``metrics`` holds that mean and the means of ``loss_fn``'s statistics.
+    mark padding); ``metrics`` holds that mean, the means of ``loss_fn``'s statistics,
+    ``grad_norm`` and ``finite`` (false when the loss or the gradient is NaN or infinite).
     With a ``mesh`` (:func:`rnn_jax.parallel.make_mesh`) the batch is split along its 'data'
     axis, padded with weight-0 rows when its size is not a multiple of the device count, and
     params and optimiser state are replicated: the same update as on one device.
@@ -142,6 +170,7 @@ def make_train_step(
         grad_norm = sums.pop("grad_norm")
         count = jnp.maximum(sums.pop("examples"), 1.0)
         metrics = {**{k: v / count for k, v in sums.items()}, "grad_norm": grad_norm}
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         return _replicated(state, mesh), metrics
 
     if mesh is None:
@@ -334,13 +363,16 @@ def train_steps(
 
     Returns:
       ``(state, metrics)``: ``loss`` and every statistic of ``loss_fn`` as means over the
-      examples seen, ``grad_norm_max`` (the largest pre-clip global gradient norm) and
-      ``finite`` (false when a loss or gradient was NaN or infinite); with ``trace`` also
+      examples seen, ``grad_norm_max`` (the largest pre-clip global gradient norm),
+      ``finite`` (false when a loss or gradient was NaN or infinite) and, for the first step
+      where one was, ``nonfinite_step`` (its ``state.step`` after the update; -1 when all were
+      finite), ``nonfinite_loss`` and ``nonfinite_gradient`` (which was); with ``trace`` also
       ``step_loss`` and ``step_grad_norm``, ``(num_steps,)`` each (the loss of each step's
       batch, before its update).
     """
     key, plan_key = jax.random.split(state.key)
     plan = batches.plan(plan_key, data)
+    first_step = state.step
 
     def body(state, i):
         batch, weights = batches.take(plan, data, i)
@@ -352,7 +384,12 @@ def train_steps(
     seen = jnp.sum(examples)
     metrics = {k: jnp.sum(v) / seen for k, v in sums.items()}
     metrics["grad_norm_max"] = jnp.max(grad_norms)
-    metrics["finite"] = jnp.all(jnp.isfinite(grad_norms)) & jnp.isfinite(metrics["loss"])
+    loss_ok, grad_ok = jnp.isfinite(sums["loss"]), jnp.isfinite(grad_norms)
+    metrics["finite"] = jnp.all(loss_ok & grad_ok)
+    first = jnp.argmin(loss_ok & grad_ok)  # the first False; 0 when there is none
+    metrics["nonfinite_step"] = jnp.where(metrics["finite"], -1, first_step + first + 1)
+    metrics["nonfinite_loss"] = ~loss_ok[first]
+    metrics["nonfinite_gradient"] = ~grad_ok[first]
     if trace:
         metrics["step_loss"] = sums["loss"] / jnp.maximum(examples, 1.0)
         metrics["step_grad_norm"] = grad_norms
@@ -473,7 +510,7 @@ def make_task_trainer(
 
     def train(params, key, clip_norm, test_xs, test_targets):
         base = optax.adam(learning_rate) if optimizer == "adam" else rmsprop(learning_rate)
-        opt = optax.chain(optax.clip_by_global_norm(clip_norm), base)
+        opt = optax.chain(clip_by_global_norm(clip_norm), base)
         state = create_train_state(params, opt, key)
 
         def chunk(state, _):
@@ -520,12 +557,9 @@ def _check_resumable(directory: str, step: int, meta: dict):
 
 
 def read_history(workdir: str) -> list[dict]:
-    """The rows of ``workdir/metrics.jsonl`` that :func:`fit` wrote, one per iteration."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of ``workdir/metrics.jsonl`` that :func:`fit` wrote, one per iteration (read
+    only: a torn last line is left out, not repaired; :func:`fit` repairs it under its lock)."""
+    return read_log(os.path.join(workdir, "metrics.jsonl"), repair=False)
 
 
 def fit(
@@ -552,6 +586,11 @@ def fit(
     :class:`~rnn_jax.checkpoint.CheckpointError` naming what differs). Everything random is
     drawn from ``state.key``, so a resumed run ends bit-identical to an uninterrupted one.
 
+    Only one run at a time may use a ``workdir``: :func:`rnn_jax.workdir.lock_workdir` is
+    held for the whole call (a second run is refused at once, naming the holder's PID; the
+    lock of a killed run is taken over). A torn last line of ``metrics.jsonl`` (a kill during
+    its write) is repaired.
+
     Args:
       stop: ``metrics -> bool``, asked after every iteration (and of the last one a resumed
         run finds): true ends training there, e.g. once a target is met.
@@ -569,9 +608,39 @@ def fit(
             f"workdir={workdir!r} is a file, not a directory; pass a directory (created if missing)"
         )
 
-    meta = dict(meta or {})
-    start, ckpt_dir, log_path, history = 0, None, None, []
     primary = jax.process_index() == 0  # multi-host: one process writes the shared log
+    # One run per workdir: the lock comes before anything is read or written there.
+    holding = workdir is not None and primary
+    with lock_workdir(workdir) if holding else contextlib.nullcontext():
+        return _fit(
+            state,
+            train_fn,
+            data,
+            iterations,
+            epochs_per_iteration,
+            workdir,
+            dict(meta or {}),
+            on_iteration,
+            stop,
+            max_to_keep,
+            primary,
+        )
+
+
+def _fit(
+    state,
+    train_fn,
+    data,
+    iterations,
+    epochs_per_iteration,
+    workdir,
+    meta,
+    on_iteration,
+    stop,
+    max_to_keep,
+    primary,
+):
+    start, ckpt_dir, log_path, history = 0, None, None, []
     if workdir is not None:
         ckpt_dir = os.path.join(workdir, "checkpoints")
         log_path = os.path.join(workdir, "metrics.jsonl")
@@ -581,9 +650,15 @@ def fit(
             state, _ = restore_checkpoint(ckpt_dir, found, state)
             start = found
             logging.info("resuming from iteration %d in %s", found, ckpt_dir)
-        history = [row for row in read_history(workdir) if row["iteration"] <= start]
+        # The last row of each iteration up to the checkpoint's: rows of iterations that were
+        # logged but not checkpointed are trained again.
+        rows = read_log(log_path, repair=primary)
+        history = sorted(
+            {row["iteration"]: row for row in rows if row["iteration"] <= start}.values(),
+            key=lambda row: row["iteration"],
+        )
         if primary:
-            _atomic_write(log_path, "".join(json.dumps(row) + "\n" for row in history))
+            rewrite_log(log_path, history)
     if history and stop is not None and stop(history[-1]):
         return state, history
 
@@ -594,12 +669,10 @@ def fit(
             metrics = {k: v.tolist() for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - tic
             if not metrics.pop("finite"):
-                raise NonFiniteLossError(
-                    f"iteration {iteration}: the loss or a gradient became NaN or infinite "
-                    f"(epoch loss {metrics['loss']}); stopped without saving this iteration"
-                    + (f", the last good checkpoint in {ckpt_dir} is kept" if ckpt_dir else "")
-                    + ". Lower the learning rate or clip the gradient norm."
-                )
+                saved = start if iteration == start + 1 else iteration - 1
+                raise NonFiniteLossError(_nonfinite_message(iteration, metrics, ckpt_dir, saved))
+            for name in _NONFINITE_KEYS:
+                metrics.pop(name, None)
         metrics = {"iteration": iteration, "step": int(state.step), **metrics, "seconds": seconds}
         if on_iteration is not None:
             metrics.update(on_iteration(iteration, state, metrics))
@@ -608,17 +681,33 @@ def fit(
         history.append(metrics)
         if workdir is not None:
             if primary:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                append_log(log_path, metrics)
             save_checkpoint(ckpt_dir, iteration, state, meta, max_to_keep)
         if stop is not None and stop(metrics):
             break
     return state, history
 
 
-def _atomic_write(path: str, content: str):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(content)
-    os.replace(tmp, path)
+_NONFINITE_KEYS = ("nonfinite_step", "nonfinite_loss", "nonfinite_gradient")
+
+
+def _nonfinite_message(iteration: int, metrics: dict, ckpt_dir: str | None, saved: int) -> str:
+    """What happened (which quantity, which step), what is kept, and what helps."""
+    step = metrics.get("nonfinite_step", -1)
+    at = f"at step {step}" if step >= 0 else "in this epoch"
+    if metrics.get("nonfinite_loss", True):
+        what = f"the loss became NaN or infinite {at} (the parameters diverged)"
+        advice = "lower the learning rate"
+    else:
+        what = f"the gradient became NaN or infinite {at} while the loss was finite"
+        advice = "clip the gradient norm (clip_norm), or lower the learning rate"
+    if ckpt_dir is None:
+        kept = "nothing is saved without a workdir"
+    elif saved > 0:
+        kept = f"the last good checkpoint, iteration {saved} in {ckpt_dir}, is kept"
+    else:
+        kept = "no checkpoint had been written yet"
+    return (
+        f"iteration {iteration}: {what}; stopped without saving this iteration, {kept}. "
+        f"To go on, {advice}."
+    )
