@@ -36,7 +36,12 @@ from absl import app, flags, logging
 from rnn_jax import cells, gradients
 from rnn_jax.models import dense, dense_init
 from rnn_jax.synthetic import adding_batch, adding_problem
-from rnn_jax.train import create_train_state, make_task_trainer, make_train_step
+from rnn_jax.train import (
+    clip_by_global_norm,
+    create_train_state,
+    make_task_trainer,
+    make_train_step,
+)
 
 _T = flags.DEFINE_integer("time", 1000, "Sequence length for the probe benchmark.")
 _UNITS = flags.DEFINE_integer("units", 32, "LSTM units.")
@@ -138,7 +143,7 @@ def sweep_benchmark(seeds, steps, batch_size, repeats):
     # same updates on the same batches. The trainer runs its steps as one call of
     # rnn_jax.train.train_steps (eval_every = steps), which splits the key into (next key,
     # plan key) and draws step i's batch from split(plan key, steps)[i].
-    optimizer = optax.chain(train.clip_by_global_norm(1.0), optax.adam(1e-2))
+    optimizer = optax.chain(clip_by_global_norm(1.0), optax.adam(1e-2))
 
     def loss_fn(p, batch):
         return task.loss(model.apply(p, batch[0]), batch[1]), {}

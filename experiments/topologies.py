@@ -54,7 +54,14 @@ from rnn_jax.losses import (
 from rnn_jax.models import bidirectional, recurrent, sequence_classifier, sequence_tagger, stacked
 from rnn_jax.seq2seq import SequenceGenerator, encoder_decoder, one_to_many
 from rnn_jax.synthetic import SequencePairs
-from rnn_jax.train import create_train_state, fit, make_train_steps, rmsprop, with_replacement
+from rnn_jax.train import (
+    clip_by_global_norm,
+    create_train_state,
+    fit,
+    make_train_steps,
+    rmsprop,
+    with_replacement,
+)
 
 TOPOLOGIES = ("one_to_many", "many_to_one", "seq2seq", "synced")
 
@@ -472,7 +479,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
         return rmsprop(lr, clip_norm=config.clip_norm)
     if config.clip_norm is None:
         return optax.adam(lr)
-    return optax.chain(train.clip_by_global_norm(config.clip_norm), optax.adam(lr))
+    return optax.chain(clip_by_global_norm(config.clip_norm), optax.adam(lr))
 
 
 class _Clock:

@@ -14,7 +14,14 @@ from rnn_jax.cells import (
     orthogonal,
     simple_rnn,
 )
-from rnn_jax.checkpoint import CheckpointError, latest_step, restore_checkpoint, save_checkpoint
+from rnn_jax.checkpoint import (
+    CheckpointError,
+    DamagedCheckpointError,
+    latest_step,
+    newest_intact,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from rnn_jax.convert import from_torch, to_torch
 from rnn_jax.data import (
     TextError,

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from rnn_jax import parallel
 from rnn_jax.checkpoint import (
     CheckpointError,
-    latest_step,
+    newest_intact,
     restore_checkpoint,
     restore_meta,
     save_checkpoint,
@@ -589,7 +589,8 @@ def fit(
     Only one run at a time may use a ``workdir``: :func:`rnn_jax.workdir.lock_workdir` is
     held for the whole call (a second run is refused at once, naming the holder's PID; the
     lock of a killed run is taken over). A torn last line of ``metrics.jsonl`` (a kill during
-    its write) is repaired.
+    its write) is repaired. Every checkpoint carries a digest: a damaged newest step is named
+    (absl warning) and the run resumes from the newest intact one.
 
     Args:
       stop: ``metrics -> bool``, asked after every iteration (and of the last one a resumed
@@ -644,12 +645,23 @@ def _fit(
     if workdir is not None:
         ckpt_dir = os.path.join(workdir, "checkpoints")
         log_path = os.path.join(workdir, "metrics.jsonl")
-        found = latest_step(ckpt_dir)
+        # The newest step that reads back and matches its digest; damaged newer ones are named.
+        intact = newest_intact(ckpt_dir)
+        for line in intact.skipped:
+            logging.warning(line)
+        if intact.step is None and intact.skipped:
+            raise CheckpointError(
+                f"no intact checkpoint in {ckpt_dir!r}: all {len(intact.skipped)} are damaged "
+                "(listed above); delete them to start afresh, or use a new workdir"
+            )
+        found = intact.step
         if found is not None:
             _check_resumable(ckpt_dir, found, meta)
             state, _ = restore_checkpoint(ckpt_dir, found, state)
             start = found
-            logging.info("resuming from iteration %d in %s", found, ckpt_dir)
+            logging.info(
+                "resuming from iteration %d, the newest intact checkpoint in %s", found, ckpt_dir
+            )
         # The last row of each iteration up to the checkpoint's: rows of iterations that were
         # logged but not checkpointed are trained again.
         rows = read_log(log_path, repair=primary)

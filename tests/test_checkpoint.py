@@ -1,19 +1,30 @@
-"""Orbax round trip of a whole TrainState bit for bit; bad paths give a CheckpointError."""
+"""Orbax round trip of a whole TrainState bit for bit; bad paths give a CheckpointError; a
+damaged step (flipped, truncated or missing files, garbage meta) is reported by path, never used,
+and the newest intact step is found."""
 
+import asyncio
+import gc
+import hashlib
+import json
 import os
+import pathlib
+import shutil
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from rnn_jax import cells, checkpoint, train
 from rnn_jax.models import recurrent, sequence_classifier
 
 
-def _state(name="lstm", seed=0):
+def _state(name="lstm", seed=0, units=6):
     """A TrainState of the char model's structure (RMSprop after clipping), every leaf random."""
-    model = sequence_classifier(recurrent(cells.CELLS[name](6)), 5, 5)
+    model = sequence_classifier(recurrent(cells.CELLS[name](units)), 5, 5)
     opt = train.rmsprop(clip_norm=1.0)
     abstract = jax.eval_shape(
         lambda key: train.create_train_state(model.init(key), opt, key), jax.random.PRNGKey(0)
@@ -69,6 +80,9 @@ def test_other_model_is_a_clear_error(tmp_path):
         with pytest.raises(checkpoint.CheckpointError, match="does not match") as err:
             checkpoint.restore_checkpoint(str(tmp_path), 1, like)
         assert "new workdir" in str(err.value)
+        assert not isinstance(err.value, checkpoint.DamagedCheckpointError)
+        assert "damaged" not in str(err.value)
+    assert checkpoint.newest_intact(str(tmp_path)) == (1, [])  # another model, not damage
 
 
 def test_bad_paths_are_clear_errors(tmp_path):
@@ -94,3 +108,276 @@ def test_bad_paths_are_clear_errors(tmp_path):
         else:
             raise AssertionError(f"restoring step {step} from {directory!r} did not fail")
     assert not missing.exists(), "restoring from a missing directory must not create it"
+
+
+# --- Digests and damaged steps ------------------------------------------------------------
+
+META = {"config": {"units": 16, "clip_norm": None}, "vocabulary": " ab\n"}
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    """A directory with steps 1, 2, 3 of an LSTM(16) state (its two kernels are large enough
+    to lie in their own data file, not inline in orbax's index), each step's values distinct;
+    and those states."""
+    directory = str(tmp_path_factory.mktemp("three_steps"))
+    states = {}
+    for step in (1, 2, 3):
+        states[step] = _state("lstm", seed=step, units=16)._replace(step=jnp.int32(step))
+        checkpoint.save_checkpoint(directory, step, states[step], META)
+    return directory, states
+
+
+def _copy(three_steps, tmp_path) -> str:
+    directory = str(tmp_path / "checkpoints")
+    shutil.copytree(three_steps[0], directory)
+    return directory
+
+
+def _data_file(step_dir: pathlib.Path) -> pathlib.Path:
+    """The largest file of the step's arrays: the data file holding the kernels' bytes."""
+    path = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=os.path.getsize)
+    assert path.parent.name == "d", f"{path} is not an OCDBT data file"
+    return path
+
+
+def _flip(step_dir):
+    path = _data_file(step_dir)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 10] = bytes(b ^ 0xFF for b in data[middle : middle + 10])
+    path.write_bytes(bytes(data))
+
+
+def _truncate(step_dir):
+    path = _data_file(step_dir)
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _zero(step_dir):
+    path = _data_file(step_dir)
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def _delete_array_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+def _delete_arrays(step_dir):
+    shutil.rmtree(step_dir / "state")
+
+
+def _garbage_meta(step_dir):
+    (step_dir / "meta" / "metadata").write_bytes(b"\xff\xfe{not json\x00")
+
+
+# fault -> what the message must say is wrong
+FAULTS = {
+    "flipped": (_flip, "its arrays do not match their digest"),
+    "truncated": (_truncate, "cannot read its arrays"),
+    "zeroed": (_zero, "cannot read its arrays"),
+    "no_array_metadata": (_delete_array_metadata, "its array metadata is missing"),
+    "no_arrays": (_delete_arrays, "its array directory"),
+    "garbage_meta": (_garbage_meta, "/3/meta/metadata': UnicodeDecodeError"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_damaged_latest_step_is_reported_and_skipped(three_steps, tmp_path, capfd, fault):
+    directory, states = _copy(three_steps, tmp_path), three_steps[1]
+    like = _state("lstm", seed=9, units=16)
+    damage, why = FAULTS[fault]
+    capfd.readouterr()
+    damage(pathlib.Path(directory, "3"))
+
+    with pytest.raises(checkpoint.DamagedCheckpointError) as err:
+        checkpoint.restore_checkpoint(directory, 3, like)
+    path = os.path.join(directory, "3")
+    assert str(err.value).startswith(f"checkpoint 3 in {path!r} is damaged (")
+    assert why in err.value.why
+    assert "does not match this model" not in str(err.value)
+    assert isinstance(err.value, checkpoint.CheckpointError)  # what the CLI reports in a line
+
+    found = checkpoint.newest_intact(directory)
+    assert found.step == 2
+    # (Which array's read fails first, and so the reason, varies between reads.)
+    [line] = found.skipped
+    assert line.startswith(f"checkpoint 3 in {path!r} is damaged (") and why in line
+    assert line.endswith("); skipped")
+    restored, meta = checkpoint.restore_checkpoint(directory, found.step, like)
+    _assert_identical(restored, states[2])
+    assert meta == META
+
+    if fault == "garbage_meta":
+        with pytest.raises(
+            checkpoint.DamagedCheckpointError, match="meta/metadata': UnicodeDecodeError"
+        ):
+            checkpoint.restore_meta(directory, 3)
+    else:
+        assert checkpoint.restore_meta(directory, 3) == META  # the meta item is whole
+    out, err_text = capfd.readouterr()
+    assert (out, err_text) == ("", ""), "orbax or tensorstore wrote to the terminal"
+
+
+def test_no_intact_step(three_steps, tmp_path, capfd):
+    directory = _copy(three_steps, tmp_path)
+    capfd.readouterr()
+    for step, fault in [(1, "garbage_meta"), (2, "truncated"), (3, "flipped")]:
+        FAULTS[fault][0](pathlib.Path(directory, str(step)))
+    found = checkpoint.newest_intact(directory)
+    assert found.step is None
+    assert [line.split(" is damaged")[0] for line in found.skipped] == [
+        f"checkpoint {step} in {os.path.join(directory, str(step))!r}" for step in (3, 2, 1)
+    ]
+    assert all(line.endswith("; skipped") for line in found.skipped)
+    assert capfd.readouterr() == ("", "")
+    assert checkpoint.newest_intact(str(tmp_path / "missing")) == (None, [])
+    assert not (tmp_path / "missing").exists()
+
+
+def test_intact_steps_and_resaving_a_damaged_step(three_steps, tmp_path):
+    directory, states = _copy(three_steps, tmp_path), three_steps[1]
+    assert checkpoint.newest_intact(directory) == (3, [])
+    _flip(pathlib.Path(directory, "3"))
+    assert checkpoint.newest_intact(directory).step == 2
+    # A run resumed from step 2 saves its own step 3; the damaged one is kept aside.
+    checkpoint.save_checkpoint(directory, 3, states[1], META)
+    assert os.path.isdir(os.path.join(directory, "3.replaced"))
+    assert checkpoint.newest_intact(directory) == (3, [])
+    restored, _ = checkpoint.restore_checkpoint(directory, 3, states[3])
+    _assert_identical(restored, states[1])
+
+
+def test_damaged_step_is_damaged_whatever_model_asks(three_steps, tmp_path):
+    """A damaged step restored into another model's shapes: the advice is about the damage,
+    not "use the configuration it was written with"."""
+    directory = _copy(three_steps, tmp_path)
+    _flip(pathlib.Path(directory, "3"))
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="do not match their digest"):
+        checkpoint.restore_checkpoint(directory, 3, _state("gru", units=16))
+    with pytest.raises(checkpoint.CheckpointError, match="does not match this model"):
+        checkpoint.restore_checkpoint(directory, 2, _state("gru", units=16))
+
+
+def test_digest_is_sha256_of_paths_dtypes_shapes_and_bytes(tmp_path):
+    """The saved digest against hashlib fed by hand, in the documented order (sorted paths)."""
+    state = {"b": jnp.arange(3, dtype=jnp.int32), "a": [jnp.float32(1.5)]}
+    meta = {"z": (1, 2), "a": "x"}
+    checkpoint.save_checkpoint(str(tmp_path), 1, state, meta)
+    with open(tmp_path / "1" / "meta" / "metadata") as f:
+        digest = json.load(f)["_digest"]
+    expected = hashlib.sha256(
+        b"a/0\0float32\0()\0"
+        + np.float32(1.5).tobytes()
+        + b"b\0int32\0(3,)\0"
+        + np.arange(3, dtype=np.int32).tobytes()
+    )
+    assert digest["state_sha256"] == expected.hexdigest()
+    assert digest["meta_sha256"] == hashlib.sha256(b'{"a":"x","z":[1,2]}').hexdigest()
+    restored, restored_meta = checkpoint.restore_checkpoint(str(tmp_path), 1, state)
+    _assert_identical(restored, state)
+    assert restored_meta == {"z": [1, 2], "a": "x"}  # as JSON reads back; no "_digest"
+
+
+def test_one_changed_weight_is_detected(tmp_path):
+    """Step 2's arrays differ from step 1's in one float, by one ulp: given step 1's digest,
+    step 2 is damaged; the digests themselves differ."""
+    state = _state("gru", units=16)
+    kernel = np.asarray(state.params["rnn"]["recurrent_kernel"]).copy()
+    kernel[3, 7] = np.nextafter(kernel[3, 7], np.float32(np.inf))
+    changed = state._replace(
+        params={**state.params, "rnn": {**state.params["rnn"], "recurrent_kernel": kernel}}
+    )
+    assert checkpoint._state_digest(changed) != checkpoint._state_digest(state)
+    directory = str(tmp_path)
+    checkpoint.save_checkpoint(directory, 1, state, META)
+    checkpoint.save_checkpoint(directory, 2, changed, META)
+    shutil.copy(tmp_path / "1" / "meta" / "metadata", tmp_path / "2" / "meta" / "metadata")
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="do not match their digest"):
+        checkpoint.restore_checkpoint(directory, 2, state)
+    assert checkpoint.newest_intact(directory).step == 1
+
+
+def test_step_saved_before_digests_is_accepted(tmp_path, caplog):
+    """A step written by the previous save (no "_digest" in its meta) still restores: runs
+    begun before digests must resume; a warning says it could not be checked."""
+    state = _state()
+    with checkpoint._manager(str(tmp_path)) as mngr:
+        mngr.save(
+            1,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(META)
+            ),
+        )
+    assert checkpoint.newest_intact(str(tmp_path)) == (1, [])
+    restored, meta = checkpoint.restore_checkpoint(str(tmp_path), 1, state)
+    _assert_identical(restored, state)
+    assert meta == META and checkpoint.restore_meta(str(tmp_path), 1) == META
+    assert "has no digest" in caplog.text
+
+
+def test_meta_with_the_digest_key_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="_digest"):
+        checkpoint.save_checkpoint(str(tmp_path), 1, _state(), {"_digest": "mine"})
+    assert not (tmp_path / "1").exists()
+
+
+def _unraisable(obj, exc):
+    return types.SimpleNamespace(
+        object=obj, exc_value=exc, exc_type=type(exc), exc_traceback=exc.__traceback__, err_msg=None
+    )
+
+
+def test_reads_orbax_leaves_behind_stay_off_stderr(tmp_path, monkeypatch):
+    """When one array fails to read, orbax closes its event loop with the other reads in
+    flight; at any later time, those report to ``sys.unraisablehook``: a tensorstore thread
+    calls into the closed loop, and each read's coroutine, collected, turns GeneratorExit into
+    an Exception. After a failed read neither reaches the hook in place; all else does."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    state = _state("lstm", units=16)
+    checkpoint.save_checkpoint(str(tmp_path), 1, state, {})
+    _truncate(tmp_path / "1")
+    errors = []
+    for _ in range(20):  # orphans are left by some of the failed reads, not all
+        with pytest.raises(checkpoint.DamagedCheckpointError) as err:
+            checkpoint.restore_checkpoint(str(tmp_path), 1, state)
+        errors.append(err.value)
+    assert all(e.__cause__ is None for e in errors)  # no traceback of orbax's kept
+    errors.clear()
+    gc.collect()
+    assert reported == []
+
+    # The two kinds, as the hook receives them, and their look-alikes from elsewhere.
+    orbax_file = os.path.join(os.path.dirname(os.path.dirname(ocp.__file__)), "x.py")
+    orbax_read = types.SimpleNamespace(cr_code=compile("", orbax_file, "exec"))
+    closed_by_orbax = Exception("Encountered error while reading array index")
+    closed_by_orbax.__cause__ = GeneratorExit()
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        from_python = e  # called from this test's frame
+    from_thread = RuntimeError("Event loop is closed").with_traceback(
+        from_python.__traceback__.tb_next  # as from a tensorstore thread: asyncio's frames only
+    )
+    sys.unraisablehook(_unraisable(orbax_read, closed_by_orbax))
+    sys.unraisablehook(_unraisable(None, from_thread))
+    assert reported == []
+    sys.unraisablehook(_unraisable(None, from_python))
+    sys.unraisablehook(_unraisable(lambda: None, closed_by_orbax))
+    sys.unraisablehook(_unraisable(orbax_read, RuntimeError("other")))
+    assert len(reported) == 3
+
+    async def unrelated():
+        try:
+            await asyncio.sleep(0)
+        except GeneratorExit as e:
+            raise RuntimeError("not orbax's") from e
+
+    coroutine = unrelated()
+    coroutine.send(None)  # suspended in the sleep
+    del coroutine  # its close raises: an unraisable error that is not orbax's
+    gc.collect()
+    assert str(reported[-1].exc_value) == "not orbax's"
