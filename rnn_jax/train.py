@@ -610,94 +610,76 @@ def fit(
         )
 
     primary = jax.process_index() == 0  # multi-host: one process writes the shared log
+    meta = dict(meta or {})
     # One run per workdir: the lock comes before anything is read or written there.
     holding = workdir is not None and primary
     with lock_workdir(workdir) if holding else contextlib.nullcontext():
-        return _fit(
-            state,
-            train_fn,
-            data,
-            iterations,
-            epochs_per_iteration,
-            workdir,
-            dict(meta or {}),
-            on_iteration,
-            stop,
-            max_to_keep,
-            primary,
-        )
-
-
-def _fit(
-    state,
-    train_fn,
-    data,
-    iterations,
-    epochs_per_iteration,
-    workdir,
-    meta,
-    on_iteration,
-    stop,
-    max_to_keep,
-    primary,
-):
-    start, ckpt_dir, log_path, history = 0, None, None, []
-    if workdir is not None:
-        ckpt_dir = os.path.join(workdir, "checkpoints")
-        log_path = os.path.join(workdir, "metrics.jsonl")
-        # The newest step that reads back and matches its digest; damaged newer ones are named.
-        intact = newest_intact(ckpt_dir)
-        for line in intact.skipped:
-            logging.warning(line)
-        if intact.step is None and intact.skipped:
-            raise CheckpointError(
-                f"no intact checkpoint in {ckpt_dir!r}: all {len(intact.skipped)} are damaged "
-                "(listed above); delete them to start afresh, or use a new workdir"
-            )
-        found = intact.step
-        if found is not None:
-            _check_resumable(ckpt_dir, found, meta)
-            state, _ = restore_checkpoint(ckpt_dir, found, state)
-            start = found
-            logging.info(
-                "resuming from iteration %d, the newest intact checkpoint in %s", found, ckpt_dir
-            )
-        # The last row of each iteration up to the checkpoint's: rows of iterations that were
-        # logged but not checkpointed are trained again.
-        rows = read_log(log_path, repair=primary)
-        history = sorted(
-            {row["iteration"]: row for row in rows if row["iteration"] <= start}.values(),
-            key=lambda row: row["iteration"],
-        )
-        if primary:
-            rewrite_log(log_path, history)
-    if history and stop is not None and stop(history[-1]):
-        return state, history
-
-    for iteration in range(start + 1, iterations + 1):
-        for _ in range(epochs_per_iteration):
-            tic = time.perf_counter()
-            state, metrics = train_fn(state, data)
-            metrics = {k: v.tolist() for k, v in jax.device_get(metrics).items()}
-            seconds = time.perf_counter() - tic
-            if not metrics.pop("finite"):
-                saved = start if iteration == start + 1 else iteration - 1
-                raise NonFiniteLossError(_nonfinite_message(iteration, metrics, ckpt_dir, saved))
-            for name in _NONFINITE_KEYS:
-                metrics.pop(name, None)
-        metrics = {"iteration": iteration, "step": int(state.step), **metrics, "seconds": seconds}
-        if on_iteration is not None:
-            metrics.update(on_iteration(iteration, state, metrics))
-        # The form a resumed run reads back from metrics.jsonl: string keys, lists.
-        metrics = json.loads(json.dumps(metrics))
-        history.append(metrics)
+        start, ckpt_dir, log_path, history = 0, None, None, []
         if workdir is not None:
+            ckpt_dir = os.path.join(workdir, "checkpoints")
+            log_path = os.path.join(workdir, "metrics.jsonl")
+            # The newest step that reads back and matches its digest; damaged newer ones are named.
+            intact = newest_intact(ckpt_dir)
+            for line in intact.skipped:
+                logging.warning(line)
+            if intact.step is None and intact.skipped:
+                raise CheckpointError(
+                    f"no intact checkpoint in {ckpt_dir!r}: all {len(intact.skipped)} are damaged "
+                    "(listed above); delete them to start afresh, or use a new workdir"
+                )
+            found = intact.step
+            if found is not None:
+                _check_resumable(ckpt_dir, found, meta)
+                state, _ = restore_checkpoint(ckpt_dir, found, state)
+                start = found
+                logging.info(
+                    "resuming from iteration %d, the newest intact checkpoint in %s",
+                    found,
+                    ckpt_dir,
+                )
+            # The last row of each iteration up to the checkpoint's: rows of iterations that were
+            # logged but not checkpointed are trained again.
+            rows = read_log(log_path, repair=primary)
+            history = sorted(
+                {row["iteration"]: row for row in rows if row["iteration"] <= start}.values(),
+                key=lambda row: row["iteration"],
+            )
             if primary:
-                append_log(log_path, metrics)
-            save_checkpoint(ckpt_dir, iteration, state, meta, max_to_keep)
-        if stop is not None and stop(metrics):
-            break
-    return state, history
+                rewrite_log(log_path, history)
+        if history and stop is not None and stop(history[-1]):
+            return state, history
+
+        for iteration in range(start + 1, iterations + 1):
+            for _ in range(epochs_per_iteration):
+                tic = time.perf_counter()
+                state, metrics = train_fn(state, data)
+                metrics = {k: v.tolist() for k, v in jax.device_get(metrics).items()}
+                seconds = time.perf_counter() - tic
+                if not metrics.pop("finite"):
+                    saved = start if iteration == start + 1 else iteration - 1
+                    raise NonFiniteLossError(
+                        _nonfinite_message(iteration, metrics, ckpt_dir, saved)
+                    )
+                for name in _NONFINITE_KEYS:
+                    metrics.pop(name, None)
+            metrics = {
+                "iteration": iteration,
+                "step": int(state.step),
+                **metrics,
+                "seconds": seconds,
+            }
+            if on_iteration is not None:
+                metrics.update(on_iteration(iteration, state, metrics))
+            # The form a resumed run reads back from metrics.jsonl: string keys, lists.
+            metrics = json.loads(json.dumps(metrics))
+            history.append(metrics)
+            if workdir is not None:
+                if primary:
+                    append_log(log_path, metrics)
+                save_checkpoint(ckpt_dir, iteration, state, meta, max_to_keep)
+            if stop is not None and stop(metrics):
+                break
+        return state, history
 
 
 _NONFINITE_KEYS = ("nonfinite_step", "nonfinite_loss", "nonfinite_gradient")
