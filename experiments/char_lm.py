@@ -197,14 +197,7 @@ def make_loss(model: Model, compute_dtype: str = "float32"):
 def _load(config: Config) -> tuple[str, str]:
     """``(path, cleaned text)``; errors name ``text=`` (and ``seq_len=`` for a short text)."""
     path = data_lib.alice_path() if config.text is None else config.text
-    try:
-        text = data_lib.load_text(path)
-    except data_lib.TextError as e:
-        # load_text names its argument path=; here that argument is this config's text.
-        message = str(e)
-        if message.startswith("path="):
-            message = "text=" + message[len("path=") :]
-        raise data_lib.TextError(message) from e
+    text = data_lib.load_text(path, name="text")
     if len(text) < config.seq_len + 1:
         raise data_lib.TextError(
             f"text={path!r} has {len(text)} characters after cleaning, fewer than "

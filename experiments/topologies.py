@@ -35,7 +35,6 @@ from experiments import cli
 from rnn_jax import synthetic
 from rnn_jax.cells import CELLS
 from rnn_jax.data import (
-    TextError,
     alice_path,
     load_cased_text,
     make_windows,
@@ -385,11 +384,7 @@ def upper_f1(pred: np.ndarray, gold: np.ndarray) -> tuple[float, float, float]:
 def _cased_text(config: Config) -> str:
     if config.text is None:
         return load_cased_text(alice_path())
-    try:
-        return load_cased_text(config.text)
-    except TextError as e:
-        # The library names its argument path=; here it is this config's text=.
-        raise TextError(str(e).replace("path=", "text=", 1)) from None
+    return load_cased_text(config.text, name="text")
 
 
 def synced_task(config: Config) -> TopologyTask:

@@ -53,37 +53,41 @@ def _looks_binary(raw: bytes) -> bool:
     return control > 0.01 * len(head)
 
 
-def load_text(path: str, min_length: int = 2) -> str:
+def load_text(path: str, min_length: int = 2, *, name: str = "path") -> str:
     """Reads and cleans a text file, with errors that say what to do.
 
     Args:
       path: a plain text file (any encoding; non-ASCII bytes are dropped, as in the tutorial).
       min_length: the cleaned text must have at least this many characters (``seq_len + 1``
         for one training window).
+      name: what the errors call ``path`` (``name=...``): a caller passes its own parameter's
+        name, e.g. an experiment's ``text``.
 
     Raises:
       TextError: the file is missing, unreadable, empty, binary or too short after cleaning.
     """
     if not os.path.exists(path):
-        raise TextError(f"path={path!r} does not exist; pass an existing text file")
+        raise TextError(f"{name}={path!r} does not exist; pass an existing text file")
     if os.path.isdir(path):
-        raise TextError(f"path={path!r} is a directory; pass a text file")
+        raise TextError(f"{name}={path!r} is a directory; pass a text file")
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise TextError(
-            f"path={path!r} cannot be read ({e.strerror}); check its permissions or pass "
+            f"{name}={path!r} cannot be read ({e.strerror}); check its permissions or pass "
             "another file"
         ) from e
     if not raw or raw.isspace():  # raw.strip() would copy a large file
-        raise TextError(f"path={path!r} is empty; pass a non-empty text file")
+        raise TextError(f"{name}={path!r} is empty; pass a non-empty text file")
     if _looks_binary(raw):
-        raise TextError(f"path={path!r} looks like a binary file, not text; pass a plain text file")
+        raise TextError(
+            f"{name}={path!r} looks like a binary file, not text; pass a plain text file"
+        )
     text = clean_text(raw)
     if len(text) < min_length:
         raise TextError(
-            f"path={path!r} has {len(text)} characters after cleaning, fewer than "
+            f"{name}={path!r} has {len(text)} characters after cleaning, fewer than "
             f"min_length={min_length}; pass a longer text"
         )
     return text
@@ -226,15 +230,16 @@ class Labelled(NamedTuple):
 # --- truecasing: the synced topology experiment's labels ----------------------------------------
 
 
-def load_cased_text(path: str) -> str:
+def load_cased_text(path: str, *, name: str = "path") -> str:
     """The tutorial's cleanup (DESIGN.md §1) without lower-casing: strip, ASCII, join lines.
 
     ``load_cased_text(p).lower() == rnn_jax.data.load_text(p)``.
 
     Raises:
-      TextError: the file is missing, unreadable, empty or binary.
+      TextError: the file is missing, unreadable, empty or binary (``name`` as in
+        :func:`load_text`).
     """
-    load_text(path)  # the checks and their messages
+    load_text(path, name=name)  # the checks and their messages
     with open(path, "rb") as f:
         raw = f.read()
     lines = (line.strip().decode("ascii", "ignore") for line in raw.split(b"\n"))
