@@ -17,10 +17,12 @@ Activations = dict[str, dict[str, jax.Array]]
 class Cell(NamedTuple):
     """A recurrence as pure functions, shaped like an optax ``GradientTransformation``.
 
-    ``step(params, carry, x) == recur(params, carry, project(params, x))``: ``project`` is the
-    input half (``x W + b``), free of the carry, so :func:`rnn_jax.unroll` applies it to every
-    time step in one matrix product (or one row gather for integer tokens) before the scan, and
-    ``recur`` is the sequential half that the scan runs.
+    ``step(params, carry, x) == recur(prepare(params), carry, project(params, x))``: ``project``
+    is the input half (``x W + b``), free of the carry, so :func:`rnn_jax.unroll` applies it to
+    every time step in one matrix product (or one row gather for integer tokens) before the
+    scan; ``prepare`` derives, once per sequence, what every step reads (an orthogonal kernel's
+    matrix exponential, a clipped or reparametrised recurrent weight; the identity for most
+    cells); ``recur`` is the sequential half that the scan runs.
 
     Attributes:
       init: ``(key, input_dim) -> params``, Keras names and layout.
@@ -29,12 +31,14 @@ class Cell(NamedTuple):
       project: ``(params, x) -> projected``; ``x`` is ``(..., input_dim)`` float features or
         ``(...)`` integer tokens, read as one-hot rows without building them (``onehot(i) @ W``
         is the row gather ``W[i]``).
-      recur: ``(params, carry, projected) -> (carry, y)``.
+      recur: ``(prepared, carry, projected) -> (carry, y)`` with ``prepared = prepare(params)``.
       units: the width of ``y``.
-      activations: ``(params, carry, projected) -> {"gates": {...}, "tanh": {...}}``: the
+      activations: ``(prepared, carry, projected) -> {"gates": {...}, "tanh": {...}}``: the
         step's bounded nonlinearities by name, sigmoid gates (saturated near 0 and 1) and tanh
         units (near ±1), computed by the same code as ``recur``; what
         :func:`rnn_jax.gradients.saturation` reads. None when the cell does not say.
+      prepare: ``params -> prepared``, the per-sequence part of the parameters that ``recur``
+        and ``activations`` read; every tool calls it once per sequence (outside its scan).
 
     Write a cell of your own with :func:`custom_cell` from ``init``, ``initial_carry`` and
     ``step`` alone; every tool of the library accepts it.
@@ -47,6 +51,7 @@ class Cell(NamedTuple):
     recur: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
     units: int
     activations: Callable[[Params, Carry, jax.Array], Activations] | None = None
+    prepare: Callable[[Params], Params] = lambda params: params
 
 
 class LSTMCarry(NamedTuple):
@@ -156,13 +161,16 @@ class Recurrence:
         return self.gate_and_activations(carry, *self._inputs(params, carry, zx))[1]
 
 
-def _make_cell(init, initial_carry, project, recur, units, activations=None) -> Cell:
+def _make_cell(init, initial_carry, project, recur, units, activations=None, prepare=None) -> Cell:
+    if prepare is None:
+        prepare = Cell._field_defaults["prepare"]
+
     def step(params, carry, x):
-        return recur(params, carry, project(params, x))
+        return recur(prepare(params), carry, project(params, x))
 
     if activations is None and isinstance(recur, Recurrence):
         activations = recur.activations
-    return Cell(init, initial_carry, step, project, recur, units, activations)
+    return Cell(init, initial_carry, step, project, recur, units, activations, prepare)
 
 
 def custom_cell(

@@ -47,7 +47,8 @@ def global_norm(tree) -> jax.Array:
 
 
 def _time_major(cell: Cell, params: Params, xs: jax.Array, carry: Carry | None):
-    """Projected inputs ``(time, batch, k·units)`` and the initial carry in their dtype."""
+    """Projected inputs ``(time, batch, k·units)``, the initial carry in their dtype and the
+    prepared parameters (:attr:`rnn_jax.Cell.prepare`) that ``recur`` reads."""
     zs = cell.project(params, jnp.swapaxes(xs, 0, 1))
     if carry is None:
         carry = cell.initial_carry(xs.shape[0])
@@ -55,7 +56,7 @@ def _time_major(cell: Cell, params: Params, xs: jax.Array, carry: Carry | None):
     # jax.enable_x64(True)) give a float64 recursion throughout.
     dtype = zs.dtype if jnp.issubdtype(zs.dtype, jnp.inexact) else jnp.result_type(float)
     carry = jax.tree.map(lambda c: c.astype(dtype), carry)
-    return zs, carry
+    return zs, carry, cell.prepare(params)
 
 
 def _carries(cell: Cell, params: Params, zs: jax.Array, carry: Carry):
@@ -102,7 +103,7 @@ def carry_gradients(
       of ``(batch, time, units)`` arrays: ``grads[:, t] = ∂L/∂h_t`` where ``h_t`` is the carry
       after reading ``xs[:, t]`` (for LSTM, :class:`LSTMCarry` of ``∂L/∂h_t`` and ``∂L/∂c_t``).
     """
-    zs, carry = _time_major(cell, params, xs, carry)
+    zs, carry, params = _time_major(cell, params, xs, carry)
     time = zs.shape[0]
     deltas = jax.tree.map(lambda c: jnp.zeros((time,) + c.shape, c.dtype), carry)
 
@@ -178,7 +179,7 @@ def step_jacobians(
       ``(batch, time, n, n)``: ``J[b, t, i, j] = ∂h_t[i]/∂h_{t-1}[j]`` (``h_{-1}`` the initial
       carry), forward-mode (``jax.jacfwd``).
     """
-    zs, carry = _time_major(cell, params, xs, carry)
+    zs, carry, params = _time_major(cell, params, xs, carry)
     before = _carries(cell, params, zs, carry)
     jac = jax.vmap(lambda c, z: _jacobian_rows(cell, params, c, z))(before, zs)
     return jnp.swapaxes(jac, 0, 1)
@@ -214,7 +215,7 @@ def jacobian_norms(
       is exactly zero), and with ``spectrum`` ``"singular_values": (batch, time, n)``,
       descending ``}``.
     """
-    zs, carry = _time_major(cell, params, xs, carry)
+    zs, carry, params = _time_major(cell, params, xs, carry)
     before = _carries(cell, params, zs, carry)
     batch = zs.shape[1]
     n = ravel_pytree(jax.tree.map(lambda c: c[0], carry))[0].shape[0]
@@ -273,7 +274,7 @@ def saturation(
             "cell.activations is None: this cell does not say which units saturate; build it "
             "with rnn_jax.custom_cell(..., activations=...)"
         )
-    zs, carry = _time_major(cell, params, xs, carry)
+    zs, carry, params = _time_major(cell, params, xs, carry)
 
     def fractions(acts: dict[str, jax.Array], saturated) -> tuple[dict, list]:
         flags = {name: saturated(a) for name, a in acts.items()}

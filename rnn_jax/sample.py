@@ -23,7 +23,8 @@ def _sample_one(cell: Cell, params, seed: jax.Array, num_chars: int, temperature
     # never move, so nothing is copied per character.
     seq_len = seed.shape[0]
     rows = cell.initial_carry(max(seq_len - 1, 1))
-    start = _start_step(cell, params["rnn"])
+    prepared = cell.prepare(params["rnn"])
+    start = _start_step(cell, prepared)
 
     def token_at(t, prediction):
         return jnp.where(t < seq_len, seed[jnp.minimum(t, seq_len - 1)], prediction)
@@ -35,7 +36,7 @@ def _sample_one(cell: Cell, params, seed: jax.Array, num_chars: int, temperature
         fresh, y = start(z[None])
         if seq_len > 1:
             zs = jnp.broadcast_to(z, (seq_len - 1,) + z.shape)
-            live, ys = cell.recur(params["rnn"], rows, zs)
+            live, ys = cell.recur(prepared, rows, zs)
             slot = t % (seq_len - 1)
             y = jax.lax.dynamic_slice_in_dim(ys, slot, 1)
             fresh = jax.tree.map(

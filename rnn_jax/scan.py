@@ -50,6 +50,7 @@ def unroll(
     batch, time = xs.shape[0], xs.shape[1]
     # Time-major inside: project the transposed tokens/features so no copy of xs is made.
     zs = cell.project(params, jnp.swapaxes(xs, 0, 1))
+    params = cell.prepare(params)
     if fast and lengths is None and isinstance(cell.recur, Recurrence):
         if carry is None and not _fast.zero_initial_carry(cell):
             carry = cell.initial_carry(batch)
