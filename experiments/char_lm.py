@@ -13,6 +13,7 @@ In process: ``run(Config(units=8, iterations=2), workdir)`` returns a :class:`Re
 """
 
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -39,7 +40,18 @@ MATMUL_PRECISION = {"float32": None, "bfloat16": "BF16_BF16_F32"}
 
 # Config fields a resumed run may change: see Config.resume_key.
 _NOT_RESUMED = frozenset(
-    ("iterations", "num_preds", "temperature", "seed_text", "num_devices", "compute_dtype", "text")
+    (
+        "iterations",
+        "num_preds",
+        "temperature",
+        "seed_text",
+        "num_devices",
+        "compute_dtype",
+        "text",
+        "steps_per_call",
+        "checkpoint_every",
+        "progress_seconds",
+    )
 )
 
 
@@ -94,6 +106,23 @@ class Config:
         "float32",
         "bfloat16: matmul inputs rounded to bf16, float32 accumulation (GPU/TPU); params float32.",
         choices=tuple(MATMUL_PRECISION),
+    )
+
+    steps_per_call: int = cli.field(
+        2000,
+        "Most updates per compiled call: progress lines and mid-epoch checkpoints come between "
+        "calls (the updates are the same for any value).",
+        check=cli.positive,
+    )
+    checkpoint_every: int | None = cli.field(
+        20000,
+        "Updates between checkpoints inside an epoch (none: at iteration ends only).",
+        check=cli.optional(cli.positive),
+    )
+    progress_seconds: float | None = cli.field(
+        10.0,
+        "Seconds between progress lines inside an epoch (none: no progress lines).",
+        check=cli.optional(cli.positive),
     )
 
     def __post_init__(self):
@@ -312,8 +341,12 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
         out(report["seed"] + generated)
         return report
 
-    # The text is identified under "config" so that a mismatch is reported as text=.
-    text_id = {"length": len(text), "vocabulary": vocab.chars}
+    # The cleaned text is identified under "config" so that a mismatch is reported as text.
+    text_id = {
+        "length": len(text),
+        "vocabulary": vocab.chars,
+        "sha256": hashlib.sha256(text.encode("ascii")).hexdigest(),
+    }
     meta = {"config": {**config.resume_key(), "text": text_id}, "vocabulary": vocab.chars}
     try:
         state, history = train.fit(
@@ -325,6 +358,10 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
             workdir=workdir,
             meta=meta,
             on_iteration=on_iteration,
+            steps_per_call=config.steps_per_call,
+            checkpoint_every=config.checkpoint_every,
+            progress_seconds=config.progress_seconds,
+            log=out,
         )
     except train.NonFiniteLossError as e:
         raise train.NonFiniteLossError(

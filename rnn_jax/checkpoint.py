@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -17,12 +18,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from rnn_jax.workdir import storage_problem
+
 # The key of the saved meta that holds the step's digests; callers' meta may not use it.
 DIGEST_KEY = "_digest"
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used; the message says what to do."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, read-only); its partial files are removed
+    and the previous checkpoints are intact. The message says which and what to do."""
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -235,16 +243,43 @@ def save_checkpoint(directory: str, step: int, state: Any, meta: dict, max_to_ke
         absl_logging.warning("checkpoint %d existed; moved it to %s", step, moved)
     if jax.process_count() > 1:  # the others save once it is gone
         ocp.multihost.sync_global_processes(f"rnn_jax_set_aside_{step}")
-    with _manager(directory, max_to_keep) as mngr:
-        mngr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({**meta, DIGEST_KEY: digest}),
-            ),
-            force=True,
+    _silence_orbax_orphans()  # a failed write's orphans call back while it fails
+    try:
+        with _orbax_quiet(), _manager(directory, max_to_keep) as mngr:
+            mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave({**meta, DIGEST_KEY: digest}),
+                ),
+                force=True,
+            )
+            mngr.wait_until_finished()
+    except Exception as e:
+        problem = storage_problem(e)
+        if problem is None:
+            raise
+        _remove_temporaries(directory, step)
+        steps = _steps(directory)
+        kept = (
+            f"the previous checkpoints are intact (newest: step {steps[0]})"
+            if steps
+            else "no checkpoint had been written before"
         )
-        mngr.wait_until_finished()
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {step} in {directory!r}: {problem}; its partial files are "
+            f"removed and {kept}. Free space (or make the directory writable) and rerun the "
+            "same command to resume"
+        ) from None
+
+
+def _remove_temporaries(directory: str, step: int):
+    """Deletes what orbax left of a failed save of ``step``: ``<step>.orbax-checkpoint-tmp*``."""
+    prefix = f"{step}.orbax-checkpoint-tmp"
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if name.startswith(prefix):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def latest_step(directory: str) -> int | None:

@@ -45,6 +45,28 @@ def clean_text(raw: bytes) -> str:
     return " ".join(pieces)
 
 
+def _wide_encoding(raw: bytes) -> str | None:
+    """``"UTF-16"``/``"UTF-32"`` (with byte order) when ``raw`` looks like one, else None:
+    a byte-order mark, or NULs in every other byte as UTF-16 gives ASCII text."""
+    boms = (
+        (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
+        (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+        (b"\xff\xfe", "UTF-16 (little-endian)"),
+        (b"\xfe\xff", "UTF-16 (big-endian)"),
+    )
+    for bom, encoding in boms:
+        if raw.startswith(bom):
+            return encoding
+    head = raw[:65536]
+    if len(head) >= 4:
+        even, odd = head[0::2], head[1::2]
+        if odd.count(0) > 0.9 * len(odd) and even.count(0) < 0.1 * len(even):
+            return "UTF-16 (little-endian)"
+        if even.count(0) > 0.9 * len(even) and odd.count(0) < 0.1 * len(odd):
+            return "UTF-16 (big-endian)"
+    return None
+
+
 def _looks_binary(raw: bytes) -> bool:
     head = raw[:65536]
     if b"\x00" in head:
@@ -64,7 +86,8 @@ def load_text(path: str, min_length: int = 2, *, name: str = "path") -> str:
         name, e.g. an experiment's ``text``.
 
     Raises:
-      TextError: the file is missing, unreadable, empty, binary or too short after cleaning.
+      TextError: the file is missing, unreadable, empty, UTF-16/UTF-32 (named, with the
+        command that converts it), binary or too short after cleaning.
     """
     if not os.path.exists(path):
         raise TextError(f"{name}={path!r} does not exist; pass an existing text file")
@@ -80,6 +103,15 @@ def load_text(path: str, min_length: int = 2, *, name: str = "path") -> str:
         ) from e
     if not raw or raw.isspace():  # raw.strip() would copy a large file
         raise TextError(f"{name}={path!r} is empty; pass a non-empty text file")
+    encoding = _wide_encoding(raw)
+    if encoding is not None:
+        family = encoding.split()[0] + ("LE" if "little" in encoding else "BE")
+        raise TextError(
+            f"{name}={path!r} is {encoding} text; the corpus is read as bytes, ASCII kept "
+            f"(UTF-8 and Latin-1 work as they are): convert it first, e.g. "
+            f"`iconv -f {family} -t UTF-8 {path} > {os.path.splitext(path)[0]}.utf8.txt`, "
+            "and pass that file"
+        )
     if _looks_binary(raw):
         raise TextError(
             f"{name}={path!r} looks like a binary file, not text; pass a plain text file"

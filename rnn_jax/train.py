@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh
@@ -348,6 +349,93 @@ def generated(
     return Batches(plan, take, num_steps)
 
 
+def _run_steps(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    batches: Batches,
+    state: TrainState,
+    data: Any,
+    first,
+    count: int,
+    mesh: Mesh | None,
+    trace: bool,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Steps ``first .. first + count - 1`` of the pass keyed by ``state.key``, and their sums.
+
+    The pass's plan (its shuffle, its draws) comes from ``state.key`` alone, so a pass run as
+    several calls takes the same batches as one call; ``state.key`` moves on once the pass's
+    last step has run. ``first`` may be traced (one compilation serves every call of a size).
+    """
+    key, plan_key = jax.random.split(state.key)
+    plan = batches.plan(plan_key, data)
+    first_step = state.step
+
+    def body(state, i):
+        batch, weights = batches.take(plan, data, i)
+        return apply_update(loss_fn, optimizer, state, batch, weights)
+
+    state = _replicated(state, mesh)
+    state, per_step = jax.lax.scan(body, state, first + jnp.arange(count))
+    if isinstance(first, int) and first + count >= batches.num_steps:
+        state = state._replace(key=key)
+    elif not isinstance(first, int):
+        state = state._replace(key=jnp.where(first + count >= batches.num_steps, key, state.key))
+    grad_norms, examples = per_step.pop("grad_norm"), per_step.pop("examples")
+    sums = {k: jnp.sum(v) for k, v in per_step.items()}
+    sums["examples"] = jnp.sum(examples)
+    sums["grad_norm_max"] = jnp.max(grad_norms)
+    loss_ok, grad_ok = jnp.isfinite(per_step["loss"]), jnp.isfinite(grad_norms)
+    sums["finite"] = jnp.all(loss_ok & grad_ok)
+    bad = jnp.argmin(loss_ok & grad_ok)  # the first False; 0 when there is none
+    sums["nonfinite_step"] = jnp.where(sums["finite"], -1, first_step + bad + 1)
+    sums["nonfinite_loss"] = ~loss_ok[bad]
+    sums["nonfinite_gradient"] = ~grad_ok[bad]
+    if trace:
+        sums["step_loss"] = per_step["loss"] / jnp.maximum(examples, 1.0)
+        sums["step_grad_norm"] = grad_norms
+    return _replicated(state, mesh), sums
+
+
+# Entries of a run of steps' sums that are not per-example sums (see summarize).
+_NOT_SUMMED = (
+    "examples",
+    "grad_norm_max",
+    "finite",
+    "nonfinite_step",
+    "nonfinite_loss",
+    "nonfinite_gradient",
+    "step_loss",
+    "step_grad_norm",
+)
+
+
+def summarize(sums: dict) -> dict:
+    """The metrics of a run of steps from its sums: per-example sums become means over the
+    examples seen; the rest (``grad_norm_max``, ``finite``, ``nonfinite_*``, traces) is kept.
+    Works on device arrays (inside ``jit``) and on NumPy values."""
+    seen = sums["examples"]
+    return {k: (v if k in _NOT_SUMMED else v / seen) for k, v in sums.items() if k != "examples"}
+
+
+def merge_sums(before: dict | None, after: dict) -> dict:
+    """The sums of two consecutive runs of steps of one pass (host NumPy values), in order."""
+    if before is None:
+        return dict(after)
+    merged = {}
+    for k, v in after.items():
+        if k == "grad_norm_max":
+            merged[k] = np.maximum(before[k], v)
+        elif k == "finite":
+            merged[k] = np.logical_and(before[k], v)
+        elif k.startswith("nonfinite_"):
+            merged[k] = before[k] if not before["finite"] else v
+        elif k in ("step_loss", "step_grad_norm"):
+            merged[k] = np.concatenate([before[k], v])
+        else:
+            merged[k] = np.add(before[k], v, dtype=np.asarray(v).dtype)
+    return merged
+
+
 def train_steps(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -370,30 +458,66 @@ def train_steps(
       ``step_loss`` and ``step_grad_norm``, ``(num_steps,)`` each (the loss of each step's
       batch, before its update).
     """
-    key, plan_key = jax.random.split(state.key)
-    plan = batches.plan(plan_key, data)
-    first_step = state.step
+    state, sums = _run_steps(
+        loss_fn, optimizer, batches, state, data, 0, batches.num_steps, mesh, trace
+    )
+    return state, summarize(sums)
 
-    def body(state, i):
-        batch, weights = batches.take(plan, data, i)
-        return apply_update(loss_fn, optimizer, state, batch, weights)
 
-    state = _replicated(state._replace(key=key), mesh)
-    state, sums = jax.lax.scan(body, state, jnp.arange(batches.num_steps))
-    grad_norms, examples = sums.pop("grad_norm"), sums.pop("examples")
-    seen = jnp.sum(examples)
-    metrics = {k: jnp.sum(v) / seen for k, v in sums.items()}
-    metrics["grad_norm_max"] = jnp.max(grad_norms)
-    loss_ok, grad_ok = jnp.isfinite(sums["loss"]), jnp.isfinite(grad_norms)
-    metrics["finite"] = jnp.all(loss_ok & grad_ok)
-    first = jnp.argmin(loss_ok & grad_ok)  # the first False; 0 when there is none
-    metrics["nonfinite_step"] = jnp.where(metrics["finite"], -1, first_step + first + 1)
-    metrics["nonfinite_loss"] = ~loss_ok[first]
-    metrics["nonfinite_gradient"] = ~grad_ok[first]
-    if trace:
-        metrics["step_loss"] = sums["loss"] / jnp.maximum(examples, 1.0)
-        metrics["step_grad_norm"] = grad_norms
-    return _replicated(state, mesh), metrics
+class TrainSteps:
+    """Jitted runs of :func:`train_steps`' updates; what :func:`make_train_steps` returns.
+
+    ``steps(state, data) -> (state, metrics)`` runs one whole pass (an epoch) as one compiled
+    call. :func:`fit` instead runs a pass as several calls of at most ``steps_per_call`` steps
+    (:meth:`run`), to report progress and checkpoint inside long epochs; the updates are the
+    same either way (the pass's batches come from ``state.key``, tests/test_train.py pins the
+    states bit-identical). :meth:`compile` compiles ahead of the first call, so that its time
+    is reported apart from training time.
+
+    Attributes:
+      num_steps: updates per pass.
+    """
+
+    def __init__(self, loss_fn, optimizer, batches: Batches, mesh: Mesh | None, trace: bool):
+        self.num_steps = batches.num_steps
+        self._mesh = mesh
+
+        def run(state, data, first, count):
+            return _run_steps(loss_fn, optimizer, batches, state, data, first, count, mesh, trace)
+
+        def whole(state, data):
+            return train_steps(loss_fn, optimizer, batches, state, data, mesh=mesh, trace=trace)
+
+        self._run = jax.jit(run, static_argnums=3)
+        self._whole = _on_mesh(jax.jit(whole), mesh)
+        self._compiled: dict[int, Any] = {}
+
+    def __call__(self, state: TrainState, data) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self._whole(state, data)
+
+    def _placed(self, state, data):
+        if self._mesh is None:
+            return state, data
+        return parallel.replicate(state, self._mesh), parallel.replicate(data, self._mesh)
+
+    def compile(self, state: TrainState, data, counts) -> float:
+        """Compiles :meth:`run` for each size in ``counts`` ahead of time; the seconds taken."""
+        tic = time.perf_counter()
+        state, data = self._placed(state, data)
+        first = jnp.zeros((), jnp.int32)
+        for count in sorted(set(counts) - set(self._compiled)):
+            self._compiled[count] = self._run.lower(state, data, first, count).compile()
+        return time.perf_counter() - tic
+
+    def run(self, state: TrainState, data, first: int, count: int):
+        """Steps ``first .. first + count - 1`` of the pass keyed by ``state.key``:
+        ``(state, sums)`` (per-example sums; :func:`summarize`, :func:`merge_sums`)."""
+        state, data = self._placed(state, data)
+        first = jnp.asarray(first, jnp.int32)
+        compiled = self._compiled.get(count)
+        if compiled is not None:
+            return compiled(state, data, first)
+        return self._run(state, data, first, count)
 
 
 def make_train_steps(
@@ -403,20 +527,16 @@ def make_train_steps(
     *,
     mesh: Mesh | None = None,
     trace: bool = False,
-):
+) -> TrainSteps:
     """Jitted ``run(state, data) -> (state, metrics)``: :func:`train_steps` as one compiled call.
 
     With :func:`shuffled_epoch` batches, one call is an epoch, fused on device. With a ``mesh``
     (:func:`rnn_jax.parallel.make_mesh`; give the batches the same mesh) params, optimiser
     state and ``data`` are replicated and each batch is split over the devices: the same
-    updates as on one device, up to the order of float32 sums.
+    updates as on one device, up to the order of float32 sums. The result is a
+    :class:`TrainSteps`, which :func:`fit` also runs in parts of an epoch.
     """
-
-    @jax.jit
-    def run(state: TrainState, data):
-        return train_steps(loss_fn, optimizer, batches, state, data, mesh=mesh, trace=trace)
-
-    return _on_mesh(run, mesh)
+    return TrainSteps(loss_fn, optimizer, batches, mesh, trace)
 
 
 def make_evaluate(loss_fn: LossFn, batches: Batches, *, mesh: Mesh | None = None):
@@ -534,7 +654,8 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss or gradient; the last good checkpoint is kept."""
 
 
-def _check_resumable(directory: str, step: int, meta: dict):
+def _check_resumable(directory: str, step: int, meta: dict) -> dict:
+    """The saved meta of checkpoint ``step``, once every entry of ``meta`` matches it."""
     saved = restore_meta(directory, step)
     problems = []
     for key, value in meta.items():
@@ -543,23 +664,81 @@ def _check_resumable(directory: str, step: int, meta: dict):
         elif key == "config":
             for name in sorted(set(value) | set(saved[key])):
                 old, new = saved[key].get(name), value.get(name)
-                if old != new:
+                if isinstance(old, dict) and isinstance(new, dict):
+                    # Compared entry by entry; an entry the checkpoint lacks (written before
+                    # it existed) is not held against it.
+                    problems += [
+                        f"{name}=...: {k} {new[k]!r} differs from the checkpoint's {old[k]!r}"
+                        for k in sorted(set(old) & set(new))
+                        if old[k] != new[k]
+                    ]
+                    problems += [
+                        f"{name}=...: {k} missing in this run" for k in sorted(set(old) - set(new))
+                    ]
+                elif old != new:
                     problems.append(f"{name}={new!r} differs from the checkpoint's {old!r}")
         elif saved[key] != value:
             problems.append(f"{key}: the checkpoint has {saved[key]!r}, this run {value!r}")
     if problems:
         raise CheckpointError(
-            f"the checkpoint in {directory!r} (iteration {step}) was written by a different "
+            f"the checkpoint in {directory!r} (step {step}) was written by a different "
             "run:\n  "
             + "\n  ".join(problems)
             + "\nResume it with the configuration it was written with, or use a new workdir."
         )
+    return saved
 
 
 def read_history(workdir: str) -> list[dict]:
     """The rows of ``workdir/metrics.jsonl`` that :func:`fit` wrote, one per iteration (read
     only: a torn last line is left out, not repaired; :func:`fit` repairs it under its lock)."""
     return read_log(os.path.join(workdir, "metrics.jsonl"), repair=False)
+
+
+class _Position(NamedTuple):
+    """Where a run stands: ``iteration`` iterations done, then ``epoch`` epochs and ``steps``
+    steps of the next, with that epoch's ``sums`` so far (host values) and ``seconds``."""
+
+    iteration: int
+    epoch: int = 0
+    steps: int = 0
+    sums: dict | None = None
+    seconds: float = 0.0
+
+
+PROGRESS_KEY = "_progress"
+
+
+def _progress_meta(position: _Position) -> dict:
+    """The position as JSON, exactly: float32 sums are exact as Python floats."""
+    sums = None
+    if position.sums is not None:
+        sums = {
+            k: {"dtype": str(np.asarray(v).dtype), "value": np.asarray(v).tolist()}
+            for k, v in position.sums.items()
+        }
+    return {**position._asdict(), "sums": sums}
+
+
+def _position_from_meta(saved: dict, step: int) -> _Position:
+    progress = saved.get(PROGRESS_KEY)
+    if progress is None:  # written before mid-epoch checkpoints: indexed by iteration
+        return _Position(iteration=step)
+    sums = progress.get("sums")
+    if sums is not None:
+        sums = {k: np.asarray(v["value"], dtype=v["dtype"]) for k, v in sums.items()}
+    return _Position(
+        progress["iteration"], progress["epoch"], progress["steps"], sums, progress["seconds"]
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(round(seconds), 0)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def fit(
@@ -574,17 +753,32 @@ def fit(
     on_iteration: Callable[[int, TrainState, dict], dict] | None = None,
     stop: Callable[[dict], bool] | None = None,
     max_to_keep: int = 3,
+    steps_per_call: int | None = None,
+    checkpoint_every: int | None = None,
+    progress_seconds: float | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """The training loop: compiled runs of steps, a checkpoint and a metrics line per iteration.
 
-    Each iteration runs ``epochs_per_iteration`` calls of ``train_fn(state, data)`` (see
-    :func:`make_train_steps`), then ``on_iteration(iteration, state, metrics)`` (evaluation,
+    Each iteration runs ``epochs_per_iteration`` epochs of ``train_fn`` (a
+    :class:`TrainSteps` from :func:`make_train_steps`; or any ``(state, data) -> (state,
+    metrics)``, run whole), then ``on_iteration(iteration, state, metrics)`` (evaluation,
     samples), whose dict is merged into the iteration's metrics; the metrics are appended to
     ``workdir/metrics.jsonl`` and an orbax checkpoint of ``state`` with ``meta`` is written to
-    ``workdir/checkpoints``. With an existing checkpoint in ``workdir`` the loop resumes after
-    its iteration, once ``meta`` is checked against the saved one (a mismatch raises a
-    :class:`~rnn_jax.checkpoint.CheckpointError` naming what differs). Everything random is
-    drawn from ``state.key``, so a resumed run ends bit-identical to an uninterrupted one.
+    ``workdir/checkpoints``, indexed by ``state.step``. With an existing checkpoint in
+    ``workdir`` the loop resumes from it, once ``meta`` is checked against the saved one (a
+    mismatch raises a :class:`~rnn_jax.checkpoint.CheckpointError` naming what differs).
+    Everything random is drawn from ``state.key``, so a resumed run ends bit-identical to an
+    uninterrupted one.
+
+    Long epochs: a :class:`TrainSteps` epoch runs as calls of at most ``steps_per_call``
+    steps; between calls, a progress line (steps, examples/s, loss so far, ETA) is logged
+    once ``progress_seconds`` have passed since the last, and a checkpoint of the position
+    inside the epoch (with the epoch's metric sums so far) is written once
+    ``checkpoint_every`` steps have passed since the last checkpoint. A run resumed from it
+    ends bit-identical to an uninterrupted one, metrics included. The calls are compiled
+    before the first (:meth:`TrainSteps.compile`): the first iteration's row gets
+    ``compile_seconds``, and its ``seconds`` are training alone.
 
     Only one run at a time may use a ``workdir``: :func:`rnn_jax.workdir.lock_workdir` is
     held for the whole call (a second run is refused at once, naming the holder's PID; the
@@ -595,10 +789,15 @@ def fit(
     Args:
       stop: ``metrics -> bool``, asked after every iteration (and of the last one a resumed
         run finds): true ends training there, e.g. once a target is met.
+      steps_per_call: the most steps per compiled call (None: a whole epoch per call).
+      checkpoint_every: steps between checkpoints inside an epoch (None: at iteration ends
+        only). Counted at call boundaries.
+      progress_seconds: seconds between progress lines inside an epoch (None: none).
+      log: where the resume, compile and progress lines go (default ``absl.logging.info``).
 
     Raises:
-      NonFiniteLossError: an epoch's loss or gradient was NaN or infinite; nothing of that
-        iteration is saved, so the last good checkpoint stays the latest.
+      NonFiniteLossError: a loss or gradient was NaN or infinite; nothing after the last
+        checkpoint is saved, so the last good checkpoint stays the latest.
 
     Returns:
       ``(state, history)``: the final state and one dict per iteration, those of an earlier
@@ -608,13 +807,17 @@ def fit(
         raise CheckpointError(
             f"workdir={workdir!r} is a file, not a directory; pass a directory (created if missing)"
         )
+    for name, value in (("steps_per_call", steps_per_call), ("checkpoint_every", checkpoint_every)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be a positive number of steps, or None")
+    log = logging.info if log is None else log
 
     primary = jax.process_index() == 0  # multi-host: one process writes the shared log
     meta = dict(meta or {})
     # One run per workdir: the lock comes before anything is read or written there.
     holding = workdir is not None and primary
     with lock_workdir(workdir) if holding else contextlib.nullcontext():
-        start, ckpt_dir, log_path, history = 0, None, None, []
+        position, ckpt_dir, log_path, history, found = _Position(0), None, None, [], None
         if workdir is not None:
             ckpt_dir = os.path.join(workdir, "checkpoints")
             log_path = os.path.join(workdir, "metrics.jsonl")
@@ -629,63 +832,146 @@ def fit(
                 )
             found = intact.step
             if found is not None:
-                _check_resumable(ckpt_dir, found, meta)
+                saved = _check_resumable(ckpt_dir, found, meta)
                 state, _ = restore_checkpoint(ckpt_dir, found, state)
-                start = found
-                logging.info(
-                    "resuming from iteration %d, the newest intact checkpoint in %s",
-                    found,
-                    ckpt_dir,
-                )
+                position = _position_from_meta(saved, found)
+                if position.iteration < iterations:
+                    log(_resume_line(position, found, ckpt_dir, train_fn, iterations))
             # The last row of each iteration up to the checkpoint's: rows of iterations that were
             # logged but not checkpointed are trained again.
             rows = read_log(log_path, repair=primary)
             history = sorted(
-                {row["iteration"]: row for row in rows if row["iteration"] <= start}.values(),
+                {
+                    row["iteration"]: row for row in rows if row["iteration"] <= position.iteration
+                }.values(),
                 key=lambda row: row["iteration"],
             )
-            if primary:
+            if primary and rows != history:
                 rewrite_log(log_path, history)
         if history and stop is not None and stop(history[-1]):
+            log(f"the stop condition holds at iteration {position.iteration}: nothing to do")
+            return state, history
+        if position.iteration >= iterations:
+            if found is not None:
+                log(
+                    f"all {iterations} iterations are done (the checkpoint in {ckpt_dir} is at "
+                    f"iteration {position.iteration}): nothing to do; raise iterations to "
+                    "train further"
+                )
             return state, history
 
-        for iteration in range(start + 1, iterations + 1):
-            for _ in range(epochs_per_iteration):
-                tic = time.perf_counter()
-                state, metrics = train_fn(state, data)
-                metrics = {k: v.tolist() for k, v in jax.device_get(metrics).items()}
-                seconds = time.perf_counter() - tic
-                if not metrics.pop("finite"):
-                    saved = start if iteration == start + 1 else iteration - 1
-                    raise NonFiniteLossError(
-                        _nonfinite_message(iteration, metrics, ckpt_dir, saved)
-                    )
+        chunked = isinstance(train_fn, TrainSteps)
+        epoch_steps = train_fn.num_steps if chunked else None
+        call = min(steps_per_call or epoch_steps, epoch_steps) if chunked else None
+        compile_seconds = None
+        if chunked:
+            counts = {call} | ({epoch_steps % call} if epoch_steps % call else set())
+            counts |= {min(call, epoch_steps - position.steps)} if position.steps else set()
+            compile_seconds = train_fn.compile(state, data, counts)
+            log(f"compiled the training steps in {compile_seconds:.1f} s")
+        last_saved = int(state.step) if found is not None else None
+
+        def save(step_position: _Position):
+            nonlocal last_saved
+            if workdir is not None:
+                saved_meta = {**meta, PROGRESS_KEY: _progress_meta(step_position)}
+                last_saved = int(state.step)
+                save_checkpoint(ckpt_dir, last_saved, state, saved_meta, max_to_keep)
+
+        def failed(iteration, metrics):
+            return NonFiniteLossError(_nonfinite_message(iteration, metrics, ckpt_dir, last_saved))
+
+        for iteration in range(position.iteration + 1, iterations + 1):
+            for epoch in range(position.epoch, epochs_per_iteration):
+                if not chunked:
+                    tic = time.perf_counter()
+                    state, metrics = train_fn(state, data)
+                    metrics = {k: v.tolist() for k, v in jax.device_get(metrics).items()}
+                    seconds = time.perf_counter() - tic
+                    if not metrics.pop("finite"):
+                        raise failed(iteration, metrics)
+                else:
+                    done, sums, seconds = position.steps, position.sums, position.seconds
+                    last_line = time.perf_counter()
+                    while done < epoch_steps:
+                        count = min(call, epoch_steps - done)
+                        tic = time.perf_counter()
+                        state, part = train_fn.run(state, data, done, count)
+                        part = jax.device_get(part)
+                        seconds += time.perf_counter() - tic
+                        if not part["finite"]:
+                            raise failed(iteration, {k: v.tolist() for k, v in part.items()})
+                        sums, done = merge_sums(sums, part), done + count
+                        if done == epoch_steps:
+                            break
+                        position = _Position(iteration - 1, epoch, done, sums, seconds)
+                        if (
+                            checkpoint_every is not None
+                            and int(state.step) - (last_saved or 0) >= checkpoint_every
+                        ):
+                            save(position)
+                        now = time.perf_counter()
+                        if progress_seconds is not None and now - last_line >= progress_seconds:
+                            log(_progress_line(position, epoch_steps, epochs_per_iteration))
+                            last_line = now
+                    metrics = {k: v.tolist() for k, v in summarize(sums).items()}
+                    metrics.pop("finite")
                 for name in _NONFINITE_KEYS:
                     metrics.pop(name, None)
+                position = _Position(iteration - 1, epoch + 1)
             metrics = {
                 "iteration": iteration,
                 "step": int(state.step),
                 **metrics,
                 "seconds": seconds,
             }
+            if compile_seconds is not None:
+                metrics["compile_seconds"], compile_seconds = compile_seconds, None
             if on_iteration is not None:
                 metrics.update(on_iteration(iteration, state, metrics))
             # The form a resumed run reads back from metrics.jsonl: string keys, lists.
             metrics = json.loads(json.dumps(metrics))
             history.append(metrics)
+            position = _Position(iteration)
             if workdir is not None:
                 if primary:
                     append_log(log_path, metrics)
-                save_checkpoint(ckpt_dir, iteration, state, meta, max_to_keep)
+                save(position)
             if stop is not None and stop(metrics):
                 break
         return state, history
 
 
+def _resume_line(position: _Position, step: int, ckpt_dir: str, train_fn, iterations: int) -> str:
+    where = f"iteration {position.iteration} done"
+    if position.steps:
+        of = f" of {train_fn.num_steps}" if isinstance(train_fn, TrainSteps) else ""
+        where += f", {position.steps}{of} steps into the next epoch"
+    return (
+        f"resuming from step {step} in {ckpt_dir} ({where}); training up to iteration {iterations}"
+    )
+
+
+def _progress_line(position: _Position, epoch_steps: int, epochs_per_iteration: int) -> str:
+    sums, seconds = position.sums, position.seconds
+    rate = float(sums["examples"]) / max(seconds, 1e-9)
+    left = (epoch_steps - position.steps) * seconds / max(position.steps, 1)
+    epoch = (
+        f", epoch {position.epoch + 1}/{epochs_per_iteration}" if epochs_per_iteration > 1 else ""
+    )
+    return (
+        f"iteration {position.iteration + 1}{epoch}: {position.steps}/{epoch_steps} steps "
+        f"({100 * position.steps / epoch_steps:.0f}%), {rate:.0f} examples/s, loss so far "
+        f"{float(sums['loss']) / float(sums['examples']):.4f}, epoch ETA {_duration(left)}"
+    )
+
+
 _NONFINITE_KEYS = ("nonfinite_step", "nonfinite_loss", "nonfinite_gradient")
 
 
-def _nonfinite_message(iteration: int, metrics: dict, ckpt_dir: str | None, saved: int) -> str:
+def _nonfinite_message(
+    iteration: int, metrics: dict, ckpt_dir: str | None, saved: int | None
+) -> str:
     """What happened (which quantity, which step), what is kept, and what helps."""
     step = metrics.get("nonfinite_step", -1)
     at = f"at step {step}" if step >= 0 else "in this epoch"
@@ -697,11 +983,11 @@ def _nonfinite_message(iteration: int, metrics: dict, ckpt_dir: str | None, save
         advice = "clip the gradient norm (clip_norm), or lower the learning rate"
     if ckpt_dir is None:
         kept = "nothing is saved without a workdir"
-    elif saved > 0:
-        kept = f"the last good checkpoint, iteration {saved} in {ckpt_dir}, is kept"
+    elif saved is not None:
+        kept = f"the last good checkpoint, step {saved} in {ckpt_dir}, is kept"
     else:
         kept = "no checkpoint had been written yet"
     return (
-        f"iteration {iteration}: {what}; stopped without saving this iteration, {kept}. "
+        f"iteration {iteration}: {what}; stopped without saving after it, {kept}. "
         f"To go on, {advice}."
     )

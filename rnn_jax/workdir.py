@@ -1,6 +1,7 @@
 """One run per workdir (an exclusive lock) and its metrics log, kept whole across kills."""
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -24,6 +25,38 @@ class WorkdirError(ValueError):
 
 class WorkdirBusy(WorkdirError):
     """Another live process holds the workdir's lock; the message names its PID and host."""
+
+
+# errno -> what a full, read-only or refused disk means, in words; from the exception's errno or
+# its text (orbax and tensorstore re-raise OS errors as ValueError/Exception with the text).
+_STORAGE_ERRORS = {
+    errno.ENOSPC: ("the disk is full", "No space left on device"),
+    errno.EDQUOT: ("the disk quota is exceeded", "Disk quota exceeded"),
+    errno.EROFS: ("the filesystem is read-only", "Read-only file system"),
+    errno.EACCES: ("permission is denied", "Permission denied"),
+}
+
+
+def storage_problem(e: BaseException) -> str | None:
+    """``"the disk is full"`` (or quota, read-only, permission) when ``e`` or one of its causes
+    is that OS error, else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "errno", None)
+        for number, (words, text) in _STORAGE_ERRORS.items():
+            if code == number or text in str(e) or f"os_error_code='{number}'" in str(e):
+                return words
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _storage_error(path: str, action: str, e: OSError) -> "WorkdirError":
+    problem = storage_problem(e) or e.strerror or str(e)
+    return WorkdirError(
+        f"cannot {action} {path!r}: {problem}; nothing written before is lost. Free space (or "
+        "make it writable) and rerun the same command to resume"
+    )
 
 
 def _record(content: bytes) -> dict | None:
@@ -135,8 +168,11 @@ def lock_workdir(workdir: str) -> Iterator[str]:
             "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError as e:
+            raise _storage_error(path, "write the lock record to", e) from e
         with _held_guard:
             _held.add(key)
         try:
@@ -161,11 +197,16 @@ def _fsync_dir(directory: str):
 
 def _replace(path: str, data: bytes):
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     _fsync_dir(os.path.dirname(path))
 
 
@@ -237,14 +278,20 @@ def append_log(path: str, row: dict):
     """Appends ``row`` as one JSON line and makes it durable (flush + fsync) before returning."""
     line = _encode(row)
     new = not os.path.exists(path)
-    with open(path, "ab") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    if new:
-        _fsync_dir(os.path.dirname(path))
+    try:
+        with open(path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            _fsync_dir(os.path.dirname(path))
+    except OSError as e:  # a part-written line is repaired by the next read_log
+        raise _storage_error(path, "append to", e) from e
 
 
 def rewrite_log(path: str, rows: list[dict]):
     """Replaces the log with ``rows`` atomically: a kill leaves the old file or the new one."""
-    _replace(path, b"".join(_encode(row) for row in rows))
+    try:
+        _replace(path, b"".join(_encode(row) for row in rows))
+    except OSError as e:
+        raise _storage_error(path, "rewrite", e) from e

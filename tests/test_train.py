@@ -351,7 +351,7 @@ def test_shuffled_epoch_equals_loop_of_updates():
     run = _epoch()
     new, metrics = run(state, data)
     new2, _ = run(new, data)
-    assert run._cache_size() == 1  # the second call reuses the first compilation
+    assert run._whole._cache_size() == 1  # the second call reuses the first compilation
 
     # The loop: the epoch splits its shuffle key from state.key, as documented; the last batch
     # padded with a weight-0 row (the same update as the 3 real rows alone, tested above).
@@ -570,12 +570,12 @@ def test_fit_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     # Which quantity, which step, which checkpoint is kept, what helps.
     message = str(err.value)
     assert message.startswith("iteration 4: the loss became NaN or infinite at step 4")
-    assert "iteration 3 in" in message and "lower the learning rate" in message
+    assert "step 3 in" in message and "lower the learning rate" in message
     ckpt = os.path.join(workdir, "checkpoints")
     assert checkpoint.latest_step(ckpt) == 3
     restored, meta = checkpoint.restore_checkpoint(ckpt, 3, state)
     assert float(restored.params["w"]) == 3.0 and int(restored.step) == 3
-    assert meta == {"config": {"a": 1}}
+    assert meta["config"] == {"a": 1} and meta[train.PROGRESS_KEY]["iteration"] == 3
     rows = _lines(workdir)
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     assert [r["loss"] for r in rows] == [0.0, -1.0, -2.0] and [r["step"] for r in rows] == [1, 2, 3]
@@ -672,7 +672,7 @@ def test_fit_resumed_run_is_bit_identical(tmp_path):
     _assert_trees_equal(resumed, whole)
 
     def drop_seconds(rows):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
     assert drop_seconds(history_b) == drop_seconds(history)
     assert [h["iteration"] for h in history] == [1, 2, 3]
@@ -813,3 +813,114 @@ def test_fit_resumes_from_the_newest_intact_checkpoint(tmp_path, caplog):
     # Iteration 2 was trained again from iteration 1's checkpoint: the same numbers as before.
     assert [r["iteration"] for r in history] == [1, 2] and float(final.params["w"]) == 2.0
     assert [r["iteration"] for r in _lines(workdir)] == [1, 2]
+
+
+# --- Long epochs: calls of a few steps, progress lines, mid-epoch checkpoints -----------------
+
+
+@functools.cache
+def _long_epoch():
+    """Six steps per epoch (batches of 2, 2, 2, 2, 2, 1), traced."""
+    loss_fn = _char_model("simple_rnn")[1]
+    return train.make_train_steps(loss_fn, OPT, train.shuffled_epoch(_gather, N, 2), trace=True)
+
+
+def test_an_epoch_run_in_calls_equals_one_call():
+    """Steps 0-3 then 4-5 (and 0-1, 2-3, 4-5) give the state of one whole call bit for bit,
+    and the merged sums its metrics (the same per-step sums, added in another order)."""
+    model = _char_model("simple_rnn")[0]
+    data, steps = _data(), _long_epoch()
+    state = train.create_train_state(_params(model, seed=6), OPT, jax.random.PRNGKey(8))
+    whole, metrics = steps(state, data)
+    for sizes in ((4, 2), (2, 2, 2), (5, 1)):
+        part, sums, first = state, None, 0
+        for size in sizes:
+            part, piece = steps.run(part, data, first, size)
+            if first + size < steps.num_steps:  # the pass's key moves on at its end only
+                np.testing.assert_array_equal(part.key, state.key)
+            sums, first = train.merge_sums(sums, jax.device_get(piece)), first + size
+        _assert_trees_equal(part, whole)
+        merged = train.summarize(sums)
+        np.testing.assert_array_equal(merged["step_loss"], metrics["step_loss"])
+        assert float(merged["loss"]) == pytest.approx(float(metrics["loss"]), rel=1e-6)
+        assert float(merged["grad_norm_max"]) == float(metrics["grad_norm_max"])
+        assert bool(merged["finite"]) and int(merged["nonfinite_step"]) == -1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_fit_checkpoints_inside_epochs_and_resumes_bit_identically(tmp_path):
+    """Calls of 2 steps (3 per epoch), a checkpoint every 2 steps, a progress line after
+    every call. A run interrupted right after its first mid-epoch checkpoint of iteration 2 and
+    then resumed ends bit-identical to one never stopped, metrics and history included."""
+    model = _char_model("simple_rnn")[0]
+    data, run = _data(), _long_epoch()
+    state = train.create_train_state(_params(model, seed=4), OPT, jax.random.PRNGKey(2))
+    kwargs = dict(
+        meta={"config": {"units": 8}},
+        steps_per_call=2,
+        checkpoint_every=2,
+        progress_seconds=1e-9,
+    )
+    lines = []
+    whole, history = train.fit(
+        state, run, data, iterations=3, workdir=str(tmp_path / "a"), log=lines.append, **kwargs
+    )
+    progress = [line for line in lines if "steps (" in line]
+    assert len(progress) == 3 * 2  # after the 1st and 2nd call of each epoch, not the last
+    assert progress[0].startswith("iteration 1: 2/6 steps (33%), ")
+    assert "examples/s, loss so far " in progress[0] and "epoch ETA " in progress[0]
+    assert any(line.startswith("compiled the training steps in ") for line in lines)
+    assert history[0]["compile_seconds"] > 0 and "compile_seconds" not in history[1]
+    ckpt_a = os.path.join(str(tmp_path / "a"), "checkpoints")
+    assert checkpoint.latest_step(ckpt_a) == 18
+
+    workdir = str(tmp_path / "b")
+    seen = []
+
+    def interrupt_in_iteration_2(line):
+        seen.append(line)
+        if line.startswith("iteration 2: 4/6 steps"):  # after steps 8-10's call and checkpoint
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train.fit(
+            state, run, data, iterations=3, workdir=workdir, log=interrupt_in_iteration_2, **kwargs
+        )
+    ckpt_b = os.path.join(workdir, "checkpoints")
+    assert checkpoint.latest_step(ckpt_b) == 10  # 6 (iteration 1) + 4 steps into iteration 2
+    saved = checkpoint.restore_meta(ckpt_b, 10)[train.PROGRESS_KEY]
+    assert (saved["iteration"], saved["epoch"], saved["steps"]) == (1, 0, 4)
+    assert [r["iteration"] for r in train.read_history(workdir)] == [1]
+
+    lines = []
+    resumed, history_b = train.fit(
+        state, run, data, iterations=3, workdir=workdir, log=lines.append, **kwargs
+    )
+    assert lines[0].startswith(f"resuming from step 10 in {ckpt_b} (iteration 1 done, 4 of 6 ")
+    _assert_trees_equal(resumed, whole)
+
+    def drop_seconds(rows):
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+    assert drop_seconds(history_b) == drop_seconds(history)
+    assert drop_seconds(train.read_history(workdir)) == drop_seconds(history)
+
+    # A rerun has nothing to do and says so.
+    lines = []
+    again, history_c = train.fit(
+        state, run, data, iterations=3, workdir=workdir, log=lines.append, **kwargs
+    )
+    _assert_trees_equal(again, whole)
+    assert history_c == train.read_history(workdir)
+    assert lines[-1].startswith("all 3 iterations are done (the checkpoint in ")
+    assert "nothing to do; raise iterations to train further" in lines[-1]
+
+
+def test_fit_refuses_non_positive_step_counts():
+    state, run, data = _counter_problem()
+    for name in ("steps_per_call", "checkpoint_every"):
+        with pytest.raises(ValueError, match=f"{name}=0 must be a positive number of steps"):
+            train.fit(state, run, data, iterations=1, **{name: 0})
