@@ -681,10 +681,9 @@ def _check_resumable(directory: str, step: int, meta: dict) -> dict:
             problems.append(f"{key}: the checkpoint has {saved[key]!r}, this run {value!r}")
     if problems:
         raise CheckpointError(
-            f"the checkpoint in {directory!r} (step {step}) was written by a different "
-            "run:\n  "
-            + "\n  ".join(problems)
-            + "\nResume it with the configuration it was written with, or use a new workdir."
+            f"the checkpoint in {directory!r} (step {step}) was written by a different run: "
+            + "; ".join(problems)
+            + ". Resume it with the configuration it was written with, or use a new workdir."
         )
     return saved
 
@@ -823,13 +822,14 @@ def fit(
             log_path = os.path.join(workdir, "metrics.jsonl")
             # The newest step that reads back and matches its digest; damaged newer ones are named.
             intact = newest_intact(ckpt_dir)
-            for line in intact.skipped:
-                logging.warning(line)
             if intact.step is None and intact.skipped:
                 raise CheckpointError(
-                    f"no intact checkpoint in {ckpt_dir!r}: all {len(intact.skipped)} are damaged "
-                    "(listed above); delete them to start afresh, or use a new workdir"
+                    f"no intact checkpoint in {ckpt_dir!r}: all {len(intact.skipped)} are damaged, "
+                    f"the newest as follows: {intact.skipped[0]}. Delete them to start afresh, or "
+                    "use a new workdir"
                 )
+            for line in intact.skipped:
+                logging.warning(line)
             found = intact.step
             if found is not None:
                 saved = _check_resumable(ckpt_dir, found, meta)

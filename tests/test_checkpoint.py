@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from damage import FAULTS, flip, truncate
 
 from rnn_jax import cells, checkpoint, train
 from rnn_jax.models import recurrent, sequence_classifier
@@ -134,54 +135,6 @@ def _copy(three_steps, tmp_path) -> str:
     return directory
 
 
-def _data_file(step_dir: pathlib.Path) -> pathlib.Path:
-    """The largest file of the step's arrays: the data file holding the kernels' bytes."""
-    path = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=os.path.getsize)
-    assert path.parent.name == "d", f"{path} is not an OCDBT data file"
-    return path
-
-
-def _flip(step_dir):
-    path = _data_file(step_dir)
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + 10] = bytes(b ^ 0xFF for b in data[middle : middle + 10])
-    path.write_bytes(bytes(data))
-
-
-def _truncate(step_dir):
-    path = _data_file(step_dir)
-    os.truncate(path, path.stat().st_size // 2)
-
-
-def _zero(step_dir):
-    path = _data_file(step_dir)
-    path.write_bytes(bytes(path.stat().st_size))
-
-
-def _delete_array_metadata(step_dir):
-    (step_dir / "state" / "_METADATA").unlink()
-
-
-def _delete_arrays(step_dir):
-    shutil.rmtree(step_dir / "state")
-
-
-def _garbage_meta(step_dir):
-    (step_dir / "meta" / "metadata").write_bytes(b"\xff\xfe{not json\x00")
-
-
-# fault -> what the message must say is wrong
-FAULTS = {
-    "flipped": (_flip, "its arrays do not match their digest"),
-    "truncated": (_truncate, "cannot read its arrays"),
-    "zeroed": (_zero, "cannot read its arrays"),
-    "no_array_metadata": (_delete_array_metadata, "its array metadata is missing"),
-    "no_arrays": (_delete_arrays, "its array directory"),
-    "garbage_meta": (_garbage_meta, "/3/meta/metadata': UnicodeDecodeError"),
-}
-
-
 @pytest.mark.parametrize("fault", FAULTS)
 def test_damaged_latest_step_is_reported_and_skipped(three_steps, tmp_path, capfd, fault):
     directory, states = _copy(three_steps, tmp_path), three_steps[1]
@@ -238,7 +191,7 @@ def test_no_intact_step(three_steps, tmp_path, capfd):
 def test_intact_steps_and_resaving_a_damaged_step(three_steps, tmp_path):
     directory, states = _copy(three_steps, tmp_path), three_steps[1]
     assert checkpoint.newest_intact(directory) == (3, [])
-    _flip(pathlib.Path(directory, "3"))
+    flip(pathlib.Path(directory, "3"))
     assert checkpoint.newest_intact(directory).step == 2
     # A run resumed from step 2 saves its own step 3; the damaged one is kept aside.
     checkpoint.save_checkpoint(directory, 3, states[1], META)
@@ -252,7 +205,7 @@ def test_damaged_step_is_damaged_whatever_model_asks(three_steps, tmp_path):
     """A damaged step restored into another model's shapes: the advice is about the damage,
     not "use the configuration it was written with"."""
     directory = _copy(three_steps, tmp_path)
-    _flip(pathlib.Path(directory, "3"))
+    flip(pathlib.Path(directory, "3"))
     with pytest.raises(checkpoint.DamagedCheckpointError, match="do not match their digest"):
         checkpoint.restore_checkpoint(directory, 3, _state("gru", units=16))
     with pytest.raises(checkpoint.CheckpointError, match="does not match this model"):
@@ -337,7 +290,7 @@ def test_reads_orbax_leaves_behind_stay_off_stderr(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "unraisablehook", reported.append)
     state = _state("lstm", units=16)
     checkpoint.save_checkpoint(str(tmp_path), 1, state, {})
-    _truncate(tmp_path / "1")
+    truncate(tmp_path / "1")
     errors = []
     for _ in range(20):  # orphans are left by some of the failed reads, not all
         with pytest.raises(checkpoint.DamagedCheckpointError) as err:
@@ -381,3 +334,40 @@ def test_reads_orbax_leaves_behind_stay_off_stderr(tmp_path, monkeypatch):
     del coroutine  # its close raises: an unraisable error that is not orbax's
     gc.collect()
     assert str(reported[-1].exc_value) == "not orbax's"
+
+
+def test_a_full_disk_is_one_line_with_partial_files_removed(tmp_path, monkeypatch):
+    """Orbax's write fails as tensorstore reports ENOSPC, after creating its temporary
+    directory: one CheckpointWriteError naming the disk, the partial step removed, the
+    previous step intact (the real disk is in tests/test_faults.py, where a tmpfs mounts)."""
+    directory = str(tmp_path / "checkpoints")
+    state = _state("gru", units=4)
+    checkpoint.save_checkpoint(directory, 1, state, {"a": 1})
+    before = sorted(os.listdir(directory))
+
+    def full(self, step, *args, **kwargs):
+        os.makedirs(os.path.join(directory, f"{step}.orbax-checkpoint-tmp-1234", "state"))
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database: Failed to write 512 '
+            "bytes to file 8: No space left on device [os_error_code='28']"
+        )
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    with pytest.raises(checkpoint.CheckpointWriteError) as err:
+        checkpoint.save_checkpoint(directory, 2, state, {"a": 1})
+    assert str(err.value) == (
+        f"cannot write checkpoint 2 in {directory!r}: the disk is full; its partial files are "
+        "removed and the previous checkpoints are intact (newest: step 1). Free space (or make "
+        "the directory writable) and rerun the same command to resume"
+    )
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert sorted(os.listdir(directory)) == before
+    monkeypatch.undo()
+    restored, meta = checkpoint.restore_checkpoint(directory, 1, state)
+    assert (
+        meta == {"a": 1} and np.asarray(restored.step).tobytes() == np.asarray(state.step).tobytes()
+    )
+    # Any other failure is not dressed up as a disk problem.
+    monkeypatch.setattr(ocp.CheckpointManager, "save", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        checkpoint.save_checkpoint(directory, 3, state, {"a": 1})

@@ -181,3 +181,31 @@ def test_alice_path_missing_or_modified_says_what_to_do(tmp_path):
     message = str(err.value)
     assert repr(str(missing)) in message and "git checkout data/" in message
     assert _sha256(missing) in message and data.ALICE_SHA256 in message
+
+
+@pytest.mark.parametrize(
+    "encoding,named,iconv",
+    [
+        ("utf-16", "UTF-16 (little-endian)", "UTF-16LE"),  # with a byte-order mark
+        ("utf-16-le", "UTF-16 (little-endian)", "UTF-16LE"),  # without: NULs every other byte
+        ("utf-16-be", "UTF-16 (big-endian)", "UTF-16BE"),
+        ("utf-32", "UTF-32 (little-endian)", "UTF-32LE"),
+    ],
+)
+def test_wide_encodings_are_named_with_the_command_that_converts_them(
+    tmp_path, encoding, named, iconv
+):
+    path = tmp_path / "story.txt"
+    path.write_bytes("Alice was beginning to get very tired.\n".encode(encoding) * 20)
+    with pytest.raises(data.TextError) as err:
+        data.load_text(str(path), name="text")
+    message = str(err.value)
+    assert message.startswith(f"text={str(path)!r} is {named} text")
+    assert f"iconv -f {iconv} -t UTF-8 {path} > {tmp_path / 'story'}.utf8.txt" in message
+
+
+def test_utf8_and_latin1_are_read_as_bytes_keeping_ascii(tmp_path):
+    for encoding in ("utf-8", "latin-1"):
+        path = tmp_path / f"{encoding}.txt"
+        path.write_bytes("Caf\u00e9 au lait, said Alice.\n".encode(encoding) * 3)
+        assert data.load_text(str(path)) == " ".join(["caf au lait, said alice."] * 3)

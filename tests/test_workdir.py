@@ -202,3 +202,41 @@ def test_a_damaged_complete_line_is_named_and_left_alone(tmp_path, bad, number):
     assert f"{str(path)!r} line {number} is not a JSON object" in message
     assert "fix or delete that line, or pass a new workdir" in message
     assert path.read_bytes() == bad
+
+
+def test_storage_problems_are_named_from_errno_or_text():
+    import errno
+
+    assert (
+        wd.storage_problem(OSError(errno.ENOSPC, "No space left on device")) == "the disk is full"
+    )
+    assert wd.storage_problem(OSError(errno.EROFS, "x")) == "the filesystem is read-only"
+    # orbax re-raises tensorstore's error as a ValueError carrying the errno in its text.
+    wrapped = ValueError("RESOURCE_EXHAUSTED: Failed to write 71008 bytes [os_error_code='28']")
+    assert wd.storage_problem(Exception("outer").with_traceback(None)) is None
+    try:
+        raise RuntimeError("while saving") from wrapped
+    except RuntimeError as e:
+        assert wd.storage_problem(e) == "the disk is full"
+    assert wd.storage_problem(ValueError("something else")) is None
+
+
+def test_a_failed_append_is_one_clear_error_and_the_log_stays_readable(tmp_path, monkeypatch):
+    import errno
+
+    path = str(tmp_path / "metrics.jsonl")
+    wd.append_log(path, {"iteration": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(
+        wd.WorkdirError, match=r"cannot append to '.*metrics.jsonl': the disk is full"
+    ):
+        wd.append_log(path, {"iteration": 2})
+    with pytest.raises(wd.WorkdirError, match=r"cannot rewrite .*: the disk is full"):
+        wd.rewrite_log(path, [{"iteration": 1}])
+    monkeypatch.undo()
+    assert not os.path.exists(path + ".tmp")  # the failed rewrite's temporary file is gone
+    assert wd.read_log(path)[0] == {"iteration": 1}

@@ -1,0 +1,449 @@
+"""The fault table of docs/reliability.md, walked on the command line of the char-LM experiment.
+
+Each case starts ``python -m experiments.char_lm`` on a tiny corpus (usually on a copy of a
+finished run's workdir, damaged first) and asserts the exit status, the one line it prints
+(an error line on stderr, or what the run said it did) and that no file of the workdir was
+lost or changed: a refused run leaves it byte for byte; a run that recovers only adds (a
+damaged step is set aside as ``<step>.replaced``, never deleted) and ends with the state of an
+uninterrupted run, bit for bit. Then ``kill -9`` at chosen and random points (during a
+checkpoint write, in the middle of an epoch) followed by reruns must end bit-identical to a run
+never stopped, with a whole ``metrics.jsonl``.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import pytest
+from damage import delete_array_metadata, delete_arrays, flip, garbage_meta, truncate
+
+from experiments import char_lm
+from rnn_jax import checkpoint, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(units=8, batch_size=64, num_preds=12)
+ITERATIONS = 3
+
+
+def _words(seed: int, count: int) -> str:
+    rng = np.random.default_rng(seed)
+    words = "the sky was falling and alice saw a white rabbit run down into the hole".split()
+    lines = [" ".join(rng.choice(words, 10)).capitalize() + "." for _ in range(count)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(_words(0, 40))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory) -> tuple[pathlib.Path, char_lm.Result]:
+    """A finished run's workdir (written in process) and its result."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    config = char_lm.Config(text=str(corpus), iterations=ITERATIONS, **TINY)
+    return workdir, char_lm.run(config, str(workdir), out=lambda *_: None)
+
+
+def _args(corpus, directory, **flags) -> list[str]:
+    flags = {"text": corpus, "iterations": ITERATIONS, **TINY, "workdir": directory, **flags}
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.char_lm", *args],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _snapshot(directory: pathlib.Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (the lock file aside: its record is the holder's)."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != ".lock":
+            out[str(path.relative_to(directory))] = path.read_bytes()
+    return out
+
+
+def _steps(workdir: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _final_state(workdir: pathlib.Path, like):
+    ckpt = str(workdir / "checkpoints")
+    return checkpoint.restore_checkpoint(ckpt, checkpoint.latest_step(ckpt), like)[0]
+
+
+def _assert_bit_identical(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def _rows(workdir: pathlib.Path) -> list[dict]:
+    timing = ("seconds", "compile_seconds", "examples_per_second")
+    return [
+        {k: v for k, v in row.items() if k not in timing} for row in train.read_history(workdir)
+    ]
+
+
+# --- The table ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """One row: ``damage(workdir, tmp) -> extra flags`` on a copy of a finished run (or on no
+    workdir at all, ``finished=False``); the exit status; a regex that the error line (status
+    1) or a line of the output (status 0) must match."""
+
+    name: str
+    damage: Callable[[pathlib.Path, pathlib.Path], dict]
+    status: int
+    says: str
+    finished: bool = True
+
+
+def _latest(workdir):
+    return workdir / "checkpoints" / str(_steps(workdir)[-1])
+
+
+def _damaged_latest(hurt):
+    def damage(workdir, tmp):
+        hurt(_latest(workdir))
+        return {"iterations": ITERATIONS}
+
+    return damage
+
+
+def _all_damaged(workdir, tmp):
+    for step in _steps(workdir):
+        flip(workdir / "checkpoints" / str(step))
+    return {}
+
+
+def _torn_metrics(workdir, tmp):
+    with open(workdir / "metrics.jsonl", "ab") as f:
+        f.write(b'{"iteration": 4, "loss": 1.2')  # a kill during the write of a next row
+    return {}
+
+
+def _bad_metrics_line(workdir, tmp):
+    lines = (workdir / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    lines[1] = b"this is not json\n"
+    (workdir / "metrics.jsonl").write_bytes(b"".join(lines))
+    return {}
+
+
+def _other_text_same_vocabulary(workdir, tmp):
+    # The same characters and length, another order: only the digest tells them apart.
+    original = (tmp / "corpus.txt").read_text()
+    shuffled = "\n".join(reversed(original.splitlines())) + "\n"
+    (tmp / "other.txt").write_text(shuffled)
+    return {"text": tmp / "other.txt"}
+
+
+def _utf16(workdir, tmp):
+    (tmp / "utf16.txt").write_text(_words(0, 40), encoding="utf-16")
+    return {"text": tmp / "utf16.txt"}
+
+
+def _binary(workdir, tmp):
+    (tmp / "blob.bin").write_bytes(bytes(range(256)) * 64)
+    return {"text": tmp / "blob.bin"}
+
+
+def _flag(**flags):
+    return lambda workdir, tmp: flags
+
+
+def _other_config(workdir, tmp):
+    return {"units": 16}
+
+
+def _workdir_is_a_file(workdir, tmp):
+    shutil.rmtree(workdir)
+    workdir.write_text("not a directory\n")
+    return {}
+
+
+FAULTS = [
+    # A flip in raw array bytes fails the digest; one in the database's own records fails
+    # the read: either way the step is named as damaged and skipped.
+    Fault(
+        "flipped_bytes",
+        _damaged_latest(flip),
+        0,
+        r"checkpoint \d+ in '.*' is damaged \((its arrays do not match their digest|cannot read)",
+    ),
+    Fault("truncated_arrays", _damaged_latest(truncate), 0, r"is damaged \(cannot read its array"),
+    Fault("no_array_metadata", _damaged_latest(delete_array_metadata), 0, r"metadata is missing"),
+    Fault("no_state_dir", _damaged_latest(delete_arrays), 0, r"its array directory"),
+    Fault("garbage_meta", _damaged_latest(garbage_meta), 0, r"meta/metadata': UnicodeDecodeError"),
+    Fault(
+        "all_damaged", _all_damaged, 1, r"^error: no intact checkpoint in '.*': all 3 are damaged"
+    ),
+    Fault("torn_metrics_line", _torn_metrics, 0, r"metrics\.jsonl.*torn"),
+    Fault(
+        "bad_metrics_line",
+        _bad_metrics_line,
+        1,
+        r"^error: .*metrics\.jsonl.* line 2 ",
+    ),
+    Fault(
+        "other_text_same_vocabulary",
+        _other_text_same_vocabulary,
+        1,
+        r"^error: the checkpoint in .* was written by a different run: .*--text=\.\.\.: sha256 ",
+    ),
+    Fault(
+        "other_config", _other_config, 1, r"^error: .*--units=16 differs from the checkpoint's 8"
+    ),
+    Fault("utf16_text", _utf16, 1, r"^error: --text='.*' is UTF-16 \(little-endian\) text.*iconv"),
+    Fault("binary_text", _binary, 1, r"^error: --text='.*' looks like a binary file"),
+    Fault("nan_temperature", _flag(temperature="nan"), 1, r"^error: --temperature=nan must be"),
+    Fault("inf_epsilon", _flag(epsilon="inf"), 1, r"^error: --epsilon=inf must be finite"),
+    Fault("nan_clip_norm", _flag(clip_norm="nan"), 1, r"^error: --clip_norm=nan must be finite"),
+    Fault(
+        "zero_checkpoint_every", _flag(checkpoint_every=0), 1, r"^error: --checkpoint_every=0 must"
+    ),
+    Fault("empty_workdir", _flag(workdir=""), 1, r"^error: --workdir='' is empty", finished=False),
+    Fault("workdir_is_a_file", _workdir_is_a_file, 1, r"^error: --workdir='.*' is a file"),
+    Fault(
+        "rerun_of_a_finished_run",
+        _flag(),
+        0,
+        r"^all 3 iterations are done .*: nothing to do; raise iterations to train further$",
+    ),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.name)
+def test_fault(fault, finished, corpus, tmp_path):
+    finished_dir, result = finished
+    workdir = tmp_path / "run"
+    shutil.copy(corpus, tmp_path / "corpus.txt")
+    if fault.finished:
+        shutil.copytree(finished_dir, workdir)
+    before_damage = _snapshot(workdir) if fault.finished else None
+    flags = fault.damage(workdir, tmp_path)
+    before = _snapshot(workdir) if workdir.is_dir() else None
+    if workdir.is_file():
+        before = workdir.read_bytes()
+    proc = _start(_args(tmp_path / "corpus.txt", workdir, **flags))
+    stdout, stderr = proc.communicate(timeout=300)
+    errors = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == fault.status, stderr
+    if fault.status == 1:
+        # One line; before it at most the corpus's summary (printed once the text is read).
+        assert len(errors) == 1, stderr
+        assert all(" characters, vocabulary of " in line for line in stdout.splitlines()), stdout
+        assert _matches(fault.says, errors[0]), errors[0]
+        # Refused: the workdir is exactly as it was (or still absent).
+        if before is None:
+            assert not workdir.exists() or flags.get("workdir") == ""
+        elif isinstance(before, bytes):
+            assert workdir.read_bytes() == before
+        else:
+            assert _snapshot(workdir) == before
+        return
+    lines = stdout.splitlines() + stderr.splitlines()
+    assert any(_matches(fault.says, line) for line in lines), stdout + stderr
+    # Recovered: every file of the finished run is still there, unchanged or set aside
+    # (a damaged step), and the run ends where the uninterrupted one did, bit for bit.
+    after = _snapshot(workdir)
+    for name, content in before_damage.items():
+        if name == "metrics.jsonl":
+            continue
+        kept = after.get(name)
+        if kept != content:
+            step, rest = name.split("/", 2)[1], name.split("/", 2)[2:]
+            aside = os.path.join("checkpoints", f"{step}.replaced", *rest)
+            assert after.get(aside) == before.get(name), name
+    _assert_bit_identical(_final_state(workdir, result.state), result.state)
+    assert _rows(workdir) == _rows(finished_dir)
+
+
+def _matches(pattern: str, line: str) -> bool:
+    return re.search(pattern, line) is not None
+
+
+# --- Disk full and read-only: a real small filesystem (tmpfs), where this machine may mount ---
+
+
+@contextlib.contextmanager
+def _tmpfs(path: pathlib.Path, size: str):
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_disk_full_then_freed_and_read_only(corpus, tmp_path):
+    """Checkpoints of the default width fill a 900 kB disk at the 4th: one line, the partial
+    step removed, the previous ones intact; with room again the run finishes as if never
+    stopped. Remounted read-only: one line, nothing changed."""
+    with _tmpfs(tmp_path / "disk", "900k") as disk:
+        workdir = disk / "run"
+        args = _args(corpus, workdir, units=128, iterations=5, num_preds=5)
+        proc = _start(args)
+        stdout, stderr = proc.communicate(timeout=300)
+        errors = [line for line in stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1 and len(errors) == 1, stderr
+        assert _matches(
+            r"^error: cannot write checkpoint \d+ in '.*': the disk is full; its partial files "
+            r"are removed and the previous checkpoints are intact \(newest: step \d+\)\. Free "
+            r"space .* rerun the same command to resume$",
+            errors[0],
+        ), errors[0]
+        names = os.listdir(workdir / "checkpoints")
+        assert not [n for n in names if "tmp" in n], names  # no partial step left behind
+        kept = _snapshot(workdir)
+
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        proc = _start(args)
+        stdout, stderr = proc.communicate(timeout=300)
+        errors = [line for line in stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1 and len(errors) == 1, stderr
+        assert "Read-only file system" in errors[0] and errors[0].startswith("error: --workdir=")
+        assert _snapshot(workdir) == kept
+
+        subprocess.run(["mount", "-o", "remount,rw,size=8m", str(disk)], check=True)
+        proc = _start(args)
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        assert "resuming from step " in stdout
+        resumed = train.read_history(str(workdir))
+        assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5]
+        digest = _state_digest(workdir)
+
+    clean = tmp_path / "clean"
+    proc = _start(_args(corpus, clean, units=128, iterations=5, num_preds=5))
+    proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    assert digest == _state_digest(clean)
+
+
+def _state_digest(workdir: pathlib.Path) -> str:
+    """The sha256 of the newest checkpoint's arrays, as saved beside them (equal digests:
+    bit-identical states)."""
+    step = checkpoint.latest_step(str(workdir / "checkpoints"))
+    meta = json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+    return meta[checkpoint.DIGEST_KEY]["state_sha256"]
+
+
+# --- Two runs, one workdir ------------------------------------------------------------------
+
+
+def test_second_run_on_a_busy_workdir_is_refused_writing_nothing(finished, corpus, tmp_path):
+    workdir = tmp_path / "run"
+    first = _start(_args(corpus, workdir, iterations=1000, progress_seconds=0.01))
+    try:
+        _wait_for(first, "Iteration #: 1")
+        before = _snapshot(workdir)
+        second = _start(_args(corpus, workdir, iterations=1000))
+        _, stderr = second.communicate(timeout=300)
+        errors = [line for line in stderr.splitlines() if line.strip()]
+        assert second.returncode == 1 and len(errors) == 1, stderr
+        assert f"is in use by another run: pid {first.pid} on host " in errors[0]
+        # Nothing written by the second run: the files are the first run's (which goes on).
+        after = _snapshot(workdir)
+        assert set(before) <= set(after)
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> list[str]:
+    """Reads ``proc``'s stdout until a line contains ``text``; the lines read."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"ended before {text!r}: {proc.stderr.read()}")
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"no {text!r} within {timeout} s")
+
+
+# --- kill -9 ------------------------------------------------------------------------------
+
+
+def test_kill_9_anywhere_resumes_bit_identically(corpus, tmp_path):
+    """The tiny corpus (30 steps per epoch) in calls of 5 steps, a checkpoint every 10 steps
+    and after every iteration: killed once while a checkpoint is being written (its temporary
+    directory seen), once in the middle of an epoch (after a progress line), then at a random
+    moment, each followed by a rerun; the last rerun finishes. The final state and
+    metrics.jsonl equal those of a run never stopped."""
+    text = corpus
+    flags = dict(iterations=3, steps_per_call=5, checkpoint_every=10, progress_seconds=0.001)
+    config = char_lm.Config(
+        text=str(text), **{**TINY, **flags, "progress_seconds": None, "checkpoint_every": None}
+    )
+    reference = char_lm.run(config, str(tmp_path / "reference"), out=lambda *_: None)
+    workdir = tmp_path / "run"
+    args = _args(text, workdir, **flags)
+    ckpt = workdir / "checkpoints"
+
+    # 1. During a checkpoint write: kill as soon as orbax's temporary directory appears.
+    proc = _start(args)
+    deadline, hit = time.monotonic() + 300, False
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.is_dir() and any("orbax-checkpoint-tmp" in n for n in os.listdir(ckpt)):
+            proc.send_signal(signal.SIGKILL)
+            hit = True
+            break
+    proc.communicate()
+    assert hit, "the run ended before any checkpoint was written"
+
+    # 2. In the middle of an epoch: after a progress line.
+    proc = _start(args)
+    _wait_for(proc, "steps (")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+    # 3. At a random moment after start-up.
+    proc = _start(args)
+    _wait_for(proc, "compiled the training steps")
+    time.sleep(random.Random(0).uniform(0.0, 1.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+    proc = _start(args)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    _assert_bit_identical(_final_state(workdir, reference.state), reference.state)
+    rows = _rows(workdir)
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert rows == [
+        {
+            k: v
+            for k, v in r.items()
+            if k not in ("seconds", "compile_seconds", "examples_per_second")
+        }
+        for r in reference.history
+    ]
