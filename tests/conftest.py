@@ -21,11 +21,11 @@ def alice_path() -> str:
     return _alice_path()
 
 
-def _start_experiment(name: str, *args: str) -> subprocess.Popen:
+def _start_experiment(name: str, *args: str, cache: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", f"experiments.{name}", *args],
         cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -33,14 +33,16 @@ def _start_experiment(name: str, *args: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="session")
-def start_experiment():
+def start_experiment(tmp_path_factory):
     """``start(name, *args) -> Popen``: ``python -m experiments.<name> ARGS`` from the repository
     root, its output piped (the command line itself is what such a test checks; everything
-    else calls ``run`` in process). Killed at the end of the session if still running."""
-    started = []
+    else calls ``run`` in process). Killed at the end of the session if still running. The
+    processes share one persistent compilation cache for the session (as reruns of a command
+    do), not the user's."""
+    started, cache = [], str(tmp_path_factory.mktemp("jax_compilation_cache"))
 
     def start(name: str, *args: str) -> subprocess.Popen:
-        started.append(_start_experiment(name, *args))
+        started.append(_start_experiment(name, *args, cache=cache))
         return started[-1]
 
     yield start

@@ -61,3 +61,29 @@ def test_every_flag_has_help(modules):
     for name, module in modules.items():
         for f in dataclasses.fields(module.Config):
             assert f.metadata.get("help"), f"experiments.{name}: Config.{f.name} has no help"
+
+
+def test_compilation_cache_on_off_and_empty(tmp_path):
+    """The persistent cache every experiment's command line turns on (``--compilation_cache``),
+    restored afterwards: this process's tests do not use one."""
+    import jax
+
+    names = (
+        "jax_enable_compilation_cache",
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    saved = {name: getattr(jax.config, name) for name in names}
+    try:
+        cli.use_compilation_cache(str(tmp_path / "cache"))
+        assert jax.config.jax_enable_compilation_cache
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.1
+        cli.use_compilation_cache("none")
+        assert not jax.config.jax_enable_compilation_cache
+        with pytest.raises(ValueError, match="compilation_cache='' is empty"):
+            cli.use_compilation_cache("")
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)

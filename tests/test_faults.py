@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -64,15 +63,10 @@ def _args(corpus, directory, **flags) -> list[str]:
     return [f"--{k}={v}" for k, v in flags.items()]
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "experiments.char_lm", *args],
-        cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture
+def launch(start_experiment) -> Callable[[list[str]], subprocess.Popen]:
+    """``python -m experiments.char_lm ARGS`` (tests/conftest.py)."""
+    return lambda args: start_experiment("char_lm", *args)
 
 
 def _snapshot(directory: pathlib.Path) -> dict[str, bytes]:
@@ -236,7 +230,7 @@ FAULTS = [
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.name)
-def test_fault(fault, finished, corpus, tmp_path):
+def test_fault(fault, finished, corpus, tmp_path, launch):
     finished_dir, result = finished
     workdir = tmp_path / "run"
     shutil.copy(corpus, tmp_path / "corpus.txt")
@@ -247,7 +241,7 @@ def test_fault(fault, finished, corpus, tmp_path):
     before = _snapshot(workdir) if workdir.is_dir() else None
     if workdir.is_file():
         before = workdir.read_bytes()
-    proc = _start(_args(tmp_path / "corpus.txt", workdir, **flags))
+    proc = launch(_args(tmp_path / "corpus.txt", workdir, **flags))
     stdout, stderr = proc.communicate(timeout=300)
     errors = [line for line in stderr.splitlines() if line.strip()]
     assert proc.returncode == fault.status, stderr
@@ -302,14 +296,14 @@ def _tmpfs(path: pathlib.Path, size: str):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def test_disk_full_then_freed_and_read_only(corpus, tmp_path):
+def test_disk_full_then_freed_and_read_only(corpus, tmp_path, launch):
     """Checkpoints of the default width fill a 900 kB disk at the 4th: one line, the partial
     step removed, the previous ones intact; with room again the run finishes as if never
     stopped. Remounted read-only: one line, nothing changed."""
     with _tmpfs(tmp_path / "disk", "900k") as disk:
         workdir = disk / "run"
         args = _args(corpus, workdir, units=128, iterations=5, num_preds=5)
-        proc = _start(args)
+        proc = launch(args)
         stdout, stderr = proc.communicate(timeout=300)
         errors = [line for line in stderr.splitlines() if line.strip()]
         assert proc.returncode == 1 and len(errors) == 1, stderr
@@ -324,7 +318,7 @@ def test_disk_full_then_freed_and_read_only(corpus, tmp_path):
         kept = _snapshot(workdir)
 
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        proc = _start(args)
+        proc = launch(args)
         stdout, stderr = proc.communicate(timeout=300)
         errors = [line for line in stderr.splitlines() if line.strip()]
         assert proc.returncode == 1 and len(errors) == 1, stderr
@@ -332,7 +326,7 @@ def test_disk_full_then_freed_and_read_only(corpus, tmp_path):
         assert _snapshot(workdir) == kept
 
         subprocess.run(["mount", "-o", "remount,rw,size=8m", str(disk)], check=True)
-        proc = _start(args)
+        proc = launch(args)
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr
         assert "resuming from step " in stdout
@@ -341,7 +335,7 @@ def test_disk_full_then_freed_and_read_only(corpus, tmp_path):
         digest = _state_digest(workdir)
 
     clean = tmp_path / "clean"
-    proc = _start(_args(corpus, clean, units=128, iterations=5, num_preds=5))
+    proc = launch(_args(corpus, clean, units=128, iterations=5, num_preds=5))
     proc.communicate(timeout=300)
     assert proc.returncode == 0
     assert digest == _state_digest(clean)
@@ -358,13 +352,15 @@ def _state_digest(workdir: pathlib.Path) -> str:
 # --- Two runs, one workdir ------------------------------------------------------------------
 
 
-def test_second_run_on_a_busy_workdir_is_refused_writing_nothing(finished, corpus, tmp_path):
+def test_second_run_on_a_busy_workdir_is_refused_writing_nothing(
+    finished, corpus, tmp_path, launch
+):
     workdir = tmp_path / "run"
-    first = _start(_args(corpus, workdir, iterations=1000, progress_seconds=0.01))
+    first = launch(_args(corpus, workdir, iterations=1000, progress_seconds=0.01))
     try:
         _wait_for(first, "Iteration #: 1")
         before = _snapshot(workdir)
-        second = _start(_args(corpus, workdir, iterations=1000))
+        second = launch(_args(corpus, workdir, iterations=1000))
         _, stderr = second.communicate(timeout=300)
         errors = [line for line in stderr.splitlines() if line.strip()]
         assert second.returncode == 1 and len(errors) == 1, stderr
@@ -393,7 +389,7 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> list[s
 # --- kill -9 ------------------------------------------------------------------------------
 
 
-def test_kill_9_anywhere_resumes_bit_identically(corpus, tmp_path):
+def test_kill_9_anywhere_resumes_bit_identically(corpus, tmp_path, launch):
     """The tiny corpus (30 steps per epoch) in calls of 5 steps, a checkpoint every 10 steps
     and after every iteration: killed once while a checkpoint is being written (its temporary
     directory seen), once in the middle of an epoch (after a progress line), then at a random
@@ -410,7 +406,7 @@ def test_kill_9_anywhere_resumes_bit_identically(corpus, tmp_path):
     ckpt = workdir / "checkpoints"
 
     # 1. During a checkpoint write: kill as soon as orbax's temporary directory appears.
-    proc = _start(args)
+    proc = launch(args)
     deadline, hit = time.monotonic() + 300, False
     while time.monotonic() < deadline and proc.poll() is None:
         if ckpt.is_dir() and any("orbax-checkpoint-tmp" in n for n in os.listdir(ckpt)):
@@ -421,19 +417,19 @@ def test_kill_9_anywhere_resumes_bit_identically(corpus, tmp_path):
     assert hit, "the run ended before any checkpoint was written"
 
     # 2. In the middle of an epoch: after a progress line.
-    proc = _start(args)
+    proc = launch(args)
     _wait_for(proc, "steps (")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
 
     # 3. At a random moment after start-up.
-    proc = _start(args)
+    proc = launch(args)
     _wait_for(proc, "compiled the training steps")
     time.sleep(random.Random(0).uniform(0.0, 1.0))
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
 
-    proc = _start(args)
+    proc = launch(args)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     _assert_bit_identical(_final_state(workdir, reference.state), reference.state)
