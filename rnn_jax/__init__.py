@@ -7,10 +7,13 @@ from rnn_jax.cells import (
     LSTMCarry,
     add_bias,
     custom_cell,
+    exp_rnn,
     glorot_uniform,
     gru,
     identity,
+    indrnn,
     lstm,
+    modrelu,
     orthogonal,
     simple_rnn,
 )
@@ -41,6 +44,7 @@ from rnn_jax.gradients import (
     saturation,
     step_jacobians,
 )
+from rnn_jax.linear import LinearRecurrence, LRUCarry, lru, min_gru, min_lstm
 from rnn_jax.losses import (
     accuracy,
     exact_match,

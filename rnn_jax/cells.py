@@ -1,5 +1,7 @@
 """Recurrent cells as pure functions over Keras-layout parameter dicts, equations included."""
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -249,6 +251,9 @@ def lstm(
     forget_bias: float = 1.0,
     recurrent_init: str = "orthogonal",
     recurrent_gain: float = 1.0,
+    *,
+    chrono_t_max: float | None = None,
+    layer_norm: bool = False,
 ) -> Cell:
     """Long short-term memory (Keras ``LSTM``), gate blocks in the order i, f, c, o.
 
@@ -260,37 +265,122 @@ def lstm(
     2015). PyTorch orders its blocks i, f, g, o too but keeps two biases; see
     :mod:`rnn_jax.convert`. Carry: :class:`LSTMCarry` ``(h, c)``. Activations: gates
     ``input_gate, forget_gate, output_gate``; tanh ``candidate`` (g) and ``cell_tanh``.
+
+    ``chrono_t_max``: chrono initialisation (Tallec & Ollivier, "Can recurrent neural networks
+    warp time?", ICLR 2018) for dependencies up to about ``chrono_t_max`` steps: the forget
+    block of ``bias`` is ``b_f = ln u`` with ``u ~ U[1, T_max - 1]`` drawn per unit, the input
+    block ``b_i = -b_f`` (the other blocks 0), so each unit starts with a characteristic
+    forgetting time ``1 / (1 - σ(b_f)) = 1 + u`` spread over ``[2, T_max]``. It replaces
+    ``forget_bias``; the kernels are the draws of the same ``key`` without it.
+
+    ``layer_norm``: layer-normalised LSTM (Ba, Kiros & Hinton, "Layer normalization", 2016):
+    ``z = LN(x_t W) + LN(h_{t-1} U) + b``, gates and ``c_t`` as above,
+    ``h_t = o ⊙ tanh(LN(c_t))``, where ``LN(a) = γ ⊙ (a - mean(a)) / sqrt(var(a) + 1e-5) + β``
+    has its own gain ``γ`` (init 1) and shift ``β`` (init 0) for each of its three uses. The
+    two pre-activation LNs normalise each gate block (i, f, c, o) over its own ``units``
+    entries, where the paper normalises all ``4u`` together: the blocks feed different
+    nonlinearities at different operating points (the forget bias), and normalised together a
+    large block (say the candidate's) would shrink the others; per block, each gate's
+    pre-activation is standardised on its own, as in TensorFlow's ``LayerNormBasicLSTMCell``.
+    Extra params, each ``(4u,)`` except the cell's ``(u,)``: ``input_norm_scale,
+    input_norm_bias, recurrent_norm_scale, recurrent_norm_bias, cell_norm_scale,
+    cell_norm_bias``. ``project`` is ``LN(x_t W) + b`` (still free of the carry); ``recur`` is a
+    plain function (the normalisation of ``h U`` reads params), so :func:`rnn_jax.unroll` runs
+    its readable scan. Activations as above, ``cell_tanh`` being ``tanh(LN(c_t))``.
     """
+    chrono = _chrono_check(chrono_t_max)
 
     def init(key, input_dim):
         k_w, k_u = jax.random.split(key)
         bias = jnp.zeros((4 * units,)).at[units : 2 * units].set(forget_bias)
-        return {
+        if chrono:
+            b_f = _chrono_bias(jax.random.fold_in(key, 1), units, chrono_t_max)
+            bias = jnp.concatenate([-b_f, b_f, jnp.zeros((2 * units,))])
+        params = {
             "kernel": glorot_uniform(k_w, (input_dim, 4 * units)),
             "recurrent_kernel": _recurrent_kernel(k_u, units, 4, recurrent_init, recurrent_gain),
             "bias": bias,
         }
-
-    def project(params, x):
-        return _project(params, x, params["bias"])
-
-    def gate(carry, z):
-        z_i, z_f, z_c, z_o = jnp.split(z, 4, axis=-1)
-        i, f, g, o = jax.nn.sigmoid(z_i), jax.nn.sigmoid(z_f), jnp.tanh(z_c), jax.nn.sigmoid(z_o)
-        c = f * carry.c + i * g
-        cell_tanh = jnp.tanh(c)
-        acts = {
-            "gates": {"input_gate": i, "forget_gate": f, "output_gate": o},
-            "tanh": {"candidate": g, "cell_tanh": cell_tanh},
-        }
-        return LSTMCarry(o * cell_tanh, c), acts
-
-    recur = Recurrence(gate, hidden=lambda carry: carry.h)
+        if layer_norm:
+            for name, width in (("input", 4 * units), ("recurrent", 4 * units), ("cell", units)):
+                params[f"{name}_norm_scale"] = jnp.ones((width,))
+                params[f"{name}_norm_bias"] = jnp.zeros((width,))
+        return params
 
     def initial_carry(batch):
         return LSTMCarry(jnp.zeros((batch, units)), jnp.zeros((batch, units)))
 
-    return _make_cell(init, initial_carry, project, recur, units)
+    if not layer_norm:
+
+        def project(params, x):
+            return _project(params, x, params["bias"])
+
+        recur = Recurrence(lambda carry, z: _lstm_update(carry, z), hidden=lambda carry: carry.h)
+        return _make_cell(init, initial_carry, project, recur, units)
+
+    def project_ln(params, x):
+        zx = _layer_norm(_project(params, x, None), params, "input", 4)
+        return add_bias(zx, params["bias"])
+
+    def parts(params, carry, zx):
+        u = _layer_norm(carry.h @ params["recurrent_kernel"], params, "recurrent", 4)
+        return _lstm_update(carry, zx + u, lambda c: _layer_norm(c, params, "cell", 1))
+
+    def recur_ln(params, carry, zx):
+        carry, _ = parts(params, carry, zx)
+        return carry, carry.h
+
+    def activations(params, carry, zx):
+        return parts(params, carry, zx)[1]
+
+    return _make_cell(init, initial_carry, project_ln, recur_ln, units, activations)
+
+
+def _lstm_update(carry: LSTMCarry, z: jax.Array, normalise_cell=None):
+    """The LSTM gates on ``z (batch, 4u)``: the new :class:`LSTMCarry` and the activations."""
+    z_i, z_f, z_c, z_o = jnp.split(z, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(z_i), jax.nn.sigmoid(z_f), jnp.tanh(z_c), jax.nn.sigmoid(z_o)
+    c = f * carry.c + i * g
+    cell_tanh = jnp.tanh(c if normalise_cell is None else normalise_cell(c))
+    acts = {
+        "gates": {"input_gate": i, "forget_gate": f, "output_gate": o},
+        "tanh": {"candidate": g, "cell_tanh": cell_tanh},
+    }
+    return LSTMCarry(o * cell_tanh, c), acts
+
+
+LAYER_NORM_EPSILON = 1e-5
+"""Added to the variance in :func:`lstm`'s layer normalisation (PyTorch's ``LayerNorm``)."""
+
+
+def _layer_norm(a: jax.Array, params: Params, name: str, blocks: int) -> jax.Array:
+    """``γ ⊙ (a - mean) / sqrt(var + ε) + β`` over each of ``blocks`` equal blocks of the last
+    axis of ``a (..., n)``, with ``γ, β (n,)`` = ``params[name + "_norm_scale" / "_norm_bias"]``."""
+    shape = a.shape
+    a = a.reshape(shape[:-1] + (blocks, shape[-1] // blocks))
+    mean = jnp.mean(a, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(a - mean), axis=-1, keepdims=True)
+    a = ((a - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPSILON)).reshape(shape)
+    scale, shift = params[f"{name}_norm_scale"], params[f"{name}_norm_bias"]
+    return add_bias(a * scale.reshape((1,) * (a.ndim - 1) + scale.shape), shift)
+
+
+def _chrono_check(t_max) -> bool:
+    """Whether chrono initialisation is asked for; a ``t_max`` that is not a number > 2 raises."""
+    if t_max is None:
+        return False
+    if isinstance(t_max, bool) or not isinstance(t_max, numbers.Real):
+        raise ValueError(f"chrono_t_max={t_max!r} must be a number > 2 (or None)")
+    if not (math.isfinite(t_max) and t_max > 2):
+        raise ValueError(
+            f"chrono_t_max={t_max!r} must be finite and > 2: u ~ U[1, chrono_t_max - 1]"
+        )
+    return True
+
+
+def _chrono_bias(key: jax.Array, units: int, t_max: float) -> jax.Array:
+    """``ln u`` with ``u ~ U[1, t_max - 1]`` per unit (Tallec & Ollivier 2018): ``(units,)``."""
+    return jnp.log(jax.random.uniform(key, (units,), jnp.float32, 1.0, float(t_max) - 1.0))
 
 
 def gru(
@@ -298,6 +388,8 @@ def gru(
     reset_after: bool = True,
     recurrent_init: str = "orthogonal",
     recurrent_gain: float = 1.0,
+    *,
+    chrono_t_max: float | None = None,
 ) -> Cell:
     """Gated recurrent unit (Keras ``GRU``), gate blocks in the order z, r, h.
 
@@ -311,14 +403,28 @@ def gru(
 
     PyTorch orders its blocks r, z, n; see :mod:`rnn_jax.convert`. Carry: ``h (batch, units)``.
     Activations: gates ``update_gate`` (z) and ``reset_gate`` (r); tanh ``candidate`` (n).
+
+    ``chrono_t_max``: chrono initialisation (Tallec & Ollivier 2018; see :func:`lstm`). Here
+    ``z`` keeps the old state (``h_t = z ⊙ h_{t-1} + (1 - z) ⊙ n``), so it plays the LSTM's
+    forget gate: the z block of the bias is ``b_z = ln u``, ``u ~ U[1, T_max - 1]`` per unit,
+    every other bias 0. With ``reset_after=True`` it goes in the input row ``b_x`` (``bias[0]``;
+    ``b_z`` is the sum of both rows' z blocks, ``bias[1]`` stays 0). The kernels are the draws
+    of the same ``key`` without it. (Written with ``1 - z`` on the old state, as some texts
+    write the GRU, the same law reads ``b_z = -ln u``.)
     """
+    chrono = _chrono_check(chrono_t_max)
 
     def init(key, input_dim):
         k_w, k_u = jax.random.split(key)
+        bias = jnp.zeros((2, 3 * units) if reset_after else (3 * units,))
+        if chrono:
+            b_z = _chrono_bias(jax.random.fold_in(key, 1), units, chrono_t_max)
+            b_z = jnp.concatenate([b_z, jnp.zeros((2 * units,))])
+            bias = bias.at[0].set(b_z) if reset_after else b_z
         return {
             "kernel": glorot_uniform(k_w, (input_dim, 3 * units)),
             "recurrent_kernel": _recurrent_kernel(k_u, units, 3, recurrent_init, recurrent_gain),
-            "bias": jnp.zeros((2, 3 * units) if reset_after else (3 * units,)),
+            "bias": bias,
         }
 
     def project(params, x):
@@ -358,6 +464,134 @@ def gru(
         recur, activations = recur_before, activations_before
     initial_carry = lambda batch: jnp.zeros((batch, units))
     return _make_cell(init, initial_carry, project, recur, units, activations)
+
+
+def indrnn(units: int, max_length: int | None = None, recurrent_max: float | None = None) -> Cell:
+    """Independently recurrent network (IndRNN; Li, Li, Cook, Zhu & Gao, CVPR 2018).
+
+    ``h_t = relu(x_t W + u ⊙ h_{t-1} + b)``: each unit sees only its own past, through one
+    recurrent weight ``u_n``. Over ``T`` steps the gradient through unit ``n`` is scaled by at
+    most ``|u_n|^T`` (ReLU passes 0 or 1), so the paper bounds ``|u_n| ≤ 2^{1/T}`` (at most a
+    factor 2 of growth over the sequence). The bound is ``recurrent_max`` when given, else
+    ``2 ** (1 / max_length)``, else none; :attr:`Cell.prepare` clips ``u`` to
+    ``[-bound, bound]`` once per sequence, so the recurrence always runs with ``|u| ≤ bound``
+    whatever the params. A stored ``u_n`` that an update moves past the bound has gradient 0
+    there and acts as the bound from then on; to let it come back, clip the stored params
+    after each update instead (a projection).
+
+    Params: ``kernel (input_dim, u)`` glorot-uniform (Keras's default, as the other cells),
+    ``recurrent_kernel (u,)`` the recurrent *vector* (the diagonal of a recurrent matrix)
+    drawn ``U[0, bound]`` (``U[0, 1]`` without a bound), the uniform draw of the paper's
+    experiments as the public IndRNN code runs them (batzner/indrnn, StefOe/indrnn-pytorch),
+    ``bias (u,)`` zeros. Carry: ``h (batch, units)``. Activations: none (ReLU does not
+    saturate): ``{"gates": {}, "tanh": {}}``.
+
+    Args:
+      units: hidden units.
+      max_length: ``T``, the longest sequence trained on; sets the bound ``2^{1/T}``.
+      recurrent_max: the bound itself (> 0); give at most one of the two.
+    """
+    if max_length is not None and recurrent_max is not None:
+        raise ValueError(
+            f"max_length={max_length!r} and recurrent_max={recurrent_max!r}: give at most one"
+        )
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+            raise ValueError(f"max_length={max_length!r} must be a positive integer")
+        if max_length < 1:
+            raise ValueError(f"max_length={max_length!r} must be a positive integer")
+        bound = 2.0 ** (1.0 / max_length)
+    elif recurrent_max is not None:
+        if isinstance(recurrent_max, bool) or not isinstance(recurrent_max, numbers.Real):
+            raise ValueError(f"recurrent_max={recurrent_max!r} must be a finite number > 0")
+        if not (math.isfinite(recurrent_max) and recurrent_max > 0):
+            raise ValueError(f"recurrent_max={recurrent_max!r} must be a finite number > 0")
+        bound = float(recurrent_max)
+    else:
+        bound = None
+
+    def init(key, input_dim):
+        k_w, k_u = jax.random.split(key)
+        high = 1.0 if bound is None else bound
+        return {
+            "kernel": glorot_uniform(k_w, (input_dim, units)),
+            "recurrent_kernel": jax.random.uniform(k_u, (units,), jnp.float32, 0.0, high),
+            "bias": jnp.zeros((units,)),
+        }
+
+    def prepare(params):
+        u = params["recurrent_kernel"]
+        return {"recurrent_kernel": u if bound is None else jnp.clip(u, -bound, bound)}
+
+    def project(params, x):
+        return _project(params, x, params["bias"])
+
+    def recur(prepared, h, zx):
+        u = prepared["recurrent_kernel"]
+        h = jax.nn.relu(zx + h * u.reshape((1,) * (h.ndim - 1) + u.shape))
+        return h, h
+
+    def activations(prepared, h, zx):
+        return {"gates": {}, "tanh": {}}
+
+    initial_carry = lambda batch: jnp.zeros((batch, units))
+    return _make_cell(init, initial_carry, project, recur, units, activations, prepare)
+
+
+def modrelu(z: jax.Array, bias: jax.Array) -> jax.Array:
+    """``sign(z) ⊙ relu(|z| + b)`` (Arjovsky, Shah & Bengio 2016), ``bias (n,)`` over the last
+    axis of ``z (..., n)``: shrinks ``|z|`` by ``-b`` (zero inside ``|z| ≤ -b``), keeps the sign."""
+    return jnp.sign(z) * jax.nn.relu(add_bias(jnp.abs(z), bias))
+
+
+def exp_rnn(units: int) -> Cell:
+    """Orthogonal RNN by the exponential map (expRNN; Lezcano-Casado & Martínez-Rubio, "Cheap
+    orthogonal constraints in neural networks", ICML 2019).
+
+    ``h_t = modrelu(x_t W + h_{t-1} R)`` with ``R = expm(A - Aᵀ)``: the exponential of a
+    skew-symmetric matrix is orthogonal for any ``A``, so plain gradient steps on ``A`` (any
+    optimiser) keep ``R`` orthogonal, and the linear part ``h ↦ h R`` keeps the norm of every
+    vector (Jacobian singular values all 1). :attr:`Cell.prepare` computes ``R``
+    (``jax.scipy.linalg.expm``) once per sequence; the scan multiplies by it.
+    ``modrelu(z) = sign(z) ⊙ relu(|z| + b)`` (:func:`modrelu`); ``project`` is ``x_t W`` (the
+    bias sits inside modReLU, not added to ``z``).
+
+    Params: ``kernel (input_dim, u)`` He normal ``N(0, 2 / input_dim)`` and ``bias (u,)``
+    ``U[-0.01, 0.01]``, as the paper's code; ``recurrent_skew (u, u)`` the matrix ``A``, by the
+    Henaff initialisation (Henaff, Szlam & LeCun 2016, as in the paper): ``A - Aᵀ`` block
+    diagonal with 2×2 blocks ``[[0, s], [-s, 0]]``, ``s ~ U[-π, π]`` (only ``A``'s upper entries
+    set), so ``R`` is a block rotation whose eigenvalues ``e^{±is}`` have angles ``|s|`` spread
+    uniformly over ``(0, π)`` (an odd ``units`` leaves one eigenvalue 1). ``A``'s diagonal does
+    not enter ``R`` (its gradient is 0). Carry: ``h (batch, units)``. Activations: none
+    (modReLU does not saturate): ``{"gates": {}, "tanh": {}}``.
+    """
+
+    def init(key, input_dim):
+        k_w, k_a, k_b = jax.random.split(key, 3)
+        angles = jax.random.uniform(k_a, (units // 2,), jnp.float32, -jnp.pi, jnp.pi)
+        rows = 2 * jnp.arange(units // 2)
+        return {
+            "kernel": jnp.sqrt(2.0 / input_dim) * jax.random.normal(k_w, (input_dim, units)),
+            "recurrent_skew": jnp.zeros((units, units)).at[rows, rows + 1].set(angles),
+            "bias": jax.random.uniform(k_b, (units,), jnp.float32, -0.01, 0.01),
+        }
+
+    def prepare(params):
+        a = params["recurrent_skew"]
+        return {"recurrent_kernel": jax.scipy.linalg.expm(a - a.T), "bias": params["bias"]}
+
+    def project(params, x):
+        return _project(params, x, None)
+
+    def recur(prepared, h, zx):
+        h = modrelu(zx + h @ prepared["recurrent_kernel"], prepared["bias"])
+        return h, h
+
+    def activations(prepared, h, zx):
+        return {"gates": {}, "tanh": {}}
+
+    initial_carry = lambda batch: jnp.zeros((batch, units))
+    return _make_cell(init, initial_carry, project, recur, units, activations, prepare)
 
 
 CELLS: dict[str, Callable[..., Cell]] = {"simple_rnn": simple_rnn, "lstm": lstm, "gru": gru}

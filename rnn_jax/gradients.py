@@ -1,4 +1,10 @@
-"""BPTT probes: per-step gradient norms, step Jacobians and their products, gate saturation."""
+"""BPTT probes: per-step gradient norms, step Jacobians and their products, gate saturation.
+
+A probe reads a step's output ``y_t`` from the step's new carry (the one it perturbs) and its
+projected input: through ``cell.recur.readout(prepared, carry, z)`` when the recur has a
+``readout`` (:class:`rnn_jax.LinearRecurrence` does: LRU's ``y_t = Re(h_t C) + x_t D``), else
+as :func:`hidden` of the carry, which is what the cells of :mod:`rnn_jax.cells` emit.
+"""
 
 from collections.abc import Callable
 
@@ -16,6 +22,12 @@ OutputLoss = Callable[[jax.Array], jax.Array]
 def hidden(carry: Carry) -> jax.Array:
     """The hidden state ``h`` of a carry: ``carry.h`` for :class:`LSTMCarry`, else the carry."""
     return carry.h if hasattr(carry, "h") else carry
+
+
+def _readout(cell: Cell) -> Callable[[Params, Carry, jax.Array], jax.Array]:
+    """``(prepared, carry, z) -> y``: a step's output from its new carry and projected input."""
+    readout = getattr(cell.recur, "readout", None)
+    return readout if readout is not None else (lambda params, carry, z: hidden(carry))
 
 
 def norm(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -84,8 +96,9 @@ def carry_gradients(
     A zero perturbation ``δ_t`` is added to the carry after every step, ``h_t ← h_t + δ_t``,
     and ``L`` is differentiated with respect to the stacked ``δ``: ``∂L/∂δ_t = ∂L/∂h_t``, the
     total derivative through every later step (and through ``y_t`` when the loss reads every
-    output). The output ``y_t`` is read from the perturbed carry (:func:`hidden`), which is what
-    the three cells of :mod:`rnn_jax.cells` emit.
+    output). The output ``y_t`` is read from the perturbed carry (and the step's projected
+    input) as the module docstring says: :func:`hidden` of the carry for the cells of
+    :mod:`rnn_jax.cells`, ``cell.recur.readout`` for a :class:`rnn_jax.LinearRecurrence`.
 
     Args:
       cell: a :class:`rnn_jax.Cell`.
@@ -101,10 +114,12 @@ def carry_gradients(
     Returns:
       ``(loss, grads)``: ``loss`` is what ``loss_fn`` returned, ``grads`` a carry-shaped pytree
       of ``(batch, time, units)`` arrays: ``grads[:, t] = ∂L/∂h_t`` where ``h_t`` is the carry
-      after reading ``xs[:, t]`` (for LSTM, :class:`LSTMCarry` of ``∂L/∂h_t`` and ``∂L/∂c_t``).
+      after reading ``xs[:, t]`` (for LSTM, :class:`LSTMCarry` of ``∂L/∂h_t`` and ``∂L/∂c_t``;
+      for LRU, :class:`rnn_jax.LRUCarry` of the real and imaginary parts).
     """
     zs, carry, params = _time_major(cell, params, xs, carry)
     time = zs.shape[0]
+    readout = _readout(cell)
     deltas = jax.tree.map(lambda c: jnp.zeros((time,) + c.shape, c.dtype), carry)
 
     def objective(deltas):
@@ -112,10 +127,10 @@ def carry_gradients(
             z, delta = inputs
             carry, _ = cell.recur(params, carry, z)
             carry = jax.tree.map(jnp.add, carry, delta)
-            return carry, (hidden(carry) if return_sequences else None)
+            return carry, (readout(params, carry, z) if return_sequences else None)
 
         final, hs = jax.lax.scan(body, carry, (zs, deltas))
-        ys = jnp.swapaxes(hs, 0, 1) if return_sequences else hidden(final)
+        ys = jnp.swapaxes(hs, 0, 1) if return_sequences else readout(params, final, zs[-1])
         losses = loss_fn(ys)
         return jnp.sum(losses), losses
 

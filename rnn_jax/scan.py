@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from rnn_jax import _fast
 from rnn_jax.cells import Carry, Cell, Params, Recurrence
+from rnn_jax.linear import LinearRecurrence, associative_unroll
 
 
 def unroll(
@@ -18,6 +19,7 @@ def unroll(
     return_sequences: bool = False,
     unroll: int | bool = 1,
     fast: bool = True,
+    parallel: bool | None = None,
 ) -> tuple[Carry, jax.Array]:
     """Runs ``cell`` over the time axis of ``xs`` with one ``jax.lax.scan``.
 
@@ -28,6 +30,17 @@ def unroll(
     ``fast=False``, :func:`rnn_jax._fast.unroll_recurrence`: the same arithmetic with no
     product on a zero initial carry and the recurrent kernel's gradient formed as one matrix
     product over all steps (forward mode, ``vmap`` and higher orders still work).
+
+    A cell whose ``recur`` is a :class:`rnn_jax.LinearRecurrence` (``h_t = a_t ⊙ h_{t-1} +
+    b_t``: :func:`rnn_jax.min_gru`, :func:`rnn_jax.min_lstm`, :func:`rnn_jax.lru`) can instead
+    run as one ``jax.lax.associative_scan`` (:func:`rnn_jax.linear.associative_unroll`):
+    O(log T) sequential depth, but about three times the arithmetic and a pass over ``(time,
+    batch, state)`` arrays in memory at every level, where the scan does T multiply-adds on a
+    carry in cache. ``parallel=None`` takes it where the depth is what costs, on GPU and TPU
+    (``jax.default_backend()``): their thousands of lanes sit idle in a step of a small
+    recurrence, and each sequential step costs a kernel launch. On CPU, with a few cores that
+    the scan's steps already keep busy, the extra work makes it slower
+    (benchmarks/PARALLEL_SCAN.md: 1.8-2.5× on one core), so the sequential scan runs there.
 
     Args:
       cell: a :class:`rnn_jax.Cell`.
@@ -41,6 +54,10 @@ def unroll(
       return_sequences: return every step's output instead of the last one.
       unroll: ``lax.scan``'s unroll factor (``True`` unrolls fully).
       fast: allow the fast path; False runs the readable scan (tests pin the two equal).
+      parallel: for a :class:`rnn_jax.LinearRecurrence`, True runs the associative scan
+        (``unroll`` is then unused), False the sequential ``lax.scan`` (the reference the
+        tests pin it to), None picks by backend: sequential on CPU, parallel elsewhere. True
+        for any other cell is a ValueError.
 
     Returns:
       ``(final_carry, ys)``: ``ys`` is ``(batch, time, units)`` with ``return_sequences``,
@@ -48,6 +65,19 @@ def unroll(
       last real step: ``lengths - 1`` forwards, 0 with ``reverse``).
     """
     batch, time = xs.shape[0], xs.shape[1]
+    linear = isinstance(cell.recur, LinearRecurrence)
+    if parallel is None:
+        parallel = linear and jax.default_backend() != "cpu"
+    elif parallel and not linear:
+        raise ValueError(
+            "parallel=True needs a cell that is linear in its carry (its recur a "
+            "rnn_jax.LinearRecurrence: min_gru, min_lstm, lru); this cell's recur is "
+            f"{type(cell.recur).__name__}: use parallel=None or False"
+        )
+    if lengths is not None:
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths of shape {lengths.shape} must have shape ({batch},)")
     # Time-major inside: project the transposed tokens/features so no copy of xs is made.
     zs = cell.project(params, jnp.swapaxes(xs, 0, 1))
     params = cell.prepare(params)
@@ -60,6 +90,17 @@ def unroll(
         return carry, (jnp.swapaxes(ys, 0, 1) if return_sequences else ys)
     if carry is None:
         carry = cell.initial_carry(batch)
+    if parallel:
+        carry, ys = associative_unroll(
+            cell.recur,
+            params,
+            zs,
+            carry,
+            lengths=lengths,
+            reverse=reverse,
+            return_sequences=return_sequences,
+        )
+        return carry, (jnp.swapaxes(ys, 0, 1) if return_sequences else ys)
     # The step's output dtype, not the inputs' (a custom step may read integer tokens itself).
     z = jax.ShapeDtypeStruct(zs.shape[1:], zs.dtype)
     y = jax.eval_shape(lambda c, z: cell.recur(params, c, z)[1], carry, z)
@@ -74,9 +115,6 @@ def unroll(
 
         scanned = zs
     else:
-        lengths = jnp.asarray(lengths)
-        if lengths.shape != (batch,):
-            raise ValueError(f"lengths of shape {lengths.shape} must have shape ({batch},)")
         valid = jnp.arange(time)[:, None] < lengths[None, :]  # (time, batch)
 
         def body(state, inputs):

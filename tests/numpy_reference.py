@@ -218,3 +218,68 @@ def greedy_rolling(predict, seed, num_chars):
         out.append(nxt)
         window = window[1:] + [nxt]
     return out
+
+
+# --- Cells for long memory (DESIGN.md §6) -------------------------------------------------------
+
+
+def layer_norm(a, gain, shift, blocks=1, eps=1e-5):
+    """Each of ``blocks`` equal slices of the last axis to mean 0, variance 1; then ``γ a + β``."""
+    parts = np.split(a, blocks, axis=-1)
+    normed = [
+        (p - p.mean(-1, keepdims=True)) / np.sqrt(p.var(-1, keepdims=True) + eps) for p in parts
+    ]
+    return np.concatenate(normed, axis=-1) * gain + shift
+
+
+def ln_lstm_parts(p, carry, x):
+    """Ba, Kiros & Hinton (2016): ``z = LN(x W) + LN(h U) + b`` (LN per gate block i, f, c, o),
+    ``c_t = f c + i g``, ``h_t = o tanh(LN(c_t))``; the new ``(h, c)`` and the activations."""
+    h, c = carry
+    u = h.shape[-1]
+    z = (
+        layer_norm(x @ p["kernel"], p["input_norm_scale"], p["input_norm_bias"], 4)
+        + layer_norm(
+            h @ p["recurrent_kernel"], p["recurrent_norm_scale"], p["recurrent_norm_bias"], 4
+        )
+        + p["bias"]
+    )
+    i, f = sigmoid(z[:, :u]), sigmoid(z[:, u : 2 * u])
+    g, o = np.tanh(z[:, 2 * u : 3 * u]), sigmoid(z[:, 3 * u :])
+    c = f * c + i * g
+    tanh_c = np.tanh(layer_norm(c, p["cell_norm_scale"], p["cell_norm_bias"]))
+    acts = {
+        "gates": {"input_gate": i, "forget_gate": f, "output_gate": o},
+        "tanh": {"candidate": g, "cell_tanh": tanh_c},
+    }
+    return (o * tanh_c, c), acts
+
+
+def ln_lstm_step(p, carry, x):
+    carry, _ = ln_lstm_parts(p, carry, x)
+    return carry, carry[0]
+
+
+def indrnn_step(p, h, x, bound=None):
+    """Li et al. (2018): ``h_t = relu(x W + u ⊙ h + b)``, ``u`` clipped to ``[-bound, bound]``."""
+    u = p["recurrent_kernel"] if bound is None else np.clip(p["recurrent_kernel"], -bound, bound)
+    h = np.maximum(x @ p["kernel"] + u * h + p["bias"], 0.0)
+    return h, h
+
+
+def expm_skew(s):
+    """``expm(S)`` of a real skew-symmetric ``S`` from the eigendecomposition of the Hermitian
+    ``iS = V diag(μ) V^H``: ``expm(S) = V diag(e^{-iμ}) V^H`` (no Padé, unlike JAX's)."""
+    mu, v = np.linalg.eigh(1j * s)
+    return np.real((v * np.exp(-1j * mu)) @ v.conj().T)
+
+
+def modrelu(z, b):
+    return np.sign(z) * np.maximum(np.abs(z) + b, 0.0)
+
+
+def exp_rnn_step(p, h, x):
+    """Lezcano-Casado & Martínez-Rubio (2019): ``h_t = modrelu(x W + h expm(A - Aᵀ))``."""
+    a = p["recurrent_skew"]
+    h = modrelu(x @ p["kernel"] + h @ expm_skew(a - a.T), p["bias"])
+    return h, h
