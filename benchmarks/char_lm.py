@@ -204,7 +204,10 @@ def _whole_run(text_path):
             "        if line.startswith('VmHWM:'):\n"
             "            print('@@ rss', line.split()[1], file=sys.stderr)\n"
             "atexit.register(rss)\n"
-            f"sys.argv = ['char_lm', '--workdir={workdir}', '--text={text_path}']\n"
+            # Cold, as a first run is: no persistent compilation cache (benchmarks/startup.py
+            # times what a warm one saves).
+            f"sys.argv = ['char_lm', '--workdir={workdir}', '--text={text_path}', "
+            "'--compilation_cache=none']\n"
             "runpy.run_module('experiments.char_lm', run_name='__main__')\n"
         )
         tic = time.perf_counter()

@@ -228,7 +228,7 @@ DEFAULT_COMPILATION_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.pa
 def use_compilation_cache(directory: str | None) -> None:
     """Turns on JAX's persistent compilation cache in ``directory`` (None or ``"none"``: off).
 
-    Programs that took at least 0.1 s to compile are stored, keyed by the program, the JAX and
+    Every compiled program is stored (the small ones add up), keyed by the program, the JAX and
     XLA versions and the device, so a rerun of an experiment (a resume, the same command
     again) loads them instead of compiling: the time to its first iteration falls several-fold
     (benchmarks/RESULTS.md). A stale or foreign entry is never used, only missed.
@@ -240,7 +240,7 @@ def use_compilation_cache(directory: str | None) -> None:
         raise ValueError("compilation_cache='' is empty: pass a directory, or none")
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(directory)))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
