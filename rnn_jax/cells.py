@@ -199,8 +199,9 @@ def custom_cell(
       units: the width of ``y``; by default the last axis of the carry's first leaf.
 
     The gradient probes (:mod:`rnn_jax.gradients`) differentiate with respect to the carry and
-    read the step's output as ``carry.h`` when the carry has an ``h``, else the carry itself:
-    write ``step`` so that ``y`` is that.
+    read the step's output as ``carry.h`` when the carry has an ``h``, else the carry itself
+    (only a :class:`rnn_jax.LinearRecurrence` says otherwise, through its ``readout``): write
+    ``step`` so that ``y`` is that.
     """
     if units is None:
         units = jax.tree.leaves(jax.eval_shape(lambda: initial_carry(1)))[0].shape[-1]

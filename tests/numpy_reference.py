@@ -283,3 +283,33 @@ def exp_rnn_step(p, h, x):
     a = p["recurrent_skew"]
     h = modrelu(x @ p["kernel"] + h @ expm_skew(a - a.T), p["bias"])
     return h, h
+
+
+# --- Finite differences ------------------------------------------------------------------------
+
+
+def assert_directional_derivatives(loss, primals, *, eps, rtol, atol, seeds=(10, 11)):
+    """``∇loss · d`` against the central difference ``(loss(p + εd) − loss(p − εd)) / 2ε`` along
+    random directions ``d`` (one per seed), float64; ``loss`` differentiated in every argument.
+    Returns the gradients (a tuple over ``primals``)."""
+    import jax
+    import jax.numpy as jnp
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, tuple(range(len(primals)))))
+    _, grads = value_and_grad(*primals)
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        direction = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), primals)
+        shifted = [
+            value_and_grad(*jax.tree.map(lambda p, d, s=sign: p + s * eps * d, primals, direction))[
+                0
+            ]
+            for sign in (1.0, -1.0)
+        ]
+        numeric = (shifted[0] - shifted[1]) / (2 * eps)
+        analytic = sum(
+            jnp.vdot(g, d)
+            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+        )
+        np.testing.assert_allclose(analytic, numeric, rtol=rtol, atol=atol)
+    return grads
