@@ -7,7 +7,8 @@ iterations of one epoch, 100 greedy characters after each. On this 2-core CPU, i
 1 s per epoch and 30-40 s for the whole run (longer while other jobs share the cores); the
 training loss at iteration 25 is 1.3759 (1.985 bits/char), greedy sample "t this, but she had
 not done the room and she said to herself, ...". Rerun with the same --workdir to resume from
-the last finished iteration; the resumed run ends bit-identical to one never stopped.
+the newest checkpoint (one per iteration, and inside long epochs every --checkpoint_every
+updates); the resumed run ends bit-identical to one never stopped.
 Several devices: --num_devices=0 (all); several hosts: --distributed, see docs/scaling.md.
 In process: ``run(Config(units=8, iterations=2), workdir)`` returns a :class:`Result`.
 """

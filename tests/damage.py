@@ -6,33 +6,38 @@ import pathlib
 import shutil
 
 
-def data_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
-    """The OCDBT data files that hold the arrays' bytes: the largest file of each ``d/``
-    directory of the step's ``state/``. Orbax writes one database per process
-    (``ocdbt.process_0/``) and merges it into the step's root; which copy a read goes through
-    depends on its version and the state's size, so a fault is dealt to both."""
-    found = []
-    for directory in {p.parent for p in (step_dir / "state").rglob("*") if p.parent.name == "d"}:
-        found.append(max((p for p in directory.iterdir() if p.is_file()), key=os.path.getsize))
-    assert found, f"{step_dir} has no OCDBT data file"
-    return sorted(found)
+def data_files(step_dir: pathlib.Path, every: bool = False) -> list[pathlib.Path]:
+    """The OCDBT data files to damage: the largest file of the step's ``state/`` (the one
+    holding the kernels' bytes for a state of some size), or with ``every`` each file of every
+    ``d/`` directory. Orbax keeps two databases, the merged root's ``state/d/`` and the
+    process's ``state/ocdbt.process_0/d/``; for a tiny state their files have one size and
+    which one a read goes through is orbax's business, so a test on a tiny state deals the
+    fault to every file."""
+    state = step_dir / "state"
+    files = [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files, f"{step_dir} has no OCDBT data file"
+    if every:
+        return sorted(files)
+    path = max((p for p in state.rglob("*") if p.is_file()), key=os.path.getsize)
+    assert path.parent.name == "d", f"{path} is not an OCDBT data file"
+    return [path]
 
 
-def flip(step_dir):
-    for path in data_files(step_dir):
+def flip(step_dir, every: bool = False):
+    for path in data_files(step_dir, every):
         data = bytearray(path.read_bytes())
         middle = len(data) // 2
         data[middle : middle + 10] = bytes(b ^ 0xFF for b in data[middle : middle + 10])
         path.write_bytes(bytes(data))
 
 
-def truncate(step_dir):
-    for path in data_files(step_dir):
+def truncate(step_dir, every: bool = False):
+    for path in data_files(step_dir, every):
         os.truncate(path, path.stat().st_size // 2)
 
 
-def zero(step_dir):
-    for path in data_files(step_dir):
+def zero(step_dir, every: bool = False):
+    for path in data_files(step_dir, every):
         path.write_bytes(bytes(path.stat().st_size))
 
 

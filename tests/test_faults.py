@@ -119,9 +119,9 @@ def _latest(workdir):
     return workdir / "checkpoints" / str(_steps(workdir)[-1])
 
 
-def _damaged_latest(hurt):
+def _damaged_latest(hurt, **kwargs):
     def damage(workdir, tmp):
-        hurt(_latest(workdir))
+        hurt(_latest(workdir), **kwargs)
         return {"iterations": ITERATIONS}
 
     return damage
@@ -129,7 +129,7 @@ def _damaged_latest(hurt):
 
 def _all_damaged(workdir, tmp):
     for step in _steps(workdir):
-        flip(workdir / "checkpoints" / str(step))
+        flip(workdir / "checkpoints" / str(step), every=True)
     return {}
 
 
@@ -183,11 +183,16 @@ FAULTS = [
     # the read: either way the step is named as damaged and skipped.
     Fault(
         "flipped_bytes",
-        _damaged_latest(flip),
+        _damaged_latest(flip, every=True),
         0,
         r"checkpoint \d+ in '.*' is damaged \((its arrays do not match their digest|cannot read)",
     ),
-    Fault("truncated_arrays", _damaged_latest(truncate), 0, r"is damaged \(cannot read its array"),
+    Fault(
+        "truncated_arrays",
+        _damaged_latest(truncate, every=True),
+        0,
+        r"is damaged \(cannot read its array",
+    ),
     Fault("no_array_metadata", _damaged_latest(delete_array_metadata), 0, r"metadata is missing"),
     Fault("no_state_dir", _damaged_latest(delete_arrays), 0, r"its array directory"),
     Fault("garbage_meta", _damaged_latest(garbage_meta), 0, r"meta/metadata': UnicodeDecodeError"),
