@@ -13,6 +13,14 @@ adding problem of that T. Configurations that differ only in their initialisatio
 SimpleRNN gains; LSTM forget bias 1 and 0) train and are probed together: one compiled program,
 vmapped over configurations × seeds. Reported: median over seeds and the 10-90 % spread.
 
+Any name of ``rnn_jax.registry`` is a configuration too (its default initialisation, built by
+``registry.named_cell(name, units, T)``; a group of its own). With --trained_from=WORKDIR, a
+workdir of ``experiments.long_range`` on the adding task, nothing trains here: the probes take
+the sweep's own models (its initial params, rebuilt from its config, and its trained params of
+the clipped runs, its seeds) at each T, and the table its test MSEs and pre-clip gradient norms.
+For LRU, whose carry is the real and imaginary halves of a complex state, ``‖∂L/∂h_t‖`` is the
+norm over both halves.
+
 Writes ``results.json`` (per-config median/spread curves), ``results.csv`` (the printed table),
 ``grad_norms.png`` and ``jacobians.png`` to --workdir.
 
@@ -39,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import cli
-from rnn_jax import cells, gradients
+from experiments import cli, long_range
+from rnn_jax import cells, gradients, registry
 from rnn_jax.models import dense, sequence_classifier
 from rnn_jax.synthetic import adding_problem
 from rnn_jax.train import make_task_trainer
@@ -59,6 +67,9 @@ CONFIGS = {
     "gru": ("gru", {}, {}),
     "gru_g3": ("gru", {}, {"recurrent_gain": 3.0}),
 }
+# Every other name of rnn_jax.registry is a configuration too: that cell as
+# registry.named_cell(name, units, T) builds it (its default initialisation, set up for T).
+CHOICES = tuple(CONFIGS) + tuple(n for n in registry.NAMES if n not in CONFIGS)
 _DEFAULT_CONFIGS = (
     "rnn_g0.5",
     "rnn_g1",
@@ -80,7 +91,11 @@ class Config:
     """Which configurations to probe at which lengths, and the training between the probes."""
 
     configs: tuple[str, ...] = cli.field(
-        _DEFAULT_CONFIGS, "Configurations to probe.", choices=tuple(CONFIGS), check=_non_empty
+        _DEFAULT_CONFIGS,
+        "Configurations to probe: initialisations of the tutorial's cells, or any "
+        "rnn_jax.registry name.",
+        choices=CHOICES,
+        check=_non_empty,
     )
     lengths: tuple[int, ...] = cli.field(
         (50, 200), "Sequence lengths T (>= 2).", check=cli.all_positive
@@ -100,6 +115,12 @@ class Config:
     )
     learning_rate: float = cli.field(1e-2, "Adam learning rate.", check=cli.positive)
     clip_norm: float | None = cli.clip_norm(1.0)
+    trained_from: str | None = cli.field(
+        None,
+        "A workdir of experiments.long_range on the adding task: probe the models it trained "
+        "(its initial and final params, its seeds; every config a registry name it trained at "
+        "every T) instead of training here. Unset: train train_steps steps here.",
+    )
     seed: int = cli.field(0, "PRNG seed.")
 
     def __post_init__(self):
@@ -111,6 +132,13 @@ class Config:
                 raise ValueError(f"{name}={values!r} lists {twice[0]!r} more than once")
         if min(self.lengths) < 2:
             raise ValueError(f"lengths={self.lengths!r}: the adding problem needs T >= 2")
+        if self.trained_from is not None:
+            bad = [n for n in self.configs if n not in registry.NAMES]
+            if bad:
+                raise ValueError(
+                    f"configs={self.configs!r}: {bad[0]!r} is not a cell that "
+                    "experiments.long_range trains (trained_from needs rnn_jax.registry names)"
+                )
         if self.jacobian_batch > self.probe_batch:
             raise ValueError(
                 f"jacobian_batch={self.jacobian_batch} must not exceed "
@@ -122,13 +150,66 @@ _LN10 = math.log(10.0)
 
 
 def groups(names):
-    """Configs that share a cell and its structure, in order: ``[(cell, structure, [names])]``."""
+    """Configs that share a cell and its structure, in order: ``[(cell, structure, [names])]``.
+
+    A registry name outside :data:`CONFIGS` is a group of its own, with structure None.
+    """
     out = {}
     for name in names:
-        cell_name, structure, _ = CONFIGS[name]
-        key = (cell_name, tuple(sorted(structure.items())))
+        if name in CONFIGS:
+            cell_name, structure, _ = CONFIGS[name]
+            key = (cell_name, tuple(sorted(structure.items())))
+        else:
+            key = (name, None)
         out.setdefault(key, []).append(name)
-    return [(cell, dict(structure), members) for (cell, structure), members in out.items()]
+    return [
+        (cell, None if structure is None else dict(structure), members)
+        for (cell, structure), members in out.items()
+    ]
+
+
+def make_cell(cell_name, structure, units, length, init=None):
+    """A group's cell: ``cells.CELLS[cell_name](units, **structure, **init)``, or with
+    ``structure`` None the registry's ``named_cell(cell_name, units, length)``."""
+    if structure is None:
+        return registry.named_cell(cell_name, units, length)
+    return cells.CELLS[cell_name](units, **structure, **(init or {}))
+
+
+def load_sweep(workdir, name, length, units):
+    """The models experiments.long_range trained for (``name``, T = ``length``) in
+    ``workdir`` (adding task): ``(initial params, trained params, test_loss, grad_norm)``
+    with leading axis seeds, the last clip setting's runs; ``test_loss (seeds, evals)``,
+    ``grad_norm (seeds, steps)`` or None when the sweep did not save them."""
+    with open(os.path.join(workdir, "results.json")) as f:
+        saved = json.load(f)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()}
+    sweep = long_range.Config(**fields)
+    if sweep.task != "adding" or sweep.units != units:
+        raise ValueError(
+            f"trained_from={workdir!r} trained task={sweep.task!r}, units={sweep.units}: "
+            f"the probes need the adding task and units={units}"
+        )
+    (result,) = [r for r in saved["results"] if r["cell"] == name and r["T"] == length] or [None]
+    if result is None:
+        raise ValueError(f"trained_from={workdir!r} has no run of {name} at T={length}")
+    task = adding_problem(length)
+    cell = registry.named_cell(name, units, task.length)
+    _, _, initial, _, _ = long_range.prepare(task, cell, sweep, steps=sweep.eval_every)
+    trained = long_range.load_params(long_range.params_path(workdir, name, length), initial)
+    trained = jax.tree.map(lambda a: a[-1], trained)
+    test_loss = np.asarray(result["test_loss"][-1])
+    grad_norm = result.get("grad_norm")
+    return initial, trained, test_loss, None if grad_norm is None else np.asarray(grad_norm[-1])
+
+
+def _state_norm(norms):
+    """``‖∂L/∂h_t‖`` from the carry's per-part norms: ``h`` of an LSTM carry, the carry when it
+    is one array, else every part together (LRU's real and imaginary halves of one complex
+    ``h``: ``sqrt(‖∂L/∂re‖² + ‖∂L/∂im‖²)``)."""
+    if hasattr(norms, "h") or not isinstance(norms, tuple):
+        return gradients.hidden(norms)
+    return jnp.sqrt(sum(part**2 for part in jax.tree.leaves(norms)))
 
 
 def _probe(cell, params, xs, targets, jacobian_batch):
@@ -142,7 +223,7 @@ def _probe(cell, params, xs, targets, jacobian_batch):
     tiny = jnp.finfo(xs.dtype).tiny
     out = {"loss": jnp.mean(losses)}
     # Exact zeros (dead relu units) are floored at the smallest normal float64.
-    out["log10_grad_h"] = jnp.median(jnp.log10(jnp.maximum(gradients.hidden(norms), tiny)), axis=0)
+    out["log10_grad_h"] = jnp.median(jnp.log10(jnp.maximum(_state_norm(norms), tiny)), axis=0)
     if isinstance(norms, cells.LSTMCarry):
         out["log10_grad_c"] = jnp.median(jnp.log10(jnp.maximum(norms.c, tiny)), axis=0)
     jac = gradients.jacobian_norms(cell, params["rnn"], xs[:jacobian_batch])
@@ -177,7 +258,8 @@ def init_models(task, cell_name, structure, members, units, seeds, key):
     keys = jax.random.split(key, seeds)
     stacks = []
     for name in members:
-        cell = cells.CELLS[cell_name](units, **structure, **CONFIGS[name][2])
+        init = CONFIGS[name][2] if structure is not None else None
+        cell = make_cell(cell_name, structure, units, task.length, init)
         model = sequence_classifier(cell, task.input_dim, task.output_dim)
         stacks.append(jax.vmap(model.init)(keys))
     return jax.tree.map(lambda *a: jnp.concatenate(a), *stacks)
@@ -251,6 +333,8 @@ def format_table(rows):
 def _colour(name, members_order):
     import matplotlib
 
+    if any(n not in CONFIGS for n in members_order):  # registry cells: one colour each
+        return matplotlib.colormaps["tab20"](CHOICES.index(name) % 20 / 20 + 0.025)
     families = {"rnn": "Blues", "irnn": "Purples", "lstm": "Greens", "gru": "Reds"}
     family = name.split("_")[0]
     same = [n for n in members_order if n.split("_")[0] == family]
@@ -335,7 +419,8 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
     """
     os.makedirs(workdir, exist_ok=True)
     names, lengths, seeds = config.configs, config.lengths, config.seeds
-    phases = ["init", "trained"] if config.train_steps else ["init"]
+    has_trained = config.train_steps or config.trained_from is not None
+    phases = ["init", "trained"] if has_trained else ["init"]
     # The trainer's clip_norm is an array, inf for no clipping.
     clip = jnp.float32(math.inf if config.clip_norm is None else config.clip_norm)
     rows, curves, timings = [], {}, {}
@@ -348,12 +433,26 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
         test_xs, test_targets = task.sample(k_test, config.test_size)
         for cell_name, structure, members in groups(names):
             tic = time.perf_counter()
-            cell = cells.CELLS[cell_name](config.units, **structure)
-            params = init_models(task, cell_name, structure, members, config.units, seeds, k_init)
+            cell = make_cell(cell_name, structure, config.units, task.length)
+            seeds = config.seeds
+            if config.trained_from is not None:
+                (name,) = members  # a registry name: a group of its own
+                params, trained, test_loss, grad_norm = load_sweep(
+                    config.trained_from, name, length, config.units
+                )
+                seeds = len(test_loss)
+            else:
+                params = init_models(
+                    task, cell_name, structure, members, config.units, seeds, k_init
+                )
             probes = {"init": probe_models(cell, params, xs, targets, config.jacobian_batch)}
             losses = {"init": probes["init"]["loss"]}
             grad_norms = {"init": None}
-            if config.train_steps:
+            if config.trained_from is not None:
+                probes["trained"] = probe_models(cell, trained, xs, targets, config.jacobian_batch)
+                losses = {"init": test_loss[:, 0], "trained": test_loss[:, -1]}
+                grad_norms["trained"] = grad_norm
+            elif config.train_steps:
                 _, train = make_task_trainer(
                     cell,
                     task,

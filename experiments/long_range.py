@@ -2,17 +2,30 @@
 
 Run: python -m experiments.long_range --workdir=runs/long_range
 (--task=adding, --lengths=10,50,100,200; the copy task: --task=copy --lengths=10,50
---workdir=runs/long_range_copy). Every (cell, T) trains all seeds and every clip setting in one
-compiled program: ``jax.vmap`` over seeds inside ``jax.vmap`` over the clip setting, each a
-``lax.scan`` over the steps (on this CPU at batch 32 that costs ~1.5x the CPU of a loop over
-seeds; see benchmarks/GRADIENTS.md). The clip settings are --clip_norm and, with
---compare_unclipped (the default), an unclipped twin sharing its initialisation and batches;
-with --clip_norm unset only the unclipped runs. Optimiser: Adam, lr 1e-2 (in a trial at
-T = 100, lr 1e-3 left LSTM on the baseline for 2000 steps in 7 of 8 runs), a fresh batch of 32
-per step, 32 units, 4 seeds, a fixed test set of 512 sequences.
+--workdir=runs/long_range_copy). --cells takes any of ``rnn_jax.registry.NAMES``; each cell is
+``registry.named_cell(name, units, L)`` with L the task's sequence length (T for adding,
+T + 20 for copy), so chrono initialisation and IndRNN's bound are set up for the sequences it
+trains on. Every (cell, T) trains all seeds and every clip setting in one compiled program:
+``jax.vmap`` over seeds inside ``jax.vmap`` over the clip setting, each a ``lax.scan`` over the
+steps (on this CPU at batch 32 that costs ~1.5x the CPU of a loop over seeds; see
+benchmarks/GRADIENTS.md). The clip settings are --clip_norm and, with --compare_unclipped (the
+default), an unclipped twin sharing its initialisation and batches; with --clip_norm unset only
+the unclipped runs. Optimiser: Adam, lr 1e-2 (in a trial at T = 100, lr 1e-3 left LSTM on the
+baseline for 2000 steps in 7 of 8 runs), a fresh batch of 32 per step, 32 units, 4 seeds, a
+fixed test set of 512 sequences.
 
-Writes ``results.json`` (per-seed test curves and gradient-norm statistics), ``results.csv``
-(the printed table) and ``curves_<task>.png`` to --workdir.
+With --budget_s every (cell, T) trains for about that many seconds instead of --steps steps
+(at most --steps): each cell's time per step is measured once, on --calibration_steps steps at
+the longest T, and scaled by the sequence length (an overestimate at short T, where a step
+costs less than its share: the runs there train for less than the budget; results.json has
+each run's ``timings``). Compilation (~5-15 s per program here) is not counted.
+
+Writes ``results.json`` (per-seed test curves, steps, timings and gradient-norm statistics;
+with --save_grad_norms every step's pre-clip norm; rewritten after every (cell, T)),
+``results.csv`` (the printed table), ``curves_<task>.png`` (every seed, a panel per (T, cell)),
+``summary_<task>.png`` (seed medians, a panel per T; :func:`replot` redraws both) and every
+(cell, T)'s trained params, ``params/<cell>_T<T>.npz`` (axes: clip setting, seed;
+:func:`load_params`), to --workdir.
 
 Measured here (2 CPU cores shared with other jobs; tables and plots in docs/gradients.md), with
 the trainer as it was before issue 8 (its batches now come from another split of the key, so a
@@ -22,6 +35,8 @@ rerun gives slightly different numbers):
   (4/4 vs 0/4), not T = 200; SimpleRNN only T = 10. Baseline 1/6.
 - copy, T = 10 and 50: 3.6 min wall (1.7 min of CPU). Nothing solved in 1000 steps; GRU ends
   ~10-17 % below the memoryless baseline (T = 50: 0.248 vs 0.297), SimpleRNN on it.
+The comparison of every registry cell at T = 100-1000 under a time budget (issue 10) is in
+docs/gradients.md, "Who carries memory how far".
 """
 
 import csv
@@ -36,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli
-from rnn_jax.cells import CELLS
+from rnn_jax import registry
 from rnn_jax.synthetic import TASKS
 from rnn_jax.train import make_task_trainer
 
@@ -51,7 +66,10 @@ class Config:
 
     task: str = cli.field("adding", "Which task.", choices=tuple(sorted(TASKS)))
     cells: tuple[str, ...] = cli.field(
-        ("simple_rnn", "lstm", "gru"), "Cells to compare.", choices=tuple(CELLS), check=_non_empty
+        ("simple_rnn", "lstm", "gru"),
+        "Cells to compare (rnn_jax.registry.NAMES).",
+        choices=registry.NAMES,
+        check=_non_empty,
     )
     lengths: tuple[int, ...] = cli.field(
         (10, 50, 100, 200),
@@ -59,7 +77,21 @@ class Config:
         check=cli.all_positive,
     )
     seeds: int = cli.field(4, "Seeds per configuration (vmapped).", check=cli.positive)
-    steps: int = cli.field(1000, "Training steps; a multiple of eval_every.", check=cli.positive)
+    steps: int = cli.field(
+        1000,
+        "Training steps (with budget_s: at most this many); a multiple of eval_every.",
+        check=cli.positive,
+    )
+    budget_s: float | None = cli.field(
+        None,
+        "Training seconds per (cell, T), all seeds and clip settings together: each trains as "
+        "many steps as fit (a multiple of eval_every, at least one eval_every, at most steps), "
+        "timed on calibration_steps steps at the longest T and scaled by T. Unset: steps.",
+        check=cli.optional_positive,
+    )
+    calibration_steps: int = cli.field(
+        4, "Steps timed per cell to size budget_s's runs.", check=cli.positive
+    )
     eval_every: int = cli.field(50, "Steps between test evaluations.", check=cli.positive)
     batch_size: int = cli.field(32, "Sequences per step.", check=cli.positive)
     test_size: int = cli.field(512, "Test sequences (fixed).", check=cli.positive)
@@ -69,6 +101,9 @@ class Config:
     clip_norm: float | None = cli.clip_norm(1.0)
     compare_unclipped: bool = cli.field(
         True, "Also train an unclipped twin of every clipped run (same init and batches)."
+    )
+    save_grad_norms: bool = cli.field(
+        False, "Also write every step's pre-clip gradient norm to results.json."
     )
     seed: int = cli.field(0, "PRNG seed.")
 
@@ -94,8 +129,10 @@ class Config:
         return [math.inf, self.clip_norm] if self.compare_unclipped else [self.clip_norm]
 
 
-def prepare(task, cell, config: Config):
+def prepare(task, cell, config: Config, steps: int | None = None, eval_every: int | None = None):
     """One (cell, T)'s trainer and what its runs start from, shared by every clip setting.
+
+    ``steps`` and ``eval_every`` default to the config's.
 
     Returns:
       ``(model, train, params, keys, test)``: :func:`rnn_jax.train.make_task_trainer`'s model
@@ -105,8 +142,8 @@ def prepare(task, cell, config: Config):
     model, train = make_task_trainer(
         cell,
         task,
-        num_steps=config.steps,
-        eval_every=config.eval_every,
+        num_steps=config.steps if steps is None else steps,
+        eval_every=config.eval_every if eval_every is None else eval_every,
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         optimizer=config.optimizer,
@@ -117,19 +154,79 @@ def prepare(task, cell, config: Config):
     return model, train, params, keys, task.sample(k_test, config.test_size)
 
 
-def train_seeds(task, cell, config: Config):
+def _compiled(train, params, keys, clips, test_xs, test_targets):
+    """The vmapped (clip settings × seeds) trainer, compiled ahead of time."""
+    over_seeds = jax.vmap(train, in_axes=(0, 0, None, None, None))
+    over_clips = jax.vmap(over_seeds, in_axes=(None, None, 0, None, None))
+    return jax.jit(over_clips).lower(params, keys, clips, test_xs, test_targets).compile()
+
+
+def train_seeds(task, cell, config: Config, steps: int | None = None, timings=None):
     """Trains ``config.seeds`` models for every clip setting in one compiled program.
+
+    ``steps`` defaults to ``config.steps``; ``timings``, a dict, receives ``compile_s`` and
+    ``train_s`` (the compiled program's run).
 
     Returns:
       ``(params, curves)`` with leading axes ``(len(config.clip_norms()), seeds)``:
       :class:`rnn_jax.train.TrainCurves`.
     """
-    _, train, params, keys, (test_xs, test_targets) = prepare(task, cell, config)
-    over_seeds = jax.vmap(train, in_axes=(0, 0, None, None, None))
-    over_clips = jax.vmap(over_seeds, in_axes=(None, None, 0, None, None))
+    _, train, params, keys, (test_xs, test_targets) = prepare(task, cell, config, steps)
     # The trainer's clip_norm is an array, inf for no clipping.
     clips = jnp.asarray(config.clip_norms(), jnp.float32)
-    return jax.jit(over_clips)(params, keys, clips, test_xs, test_targets)
+    tic = time.perf_counter()
+    program = _compiled(train, params, keys, clips, test_xs, test_targets)
+    toc = time.perf_counter()
+    out = jax.block_until_ready(program(params, keys, clips, test_xs, test_targets))
+    if timings is not None:
+        timings["compile_s"] = toc - tic
+        timings["train_s"] = time.perf_counter() - toc
+    return out
+
+
+def seconds_per_step(task, cell, config: Config) -> float:
+    """Seconds one training step of every seed and clip setting takes at ``task``'s length:
+    ``config.calibration_steps`` steps, timed on the compiled program's second run. An
+    evaluation on a test set ``calibration_steps / eval_every`` times the config's closes them,
+    so that the evaluations' share of the time is the real run's."""
+    n = config.calibration_steps
+    test_size = max(1, round(config.test_size * n / config.eval_every))
+    small = dataclasses.replace(config, test_size=test_size)
+    _, train, params, keys, test = prepare(task, cell, small, steps=n, eval_every=n)
+    clips = jnp.asarray(config.clip_norms(), jnp.float32)
+    program = _compiled(train, params, keys, clips, *test)
+    jax.block_until_ready(program(params, keys, clips, *test))  # the first run warms up
+    tic = time.perf_counter()
+    jax.block_until_ready(program(params, keys, clips, *test))
+    return (time.perf_counter() - tic) / n
+
+
+def budget_steps(config: Config, seconds_per_step: float) -> int:
+    """Steps that fit ``config.budget_s``: a multiple of ``eval_every`` in
+    ``[eval_every, steps]``."""
+    chunks = math.floor(config.budget_s / (seconds_per_step * config.eval_every))
+    return config.eval_every * min(max(chunks, 1), config.steps // config.eval_every)
+
+
+def save_params(path, params) -> None:
+    """Writes a params pytree (any leading axes) to an ``.npz``, keyed by pytree path."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+
+
+def load_params(path, like):
+    """The params :func:`save_params` wrote, in the structure of ``like`` (e.g. a
+    ``model.init`` result); leaves keep the saved leading axes."""
+    with np.load(path) as saved:
+        paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+        return jax.tree_util.tree_unflatten(
+            treedef, [jnp.asarray(saved[jax.tree_util.keystr(k)]) for k, _ in paths]
+        )
+
+
+def params_path(workdir, cell_name, length) -> str:
+    """Where :func:`run` saves a (cell, T)'s trained params (axes: clip setting, seed)."""
+    return os.path.join(workdir, "params", f"{cell_name}_T{length}.npz")
 
 
 def first_solved(test_loss: np.ndarray, threshold: float, eval_every: int):
@@ -141,7 +238,7 @@ def first_solved(test_loss: np.ndarray, threshold: float, eval_every: int):
     return steps
 
 
-def summarize(task, cell_name, length, clip_norms, curves, eval_every, seconds):
+def summarize(task, cell_name, length, clip_norms, curves, eval_every, seconds, steps=None):
     """One table row per clip setting: medians and spreads over the seeds."""
     rows = []
     curves = jax.tree.map(np.asarray, curves)
@@ -157,6 +254,7 @@ def summarize(task, cell_name, length, clip_norms, curves, eval_every, seconds):
                 "cell": cell_name,
                 "T": length,
                 "clip": "none" if np.isinf(clip) else clip,
+                "steps": steps if steps is not None else (test.shape[1] - 1) * eval_every,
                 "baseline": task.baseline,
                 "final_test_median": float(np.median(final)),
                 "final_test_min": float(np.min(final)),
@@ -184,6 +282,7 @@ _COLUMNS = [
     ("cell", "{}"),
     ("T", "{}"),
     ("clip", "{}"),
+    ("steps", "{}"),
     ("baseline", "{:.4f}"),
     ("final_test_median", "{:.4f}"),
     ("final_test_min", "{:.4f}"),
@@ -258,45 +357,151 @@ def plot_curves(path, task_name, results, eval_every):
     plt.close(fig)
 
 
+def plot_summary(path, task_name, results, eval_every):
+    """Test loss against step, one panel per T, one line per cell (the median over seeds of
+    the last clip setting's runs), the baseline dashed and the solved threshold dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["T"] for r in results})
+    names = list(dict.fromkeys(r["cell"] for r in results))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(3.6 * len(lengths), 3.2), squeeze=False)
+    colours = matplotlib.colormaps["tab20"]
+    for r in results:
+        ax = axes[0, lengths.index(r["T"])]
+        curves = np.asarray(r["test_loss"][-1])
+        steps = np.arange(curves.shape[1]) * eval_every
+        i = (
+            registry.NAMES.index(r["cell"])
+            if r["cell"] in registry.NAMES
+            else names.index(r["cell"])
+        )
+        ax.plot(
+            steps,
+            np.median(curves, axis=0),
+            color=colours(i % 20 / 20 + 0.025),
+            lw=1.1,
+            label=r["cell"],
+        )
+    for j, length in enumerate(lengths):
+        ax = axes[0, j]
+        r = next(r for r in results if r["T"] == length)
+        ax.axhline(r["baseline"], color="k", ls="--", lw=0.8)
+        ax.axhline(r["solved_below"], color="gray", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"{task_name}, T={length}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("test loss (median over seeds)", fontsize=8)
+    axes[0, -1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def replot(workdir):
+    """Redraws ``curves_<task>.png`` and ``summary_<task>.png`` from ``workdir/results.json``."""
+    with open(os.path.join(workdir, "results.json")) as f:
+        saved = json.load(f)
+    task, eval_every = saved["config"]["task"], saved["config"]["eval_every"]
+    results = [
+        {**r, "clip_norms": [math.inf if c is None else c for c in r["clip_norms"]]}
+        for r in saved["results"]
+    ]
+    plot_curves(os.path.join(workdir, f"curves_{task}.png"), task, results, eval_every)
+    plot_summary(os.path.join(workdir, f"summary_{task}.png"), task, results, eval_every)
+
+
+def comparison_table(workdirs) -> str:
+    """A Markdown table of sweeps (one per task): a row per cell, a column per (task, T), each
+    entry ``solved/seeds @ first solved step (median) · final test loss (median) · steps``, for
+    the last clip setting. ``workdirs``: directories :func:`run` wrote ``results.json`` to."""
+    columns, entries, cells_seen = [], {}, []
+    for workdir in workdirs:
+        with open(os.path.join(workdir, "results.json")) as f:
+            saved = json.load(f)
+        task = saved["config"]["task"]
+        for r in saved["results"]:
+            row = r["rows"][-1]
+            if (task, r["T"]) not in columns:
+                columns.append((task, r["T"]))
+            if r["cell"] not in cells_seen:
+                cells_seen.append(r["cell"])
+            first = row["first_solved_median"]
+            solved = row["solved"]
+            text = f"{solved}" + ("" if first is None else f" @{first:.0f}")
+            text += f" · {row['final_test_median']:.3g} · {r['steps']}"
+            entries[(r["cell"], task, r["T"])] = f"**{text}**" if solved[0] != "0" else text
+    head = "| cell | " + " | ".join(f"{task} T={t}" for task, t in columns) + " |"
+    lines = [head, "|---|" + "---|" * len(columns)]
+    for name in cells_seen:
+        values = [entries.get((name, task, t), "") for task, t in columns]
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def run(config: Config, workdir: str, out=print) -> list[dict]:
-    """Trains every (cell, T); prints the table; writes results.json, results.csv and a PNG.
+    """Trains every (cell, T); prints the table; writes results.json, results.csv, a PNG and
+    every (cell, T)'s trained params (:func:`params_path`).
 
     Returns:
       The table's rows, one per (T, cell, clip setting), in that order.
     """
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(os.path.join(workdir, "params"), exist_ok=True)
     clip_norms = config.clip_norms()
+    longest = TASKS[config.task](max(config.lengths))
+    per_step = {}  # cell -> seconds per step at the longest T (with budget_s)
     rows, results = [], []
     for length in config.lengths:
         task = TASKS[config.task](length)
         for name in config.cells:
             tic = time.perf_counter()
-            _, curves = train_seeds(task, CELLS[name](config.units), config)
-            curves = jax.tree.map(np.asarray, jax.block_until_ready(curves))
+            # Length-dependent initialisations (chrono, IndRNN) span the whole sequence.
+            cell = registry.named_cell(name, config.units, task.length)
+            steps = config.steps
+            if config.budget_s is not None:
+                if name not in per_step:
+                    long_cell = registry.named_cell(name, config.units, longest.length)
+                    per_step[name] = seconds_per_step(longest, long_cell, config)
+                    out(f"{name}: {per_step[name]:.3f} s per step at T={longest.length}")
+                steps = budget_steps(config, per_step[name] * task.length / longest.length)
+            timings = {}
+            params, curves = train_seeds(task, cell, config, steps, timings)
+            curves = jax.tree.map(np.asarray, curves)
+            save_params(params_path(workdir, name, length), params)
             seconds = time.perf_counter() - tic
-            new = summarize(task, name, length, clip_norms, curves, config.eval_every, seconds)
+            new = summarize(
+                task, name, length, clip_norms, curves, config.eval_every, seconds, steps
+            )
             for row in new:
                 out(
-                    f"{config.task} {name} T={length} clip={row['clip']}: final test loss "
-                    f"{row['final_test_median']:.4f} (baseline {task.baseline:.4f}), solved "
-                    f"{row['solved']}, {seconds:.0f} s"
+                    f"{config.task} {name} T={length} clip={row['clip']}: {steps} steps, final "
+                    f"test loss {row['final_test_median']:.4f} (baseline {task.baseline:.4f}), "
+                    f"solved {row['solved']}, {seconds:.0f} s "
+                    f"(compile {timings['compile_s']:.0f} s, train {timings['train_s']:.0f} s)"
                 )
             rows += new
             results.append(
                 {
                     "cell": name,
                     "T": length,
+                    "steps": steps,
                     "baseline": task.baseline,
                     "solved_below": task.solved_below,
                     # JSON has no inf: the unclipped setting is written as null.
                     "clip_norms": [None if math.isinf(c) else c for c in clip_norms],
                     "test_loss": curves.test_loss.tolist(),
+                    "grad_norm": curves.grad_norm.tolist() if config.save_grad_norms else None,
+                    "timings": timings,
                     "rows": new,
                 }
             )
+            # Written after every (cell, T): a long sweep can be read while it runs.
+            with open(os.path.join(workdir, "results.json"), "w") as f:
+                json.dump({"config": dataclasses.asdict(config), "results": results}, f)
     out(format_table(rows))
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(config), "results": results}, f)
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, [name for name, _ in _COLUMNS])
         writer.writeheader()
@@ -304,6 +509,9 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
     plotted = [{**r, "clip_norms": clip_norms} for r in results]
     plot_curves(
         os.path.join(workdir, f"curves_{config.task}.png"), config.task, plotted, config.eval_every
+    )
+    plot_summary(
+        os.path.join(workdir, f"summary_{config.task}.png"), config.task, plotted, config.eval_every
     )
     return rows
 

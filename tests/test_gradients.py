@@ -14,7 +14,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import rnn_jax
-from experiments import gradient_flow
+from experiments import gradient_flow, long_range
 from rnn_jax import cells, gradients
 from rnn_jax.synthetic import adding_problem
 
@@ -440,6 +440,41 @@ def test_gradient_flow_short_run_in_process(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
 
 
+def test_gradient_flow_probes_the_models_a_sweep_trained(tmp_path):
+    """trained_from: the init and trained probes are of long_range's own models (LRU, whose
+    carry is the real and imaginary halves of one complex state), their MSEs the sweep's."""
+    sweep = long_range.Config(
+        cells=("lru",),
+        lengths=(5,),
+        seeds=2,
+        steps=4,
+        eval_every=2,
+        batch_size=2,
+        test_size=4,
+        units=3,
+        clip_norm=None,
+        save_grad_norms=True,
+    )
+    long_range.run(sweep, str(tmp_path / "sweep"), out=lambda line: None)
+    config = dataclasses.replace(
+        TINY_FLOW, configs=("lru",), trained_from=str(tmp_path / "sweep"), seeds=5
+    )
+    rows = gradient_flow.run(config, str(tmp_path / "flow"), out=lambda line: None)
+    with open(tmp_path / "sweep" / "results.json") as f:
+        test = np.asarray(json.load(f)["results"][0]["test_loss"][0])  # (seeds, evals)
+    init, trained = rows
+    assert (init["phase"], trained["phase"]) == ("init", "trained")
+    assert init["nonfinite_test"] == "0/2"  # the sweep's 2 seeds, not config.seeds
+    np.testing.assert_allclose(init["test_mse"], np.median(test[:, 0]), rtol=1e-6)
+    np.testing.assert_allclose(trained["test_mse"], np.median(test[:, -1]), rtol=1e-6)
+    assert trained["inf_grad_steps"] == 0.0  # the sweep's saved gradient norms
+    # The LRU's |λ| ≤ 0.999 at init: ‖J_t‖₂ < 1 and every probe finite.
+    assert 0 < init["jacobian_norm"] < 1
+    assert np.isfinite(init["log10_g0_over_gT"]) and np.isfinite(trained["log10_dhT_dh0"])
+    assert init["log10_dhT_dh0"] != trained["log10_dhT_dh0"]
+    assert (tmp_path / "flow" / "grad_norms.png").stat().st_size > 1000
+
+
 def test_gradient_flow_irnn_has_no_saturation_columns():
     # The probes of one configuration as run() takes them (without its training, tested above).
     task = adding_problem(5)
@@ -472,6 +507,10 @@ def test_gradient_flow_irnn_has_no_saturation_columns():
         ({"jacobian_batch": 4}, "jacobian_batch=4 must not exceed probe_batch=3"),
         ({"train_steps": -1}, "train_steps=-1 must be finite and >= 0"),
         ({"seeds": 0}, "seeds=0 must be finite and > 0"),
+        (
+            {"configs": ("lru", "rnn_g1"), "trained_from": "runs/x"},
+            "configs=('lru', 'rnn_g1'): 'rnn_g1' is not a cell that experiments.long_range",
+        ),
     ],
 )
 def test_gradient_flow_config_rejects_bad_values(changes, message):

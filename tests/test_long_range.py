@@ -1,5 +1,6 @@
 """experiments.long_range in process: a tiny sweep against separate runs of the trainer, its
-files, the Config's validation, and one command line.
+files, every registry cell through a tiny sweep, the budget's steps, the Config's validation,
+and one command line.
 
 The trainer itself (rnn_jax.train.make_task_trainer: vmapped over seeds and clip norms, against
 a hand-written clipped Adam loop) is tested in tests/test_train.py."""
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from experiments import long_range
-from rnn_jax import cells
+from rnn_jax import cells, registry
 from rnn_jax.synthetic import adding_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,13 +47,14 @@ def test_short_sweep_in_process(tmp_path):
     lines = []
     rows = long_range.run(TINY, str(tmp_path), out=lines.append)
     table = lines[-1]
-    assert "| adding | lstm | 4 | none | 0.1667 |" in table
-    assert "| adding | lstm | 4 | 0.5 | 0.1667 |" in table
+    assert "| adding | lstm | 4 | none | 4 | 0.1667 |" in table
+    assert "| adding | lstm | 4 | 0.5 | 4 | 0.1667 |" in table
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
     assert results["config"] == json.loads(json.dumps(dataclasses.asdict(TINY)))
     (res,) = results["results"]
     assert res["clip_norms"] == [None, 0.5]  # JSON has no inf: null is the unclipped twin
+    assert res["steps"] == 4 and res["grad_norm"] is None  # save_grad_norms is off
     assert res["rows"] == json.loads(json.dumps(rows))
     test = np.asarray(res["test_loss"])  # (clip settings, seeds, evaluations)
     assert test.shape == (2, 2, 3)
@@ -68,7 +70,14 @@ def test_short_sweep_in_process(tmp_path):
         outputs = model.apply(jax.tree.map(lambda a, s=s: a[s], params), test_xs)
         mse = np.mean((np.asarray(outputs)[:, 0] - np.asarray(test_targets)) ** 2)
         np.testing.assert_allclose(test[:, s, 0], [mse, mse], rtol=1e-5)
+    # The trained params are saved per (cell, T), axes (clip setting, seed), in init's structure.
+    trained = long_range.load_params(long_range.params_path(str(tmp_path), "lstm", 4), params)
+    assert jax.tree.structure(trained) == jax.tree.structure(params)
+    for before, after in zip(jax.tree.leaves(params), jax.tree.leaves(trained)):
+        assert after.shape == (2, *before.shape)
+        assert not np.allclose(after[0], before)
     for row, tests in zip(rows, test):
+        assert row["steps"] == TINY.steps
         assert np.all(np.isfinite(tests)) and np.all(tests > 0)
         np.testing.assert_allclose(row["final_test_median"], np.median(tests[:, -1]), rtol=1e-6)
         np.testing.assert_allclose(row["final_test_min"], np.min(tests[:, -1]), rtol=1e-6)
@@ -88,6 +97,72 @@ def test_short_sweep_in_process(tmp_path):
     assert [r["clip"] for r in saved] == ["none", "0.5"]
     np.testing.assert_allclose(float(saved[1]["final_test_median"]), rows[1]["final_test_median"])
     assert (tmp_path / "curves_adding.png").stat().st_size > 1000
+    assert (tmp_path / "summary_adding.png").stat().st_size > 1000
+    # The comparison table: the last clip setting's row, one column per (task, T).
+    solved, final = rows[1]["solved"], rows[1]["final_test_median"]
+    lines = long_range.comparison_table([str(tmp_path)]).splitlines()
+    assert lines[0] == "| cell | adding T=4 |"
+    assert lines[2].startswith(f"| lstm | {solved}") and f" · {final:.3g} · 4 |" in lines[2]
+
+
+REGISTRY_TINY = long_range.Config(
+    lengths=(5,),
+    seeds=2,
+    steps=4,
+    eval_every=2,
+    batch_size=2,
+    test_size=4,
+    units=3,
+    clip_norm=None,
+    calibration_steps=2,
+    save_grad_norms=True,
+)
+
+
+@pytest.mark.parametrize("name", registry.NAMES)
+def test_every_registry_cell_traces_through_the_sweep(tmp_path, name):
+    """Each cell of rnn_jax.registry goes through a sweep's program (T = 5, 2 seeds, traced,
+    not compiled: compiling all eleven trainers costs ~100 s of CPU here) and its params
+    through save_params/load_params. One cell trains for real below, LRU in
+    tests/test_gradients.py (trained_from)."""
+    task = adding_problem(5)
+    cell = registry.named_cell(name, REGISTRY_TINY.units, task.length)
+    _, train, params, keys, test = long_range.prepare(task, cell, REGISTRY_TINY)
+    clips = jax.numpy.asarray(REGISTRY_TINY.clip_norms())
+    over_seeds = jax.vmap(train, in_axes=(0, 0, None, None, None))
+    trained, curves = jax.eval_shape(
+        jax.vmap(over_seeds, in_axes=(None, None, 0, None, None)), params, keys, clips, *test
+    )
+    assert curves.test_loss.shape == (1, 2, 3)  # (clip settings, seeds, evaluations)
+    assert curves.grad_norm.shape == (1, 2, 4)
+    assert jax.tree.structure(trained) == jax.tree.structure(params)
+    long_range.save_params(tmp_path / "params.npz", params)
+    loaded = long_range.load_params(tmp_path / "params.npz", params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_budget_sizes_the_steps(tmp_path):
+    """With budget_s, the steps come from a timed calibration: the smallest budget trains one
+    eval_every; every step's gradient norm is saved with save_grad_norms."""
+    config = dataclasses.replace(REGISTRY_TINY, cells=("simple_rnn",), budget_s=1e-9)
+    lines = []
+    (row,) = long_range.run(config, str(tmp_path), out=lines.append)
+    assert row["steps"] == 2 and row["cell"] == "simple_rnn"
+    assert re.fullmatch(r"simple_rnn: [0-9.]+ s per step at T=5", lines[0])
+    with open(tmp_path / "results.json") as f:
+        (res,) = json.load(f)["results"]
+    assert res["steps"] == 2 and set(res["timings"]) == {"compile_s", "train_s"}
+    assert np.shape(res["grad_norm"]) == (1, 2, 2)  # (clip settings, seeds, steps)
+    assert np.all(np.isfinite(res["grad_norm"])) and np.all(np.isfinite(res["test_loss"]))
+
+
+def test_budget_steps():
+    config = dataclasses.replace(TINY, steps=20, budget_s=1.0)
+    assert long_range.budget_steps(config, 0.1) == 10  # 10 steps fit: a multiple of 2
+    assert long_range.budget_steps(config, 0.15) == 6  # 6.7 fit: rounded down
+    assert long_range.budget_steps(config, 10.0) == 2  # none fit: one eval_every
+    assert long_range.budget_steps(config, 1e-4) == 20  # at most steps
 
 
 def test_clip_settings():
@@ -115,6 +190,8 @@ def test_clip_settings():
         ({"seeds": 0}, "seeds=0 must be finite and > 0"),
         ({"learning_rate": -1e-3}, "learning_rate=-0.001 must be finite and > 0"),
         ({"optimizer": "sgd"}, "optimizer='sgd': 'sgd' is not one of"),
+        ({"budget_s": 0.0}, "budget_s=0.0 must be finite and > 0"),
+        ({"calibration_steps": 0}, "calibration_steps=0 must be finite and > 0"),
     ],
 )
 def test_config_rejects_bad_values(changes, message):
