@@ -14,7 +14,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/python -m experiments.char_lm $(ARGS)
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest $(ARGS)
+	$(VENV)/bin/python -m pytest -n auto --dist loadfile $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
