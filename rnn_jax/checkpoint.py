@@ -153,6 +153,15 @@ def _silence_orbax_orphans():
 
     hook.drops_orbax_orphans = True
     sys.unraisablehook = hook
+    # A failed write leaves its sibling writes' exceptions unretrieved: asyncio logs each one
+    # ("Task exception was never retrieved") when the task is collected.
+    logging.getLogger("asyncio").addFilter(_drop_orbax_task_errors)
+
+
+def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's report of an orbax task whose exception nobody retrieved."""
+    message = record.getMessage()
+    return not ("exception was never retrieved" in message and _ORBAX_DIR in message)
 
 
 def _attempt(read: Callable[[], Any], directory: str, step: int, what: str) -> Any:
@@ -162,10 +171,10 @@ def _attempt(read: Callable[[], Any], directory: str, step: int, what: str) -> A
     and KeyError, OSError, JSONDecodeError and UnicodeDecodeError as they come. The cause is
     summed up in the message, not chained: its traceback is orbax's and tensorstore's.
     """
+    _silence_orbax_orphans()  # a failed read's orphans may call back before it raises
     try:
         return read()
     except Exception as e:
-        _silence_orbax_orphans()
         raise _damaged(directory, step, f"cannot read {what}: {_reason(e)}") from None
 
 

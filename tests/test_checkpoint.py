@@ -371,3 +371,17 @@ def test_a_full_disk_is_one_line_with_partial_files_removed(tmp_path, monkeypatc
     monkeypatch.setattr(ocp.CheckpointManager, "save", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         checkpoint.save_checkpoint(directory, 3, state, {"a": 1})
+
+
+def test_asyncio_reports_of_orbax_tasks_are_dropped_and_others_kept():
+    import logging
+
+    def record(message):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, None)
+
+    orbax_task = (
+        "Task exception was never retrieved\nfuture: <Task finished coro=<write_fragment() "
+        f"done, defined at {checkpoint._ORBAX_DIR}/checkpoint/_src/serialization.py:188>>"
+    )
+    assert not checkpoint._drop_orbax_task_errors(record(orbax_task))
+    assert checkpoint._drop_orbax_task_errors(record("Task exception was never retrieved: mine"))

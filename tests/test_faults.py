@@ -301,25 +301,37 @@ def _tmpfs(path: pathlib.Path, size: str):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def test_disk_full_then_freed_and_read_only(corpus, tmp_path, launch):
-    """Checkpoints of the default width fill a 900 kB disk at the 4th: one line, the partial
-    step removed, the previous ones intact; with room again the run finishes as if never
-    stopped. Remounted read-only: one line, nothing changed."""
-    with _tmpfs(tmp_path / "disk", "900k") as disk:
+def _allocated_kb(directory: pathlib.Path) -> int:
+    """What ``directory`` takes on disk, in kB (``du``: whole 4 kB blocks, as tmpfs counts)."""
+    out = subprocess.run(["du", "-sk", str(directory)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+def test_disk_full_then_freed_and_read_only(finished, corpus, tmp_path, launch):
+    """A disk of twice a checkpoint's size on disk (tmpfs stores one in less, so one to three
+    fit, where a run keeps three): a save fails with one line, the partial step removed, the
+    previous ones intact.
+    Remounted read-only: one line, nothing changed. With room again the run finishes as if
+    never stopped."""
+    finished_dir, _ = finished
+    step_kb = _allocated_kb(finished_dir / "checkpoints" / str(_steps(finished_dir)[-1]))
+    with _tmpfs(tmp_path / "disk", f"{2 * step_kb}k") as disk:
         workdir = disk / "run"
-        args = _args(corpus, workdir, units=128, iterations=5, num_preds=5)
+        args = _args(corpus, workdir, iterations=5)
         proc = launch(args)
         stdout, stderr = proc.communicate(timeout=300)
         errors = [line for line in stderr.splitlines() if line.strip()]
         assert proc.returncode == 1 and len(errors) == 1, stderr
-        assert _matches(
-            r"^error: cannot write checkpoint \d+ in '.*': the disk is full; its partial files "
-            r"are removed and the previous checkpoints are intact \(newest: step \d+\)\. Free "
+        found = re.match(
+            r"^error: cannot write checkpoint (\d+) in '.*': the disk is full; its partial files "
+            r"are removed and the previous checkpoints are intact \(newest: step (\d+)\)\. Free "
             r"space .* rerun the same command to resume$",
             errors[0],
-        ), errors[0]
-        names = os.listdir(workdir / "checkpoints")
-        assert not [n for n in names if "tmp" in n], names  # no partial step left behind
+        )
+        assert found, errors[0]
+        failed, newest = int(found.group(1)), int(found.group(2))
+        names = sorted(os.listdir(workdir / "checkpoints"), key=int)  # no partial step left
+        assert names[-1] == str(newest) and newest < failed, names
         kept = _snapshot(workdir)
 
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
@@ -340,7 +352,7 @@ def test_disk_full_then_freed_and_read_only(corpus, tmp_path, launch):
         digest = _state_digest(workdir)
 
     clean = tmp_path / "clean"
-    proc = launch(_args(corpus, clean, units=128, iterations=5, num_preds=5))
+    proc = launch(_args(corpus, clean, iterations=5))
     proc.communicate(timeout=300)
     assert proc.returncode == 0
     assert digest == _state_digest(clean)
