@@ -924,3 +924,21 @@ def test_fit_refuses_non_positive_step_counts():
     for name in ("steps_per_call", "checkpoint_every"):
         with pytest.raises(ValueError, match=f"{name}=0 must be a positive number of steps"):
             train.fit(state, run, data, iterations=1, **{name: 0})
+
+
+def test_fit_resumes_a_checkpoint_written_before_mid_epoch_ones(tmp_path):
+    """Checkpoints were once indexed by iteration, with no position in their meta: checkpoint
+    1 is then iteration 1 done, and the run goes on from there to the same end."""
+    model = _char_model("simple_rnn")[0]
+    data, run = _data(), _long_epoch()
+    state = train.create_train_state(_params(model, seed=9), OPT, jax.random.PRNGKey(3))
+    meta = {"config": {"units": 8}}
+    whole, _ = train.fit(state, run, data, iterations=2, meta=meta)
+    after_one, _ = run(state, data)
+    checkpoint.save_checkpoint(str(tmp_path / "checkpoints"), 1, after_one, meta)
+    lines = []
+    resumed, _ = train.fit(
+        state, run, data, iterations=2, workdir=str(tmp_path), meta=meta, log=lines.append
+    )
+    assert lines[0].startswith("resuming from step 1 in ") and "(iteration 1 done)" in lines[0]
+    _assert_trees_equal(resumed, whole)
