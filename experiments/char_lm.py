@@ -3,12 +3,18 @@
 Run: python -m experiments.char_lm --workdir=runs/char_lm
 Defaults are the tutorial's recipe (DESIGN.md §1-2): SimpleRNN(128) over 10-char windows (step
 1), Dense + softmax, categorical cross-entropy, RMSprop (Keras 3 defaults), batch 128, 25
-iterations of one epoch, 100 greedy characters after each. On this 2-core CPU, idle: about
-1 s per epoch and 30-40 s for the whole run (longer while other jobs share the cores); the
-training loss at iteration 25 is 1.3759 (1.985 bits/char), greedy sample "t this, but she had
-not done the room and she said to herself, ...". Rerun with the same --workdir to resume from
-the newest checkpoint (one per iteration, and inside long epochs every --checkpoint_every
-updates); the resumed run ends bit-identical to one never stopped.
+iterations of one epoch, 100 greedy characters after each; the last 5% of the text is held out
+and scored as bits per character after each iteration (--val_fraction). On this 2-core CPU:
+1-2 s per epoch and 40-70 s for the whole run; at iteration 25 the training loss is 1.3792
+(1.99 bits/char) and the held-out 2.35 bits/char. With --val_fraction=0 (the whole text, as
+the tutorial) the training loss at iteration 25 is 1.3759 (1.985 bits/char), greedy sample "t
+this, but she had not done the room and she said to herself, ...".
+--mode=stateful trains as char-rnn and Keras stateful=True do (DESIGN.md §7, docs/stateful.md):
+--batch_size contiguous streams read in --bptt windows in order, the carry passed on, any cell
+and --layers; held-out characters are scored in both modes alike.
+Rerun with the same --workdir to resume from the newest checkpoint (one per iteration, and
+inside long epochs every --checkpoint_every updates, the stateful carry included); the resumed
+run ends bit-identical to one never stopped.
 Several devices: --num_devices=0 (all); several hosts: --distributed, see docs/scaling.md.
 In process: ``run(Config(units=8, iterations=2), workdir)`` returns a :class:`Result`.
 """
@@ -27,10 +33,13 @@ import numpy as np
 from experiments import cli
 from rnn_jax import data as data_lib
 from rnn_jax import parallel, train
-from rnn_jax.cells import CELLS, Cell
-from rnn_jax.losses import accuracy, softmax_cross_entropy
-from rnn_jax.models import Model, recurrent, sequence_classifier
-from rnn_jax.sample import make_sampler
+from rnn_jax.cells import Cell
+from rnn_jax.losses import accuracy, masked_accuracy, masked_cross_entropy, softmax_cross_entropy
+from rnn_jax.models import Layer, Model, language_model, recurrent, sequence_classifier, stacked
+from rnn_jax.registry import NAMES, named_cell
+from rnn_jax.sample import make_sampler, make_stateful_sampler
+
+MODES = ("windowed", "stateful")
 
 # compute_dtype: the dot algorithm of every matrix product in the loss (forward and backward).
 # bfloat16 rounds the inputs of each product to bf16 and accumulates in float32, on the GPU/TPU
@@ -65,11 +74,32 @@ class Config:
         "Text file to train on (unset: the shipped Alice, rnn_jax.data.alice_path()).",
         check=cli.optional(cli.non_empty),
     )
-    cell: str = cli.field("simple_rnn", "Recurrence.", choices=tuple(CELLS))
+    mode: str = cli.field(
+        "windowed",
+        "windowed: the tutorial's independent seq_len windows, shuffled; stateful: batch_size "
+        "contiguous streams read in bptt windows in order, the carry passed on (DESIGN.md §7).",
+        choices=MODES,
+    )
+    cell: str = cli.field("simple_rnn", "Recurrence (rnn_jax.registry).", choices=NAMES)
     units: int = cli.field(128, "Hidden units.", check=cli.positive)
-    seq_len: int = cli.field(10, "Input window (characters).", check=cli.positive)
+    layers: int = cli.field(
+        1, "Stacked recurrent layers (more than one: stateful mode).", check=cli.positive
+    )
+    seq_len: int = cli.field(
+        10,
+        "Input window (characters); stateful mode: generation seeds and the held-out "
+        "characters left unscored, as in windowed mode.",
+        check=cli.positive,
+    )
     step: int = cli.field(1, "Stride between training windows.", check=cli.positive)
-    batch_size: int = cli.field(128, "Examples per update.", check=cli.positive)
+    bptt: int = cli.field(
+        100,
+        "Stateful mode: characters per window, where backpropagation is truncated.",
+        check=cli.positive,
+    )
+    batch_size: int = cli.field(
+        128, "Examples per update (stateful mode: streams).", check=cli.positive
+    )
     iterations: int = cli.field(25, "Train-then-generate iterations.", check=cli.positive)
     epochs_per_iteration: int = cli.field(1, "Epochs per iteration.", check=cli.positive)
     num_preds: int = cli.field(100, "Characters generated per iteration.", check=cli.positive)
@@ -83,7 +113,10 @@ class Config:
     clip_norm: float | None = cli.clip_norm()
     seed: int = cli.field(0, "PRNG seed (init, shuffles, generation seeds).")
     val_fraction: float = cli.field(
-        0.0, "Held-out tail of the text, for validation bits per char.", check=cli.fraction
+        0.05,
+        "Held-out tail of the text, for held-out bits per char, the same in both modes "
+        "(0: train on all of it, as the tutorial does).",
+        check=cli.fraction,
     )
     temperature: float = cli.field(
         0.0, "0: greedy (the tutorial); > 0: sample.", check=cli.non_negative
@@ -128,6 +161,11 @@ class Config:
 
     def __post_init__(self):
         cli.validate(self)
+        if self.layers > 1 and self.mode != "stateful":
+            raise ValueError(
+                f"layers={self.layers} needs mode='stateful': the windowed mode's rolling-window "
+                "sampler runs one cell"
+            )
         if self.seed_text is not None and len(self.seed_text) < self.seq_len:
             raise ValueError(
                 f"seed_text={self.seed_text!r} has {len(self.seed_text)} characters; it needs at "
@@ -140,8 +178,15 @@ class Config:
         Not iterations nor the sampling options, nor the devices and matmul precision (a run
         may move between machines, and checkpoints written before those options existed still
         resume), nor the text's path: the text itself is identified beside them by ``run``.
+        Nor ``mode``, ``bptt`` and ``layers`` in a run of the tutorial's shape (windowed, one
+        layer), where they play no part: its checkpoints from before they existed resume.
         """
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_RESUMED}
+        key = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_RESUMED}
+        if self.mode == "windowed":
+            del key["mode"], key["bptt"]
+        if self.layers == 1:
+            del key["layers"]
+        return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,11 +242,40 @@ class Result(NamedTuple):
     vocabulary: data_lib.Vocabulary
 
 
+def make_cell(config: Config) -> Cell:
+    """The configured cell (:func:`rnn_jax.registry.named_cell`), set up for the longest
+    dependency a training sequence spans: ``seq_len`` (windowed) or ``bptt`` (stateful)."""
+    length = config.bptt if config.mode == "stateful" else config.seq_len
+    return named_cell(config.cell, config.units, length)
+
+
+def _layer(config: Config) -> Layer:
+    length = config.bptt if config.mode == "stateful" else config.seq_len
+    unroll = config.unroll or (True if length <= 32 else 1)
+    layers = [recurrent(make_cell(config), unroll_steps=unroll) for _ in range(config.layers)]
+    return layers[0] if config.layers == 1 else stacked(layers)
+
+
 def make_model(config: Config, vocab_size: int) -> tuple[Cell, Model]:
-    """``(cell, model)``: the tutorial's ``cell`` + ``Dense(V)`` over integer tokens."""
-    cell = CELLS[config.cell](config.units)
-    unroll = config.unroll or (True if config.seq_len <= 32 else 1)
-    return cell, sequence_classifier(recurrent(cell, unroll_steps=unroll), vocab_size, vocab_size)
+    """``(cell, model)``: the tutorial's ``cell`` + ``Dense(V)`` over integer tokens, reading
+    a window to its last step (windowed, :func:`rnn_jax.sequence_classifier`) or every step
+    with the carry in and out (stateful, :func:`rnn_jax.language_model`). The params are
+    ``{"rnn", "dense"}`` either way."""
+    if config.mode == "stateful":
+        return make_cell(config), language_model(_layer(config), vocab_size)
+    return make_cell(config), sequence_classifier(_layer(config), vocab_size, vocab_size)
+
+
+def _apply_in_precision(apply, compute_dtype: str):
+    precision = MATMUL_PRECISION[compute_dtype]
+    if precision is None:  # leave JAX's default (and JAX_DEFAULT_MATMUL_PRECISION) alone
+        return apply
+
+    def in_precision(*args):
+        with jax.default_matmul_precision(precision):
+            return apply(*args)
+
+    return in_precision
 
 
 def make_loss(model: Model, compute_dtype: str = "float32"):
@@ -210,18 +284,36 @@ def make_loss(model: Model, compute_dtype: str = "float32"):
     ``compute_dtype="bfloat16"`` runs the model's matrix products on bf16 inputs with float32
     accumulation (see ``MATMUL_PRECISION``); the loss itself is float32.
     """
-    precision = MATMUL_PRECISION[compute_dtype]
+    apply = _apply_in_precision(model.apply, compute_dtype)
 
     def loss_fn(params, batch):
         inputs, labels = batch
-        if precision is None:  # leave JAX's default (and JAX_DEFAULT_MATMUL_PRECISION) alone
-            logits = model.apply(params, inputs)
-        else:
-            with jax.default_matmul_precision(precision):
-                logits = model.apply(params, inputs)
+        logits = apply(params, inputs)
         return softmax_cross_entropy(logits, labels), {"accuracy": accuracy(logits, labels)}
 
     return loss_fn
+
+
+def make_stateful_loss(model: Model, compute_dtype: str = "float32"):
+    """The stateful loss ``(params, (inputs, targets, mask), carry) -> (loss (B,), {"accuracy"},
+    carry)``: per stream, the mean cross-entropy over the window's scored characters
+    (:func:`rnn_jax.data.stream_batch` weighs each row by their count, so the update's loss
+    is the mean over every scored character)."""
+    apply = _apply_in_precision(model.apply, compute_dtype)
+
+    def loss_fn(params, batch, carry):
+        inputs, targets, mask = batch
+        carry, logits = apply(params, inputs, carry)
+        hits = masked_accuracy(jnp.argmax(logits, axis=-1), targets, mask)
+        return masked_cross_entropy(logits, targets, mask), {"accuracy": hits}, carry
+
+    return loss_fn
+
+
+def zero_carry(model: Model, params, batch_size: int):
+    """The model's initial carry for ``batch_size`` rows (zeros, any layer or stack)."""
+    shapes, _ = jax.eval_shape(model.apply, params, jnp.zeros((batch_size, 1), jnp.int32))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _load(config: Config) -> tuple[str, str]:
@@ -236,44 +328,23 @@ def _load(config: Config) -> tuple[str, str]:
     return path, text
 
 
-def run(config: Config, workdir: str | None, out: Callable[[str], None] = print) -> Result:
-    """Trains the char-RNN on ``config.text`` with generation after every iteration.
+class _Mode(NamedTuple):
+    """What differs between the two modes: the state, the training pass and its data, the
+    held-out evaluation and generation."""
 
-    Writes ``metrics.jsonl`` (one line per iteration), ``samples.txt`` and orbax checkpoints to
-    ``workdir`` and resumes from them (``None``: nothing written, nothing resumed). Everything
-    is checked before the first epoch; only process 0 of a multi-host run calls ``out``.
+    state: train.TrainState
+    epoch: train.TrainSteps
+    data: object
+    num_examples: int  # scored characters per epoch (windowed: windows)
+    evaluate: Callable | None  # params -> {"loss", "accuracy"} over the held-out tail
+    sample: Callable  # (params, seed tokens (n,), key) -> generated tokens (num_preds,)
+    random_seed: Callable[[int], np.ndarray]  # iteration -> seq_len training tokens
 
-    Raises:
-      TextError: the text cannot be used (the message names ``text=``).
-      ValueError: ``seed_text`` has characters outside the text's vocabulary, or
-        ``val_fraction`` leaves too little text on one side.
-      CheckpointError: ``workdir`` holds a checkpoint of another configuration or text.
-      NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
-    """
-    if jax.process_index() != 0:
-        out = lambda *_: None
-    mesh = parallel.make_mesh(config.num_devices) if config.num_devices != 1 else None
-    _, text = _load(config)
-    vocab = data_lib.Vocabulary.from_text(text)
-    tokens = vocab.encode(text)
-    seed_tokens = None
-    if config.seed_text is not None:
-        seed_text = config.seed_text.lower()  # the corpus is lower-cased (DESIGN.md §1)
-        try:  # fail before training, not after the first iteration
-            seed_tokens = vocab.encode(seed_text)[-config.seq_len :]
-        except ValueError as e:
-            raise ValueError(f"seed_text={config.seed_text!r}: {e}") from e
-    train_tokens, val_tokens = data_lib.split_tokens(tokens, config.val_fraction, config.seq_len)
+
+def _windowed(config, model, loss_fn, optimizer, state, train_tokens, val_tokens, mesh, cell):
+    """The tutorial's recipe: shuffled seq_len windows, step ``config.step``."""
     windows = data_lib.make_windows(train_tokens, config.seq_len, config.step)
     num_examples = int(windows.starts.shape[0])
-
-    cell, model = make_model(config, vocab.size)
-    loss_fn = make_loss(model, config.compute_dtype)
-    optimizer = train.rmsprop(
-        config.learning_rate, config.rho, config.epsilon, config.eps_in_sqrt, config.clip_norm
-    )
-    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = train.create_train_state(model.init(init_key), optimizer, train_key)
     if mesh is not None:  # placed once: the corpus and the state whole on every device
         windows, state = parallel.replicate((windows, state), mesh)
 
@@ -288,46 +359,136 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
     )
     evaluate = None
     if val_tokens is not None:
-        val_windows = data_lib.make_windows(val_tokens, config.seq_len, config.seq_len)
+        # Every held-out character from the seq_len-th on, from the seq_len before it.
+        val_windows = data_lib.make_windows(val_tokens, config.seq_len, 1)
         val_batches = train.shuffled_epoch(
-            get_batch,
-            int(val_windows.starts.shape[0]),
-            config.batch_size,
-            shuffle=False,
-            mesh=mesh,
+            get_batch, int(val_windows.starts.shape[0]), config.batch_size, shuffle=False, mesh=mesh
         )
-        evaluate = train.make_evaluate(loss_fn, val_batches, mesh=mesh)
+        scores = train.make_evaluate(loss_fn, val_batches, mesh=mesh)
         if mesh is not None:
             val_windows = parallel.replicate(val_windows, mesh)
+        evaluate = lambda params: scores(params, val_windows)
     sampler = make_sampler(cell, config.num_preds, config.temperature)
 
-    out(
-        f"{len(text)} characters, vocabulary of {vocab.size}, {num_examples} training windows"
-        + (f", batches split over {parallel.data_size(mesh)} devices" if mesh is not None else "")
-    )
+    def sample(params, seed, key):
+        return sampler(params, jnp.asarray(seed[-config.seq_len :])[None], key)[0]
 
-    def seed_window(iteration: int) -> np.ndarray:
-        """The generation seed: ``seed_text``'s last ``seq_len`` tokens or a random window."""
-        if seed_tokens is not None:
-            return seed_tokens
+    def random_seed(iteration: int) -> np.ndarray:
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
         i = int(jax.random.randint(key, (), 0, num_examples))
         start = int(windows.starts[i])
         return np.asarray(windows.tokens[start : start + config.seq_len])
 
+    return _Mode(state, epoch, windows, num_examples, evaluate, sample, random_seed)
+
+
+def _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh):
+    """``batch_size`` contiguous streams read in ``bptt`` windows, the carry passed on."""
+    loss_fn = make_stateful_loss(model, config.compute_dtype)
+    streams, num_windows = data_lib.make_streams(train_tokens, config.batch_size, config.bptt)
+    size = parallel.padded_size(config.batch_size, mesh)
+    state = state._replace(carry=zero_carry(model, state.params, size))
+    if mesh is not None:
+        streams, state = parallel.replicate((streams, state), mesh)
+    get_batch = lambda s, k: data_lib.stream_batch(s, k, config.bptt)
+    epoch = train.make_train_steps(
+        loss_fn, optimizer, train.in_order(get_batch, num_windows, mesh=mesh), mesh=mesh
+    )
+    evaluate = None
+    if val_tokens is not None:
+        # One stream over the whole tail, the carry passed across its windows; the first
+        # seq_len - 1 predictions warm the carry up and are not scored, so that both modes
+        # score the same characters.
+        val_streams, val_windows = data_lib.make_streams(
+            val_tokens, 1, config.bptt, scored_from=config.seq_len - 1
+        )
+        scores = train.make_evaluate(
+            loss_fn,
+            train.in_order(get_batch, val_windows),
+            carry=zero_carry(model, state.params, 1),
+        )
+        evaluate = lambda params: scores(params, val_streams)
+    sampler = make_stateful_sampler(model, config.num_preds, config.temperature)
+
+    def sample(params, seed, key):
+        return sampler(params, jnp.asarray(seed)[None], key)[0]
+
+    def random_seed(iteration: int) -> np.ndarray:
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
+        start = int(jax.random.randint(key, (), 0, len(train_tokens) - config.seq_len + 1))
+        return np.asarray(train_tokens[start : start + config.seq_len])
+
+    num_examples = int(np.sum(jax.device_get(streams.lengths)))
+    return _Mode(state, epoch, streams, num_examples, evaluate, sample, random_seed)
+
+
+def run(config: Config, workdir: str | None, out: Callable[[str], None] = print) -> Result:
+    """Trains the char-RNN on ``config.text`` with generation after every iteration.
+
+    Writes ``metrics.jsonl`` (one line per iteration), ``samples.txt`` and orbax checkpoints to
+    ``workdir`` and resumes from them (``None``: nothing written, nothing resumed). Everything
+    is checked before the first epoch; only process 0 of a multi-host run calls ``out``.
+
+    ``config.mode`` picks the tutorial's shuffled windows or stateful streams (DESIGN.md §7);
+    both hold out the same tail (``val_fraction``) and score the same held-out characters.
+
+    Raises:
+      TextError: the text cannot be used (the message names ``text=``).
+      ValueError: ``seed_text`` has characters outside the text's vocabulary, or
+        ``val_fraction`` leaves too little text on one side, or too little for the streams.
+      CheckpointError: ``workdir`` holds a checkpoint of another configuration or text.
+      NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
+    """
+    if jax.process_index() != 0:
+        out = lambda *_: None
+    mesh = parallel.make_mesh(config.num_devices) if config.num_devices != 1 else None
+    _, text = _load(config)
+    vocab = data_lib.Vocabulary.from_text(text)
+    tokens = vocab.encode(text)
+    seed_tokens = None
+    if config.seed_text is not None:
+        seed_text = config.seed_text.lower()  # the corpus is lower-cased (DESIGN.md §1)
+        try:  # fail before training, not after the first iteration
+            seed_tokens = vocab.encode(seed_text)
+        except ValueError as e:
+            raise ValueError(f"seed_text={config.seed_text!r}: {e}") from e
+    train_tokens, val_tokens = data_lib.split_tokens(tokens, config.val_fraction, config.seq_len)
+
+    cell, model = make_model(config, vocab.size)
+    optimizer = train.rmsprop(
+        config.learning_rate, config.rho, config.epsilon, config.eps_in_sqrt, config.clip_norm
+    )
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    state = train.create_train_state(model.init(init_key), optimizer, train_key)
+    if config.mode == "stateful":
+        mode = _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh)
+        what = f"{mode.epoch.num_steps} windows of {config.bptt} in {config.batch_size} streams"
+    else:
+        loss_fn = make_loss(model, config.compute_dtype)
+        mode = _windowed(
+            config, model, loss_fn, optimizer, state, train_tokens, val_tokens, mesh, cell
+        )
+        what = f"{mode.num_examples} training windows"
+    held_out = f", {len(val_tokens)} held out" if val_tokens is not None else ""
+    out(
+        f"{len(text)} characters{held_out}, vocabulary of {vocab.size}, {what}"
+        + (f", batches split over {parallel.data_size(mesh)} devices" if mesh is not None else "")
+    )
+
     def on_iteration(iteration, state, metrics):
         report = {
             "bits_per_char": metrics["loss"] / math.log(2),
-            "examples_per_second": num_examples / metrics["seconds"],
+            "examples_per_second": mode.num_examples / metrics["seconds"],
         }
-        if evaluate is not None:
-            val = jax.device_get(evaluate(state.params, val_windows))
+        if mode.evaluate is not None:
+            val = jax.device_get(mode.evaluate(state.params))
             report["val_loss"] = float(val["loss"])
             report["val_bits_per_char"] = float(val["loss"]) / math.log(2)
-        seed = seed_window(iteration)
+        seed = seed_tokens if seed_tokens is not None else mode.random_seed(iteration)
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), iteration)
-        generated = vocab.decode(sampler(state.params, jnp.asarray(seed)[None], key)[0])
-        report["seed"], report["generated"] = vocab.decode(seed), generated
+        generated = vocab.decode(mode.sample(state.params, seed, key))
+        shown = seed if config.mode == "stateful" else seed[-config.seq_len :]
+        report["seed"], report["generated"] = vocab.decode(shown), generated
         out("=" * 50)
         out(f"Iteration #: {iteration}")
         line = (
@@ -336,7 +497,7 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
             f"{report['examples_per_second']:.0f} chars/s"
         )
         if "val_bits_per_char" in report:
-            line += f"  val bpc {report['val_bits_per_char']:.4f}"
+            line += f"  held-out bpc {report['val_bits_per_char']:.4f}"
         out(line)
         out(f'Generating from seed: "{report["seed"]}"')
         out(report["seed"] + generated)
@@ -351,9 +512,9 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
     meta = {"config": {**config.resume_key(), "text": text_id}, "vocabulary": vocab.chars}
     try:
         state, history = train.fit(
-            state,
-            epoch,
-            windows,
+            mode.state,
+            mode.epoch,
+            mode.data,
             iterations=config.iterations,
             epochs_per_iteration=config.epochs_per_iteration,
             workdir=workdir,
@@ -370,6 +531,13 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
         ) from e
     if workdir is not None and jax.process_index() == 0:
         _write_samples(os.path.join(workdir, "samples.txt"), history)
+    if history:
+        last = history[-1]
+        if "val_bits_per_char" in last:
+            out(
+                f"final: iteration {last['iteration']}, held-out bpc "
+                f"{last['val_bits_per_char']:.4f}, training bpc {last['bits_per_char']:.4f}"
+            )
     return Result(state, history, vocab)
 
 

@@ -27,6 +27,7 @@ from rnn_jax.checkpoint import (
 )
 from rnn_jax.convert import from_torch, to_torch
 from rnn_jax.data import (
+    Streams,
     TextError,
     Vocabulary,
     Windows,
@@ -34,7 +35,9 @@ from rnn_jax.data import (
     clean_text,
     get_window_batch,
     load_text,
+    make_streams,
     make_windows,
+    stream_batch,
 )
 from rnn_jax.gradients import (
     carry_gradient_norms,
@@ -62,13 +65,14 @@ from rnn_jax.models import (
     bidirectional,
     dense,
     dense_init,
+    language_model,
     recurrent,
     sequence_classifier,
     sequence_tagger,
     stacked,
 )
 from rnn_jax.parallel import make_mesh, shard_batch
-from rnn_jax.sample import make_sampler
+from rnn_jax.sample import make_sampler, make_stateful_sampler
 from rnn_jax.scan import unroll
 from rnn_jax.seq2seq import SequenceGenerator, encoder_decoder, one_to_many
 from rnn_jax.synthetic import (
@@ -90,6 +94,7 @@ from rnn_jax.train import (
     create_train_state,
     fit,
     generated,
+    in_order,
     make_evaluate,
     make_task_trainer,
     make_train_step,

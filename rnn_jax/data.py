@@ -1,5 +1,6 @@
 """Text: the shipped corpus, the tutorial's cleaning, a sorted vocabulary, windows as indices,
-and the truecasing labels of the synced topology experiment."""
+contiguous streams for stateful training, and the truecasing labels of the synced topology
+experiment."""
 
 import hashlib
 import os
@@ -243,6 +244,86 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int):
             "characters on one side; change val_fraction"
         )
     return tokens[:cut], tokens[cut:]
+
+
+class Streams(NamedTuple):
+    """A token sequence cut into contiguous streams for stateful training (DESIGN.md §7).
+
+    Stream ``b`` holds the (input, target) pairs ``(t[i], t[i+1])`` for ``i`` in
+    ``[starts[b], starts[b] + lengths[b])``: the streams cover every pair of the text once, in
+    order, without overlap. Row ``b`` of ``tokens`` is ``t[starts[b] :]`` padded with zeros;
+    :func:`stream_batch` cuts it into windows of ``bptt`` pairs. A pytree of device arrays.
+
+    Attributes:
+      tokens: ``(num_streams, num_windows · bptt + 1)`` int32.
+      lengths: ``(num_streams,)`` int32, pairs per stream (they differ by at most one).
+      scored_from: ``(num_streams,)`` int32: pairs before it are read (the carry warms up on
+        them) but not scored; 0 in training.
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+    scored_from: jax.Array
+
+    @property
+    def num_streams(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def make_streams(
+    tokens: np.ndarray, num_streams: int, bptt: int, *, scored_from: int = 0
+) -> tuple[Streams, int]:
+    """``(streams, num_windows)``: ``tokens`` cut into ``num_streams`` contiguous streams.
+
+    DESIGN.md §7 drops the remainder to make the streams equal; here stream ``b`` starts at
+    pair ``⌊b·P/B⌋`` (``P = len(tokens) - 1`` pairs) and runs to the next one's start, so
+    no pair is lost and lengths differ by at most one; the positions past a stream's end in
+    its last window are masked out of the loss (:func:`stream_batch`).
+
+    Args:
+      tokens: ``(n,)`` ints.
+      num_streams: ``B``, the batch of a stateful update.
+      bptt: pairs per window (the truncation length).
+      scored_from: pairs at the start of every stream that are read but not scored (held-out
+        evaluation reads the first ``seq_len - 1`` to score the characters the windowed mode
+        scores).
+    """
+    num_pairs = len(tokens) - 1
+    if num_streams < 1 or bptt < 1:
+        raise ValueError(f"batch_size={num_streams} and bptt={bptt} must be positive")
+    if num_pairs < num_streams:
+        raise ValueError(
+            f"the text has {len(tokens)} characters: too few for batch_size={num_streams} "
+            "streams of at least one character each; lower batch_size or use a longer text"
+        )
+    starts = np.arange(num_streams + 1, dtype=np.int64) * num_pairs // num_streams
+    lengths = np.diff(starts)
+    num_windows = -(-int(lengths.max()) // bptt)
+    width = num_windows * bptt + 1
+    padded = np.zeros(int(starts[-2]) + width, np.int32)  # a row per stream, no index array
+    padded[: len(tokens)] = tokens
+    rows = np.stack([padded[s : s + width] for s in starts[:-1]])
+    streams = Streams(
+        jax.device_put(rows),
+        jax.device_put(lengths.astype(np.int32)),
+        jax.device_put(np.full((num_streams,), scored_from, np.int32)),
+    )
+    return streams, num_windows
+
+
+def stream_batch(streams: Streams, k: jax.Array, bptt: int):
+    """Window ``k`` of every stream: ``((inputs, targets, mask), weights)``.
+
+    ``inputs`` and ``targets`` are ``(B, bptt)`` int32 (``targets`` one ahead), ``mask`` is 1
+    where a pair is scored, and ``weights (B,)`` counts each row's scored pairs, so that a
+    per-row mean loss weighted by it is the mean over every scored character (the engine's
+    ``examples`` are then characters). ``k`` may be traced.
+    """
+    window = jax.lax.dynamic_slice_in_dim(streams.tokens, k * bptt, bptt + 1, axis=1)
+    position = k * bptt + jnp.arange(bptt)[None, :]
+    mask = (position < streams.lengths[:, None]) & (position >= streams.scored_from[:, None])
+    mask = mask.astype(jnp.float32)
+    return (window[:, :-1], window[:, 1:], mask), jnp.sum(mask, axis=1)
 
 
 class Labelled(NamedTuple):

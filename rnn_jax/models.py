@@ -210,3 +210,25 @@ def sequence_tagger(layer: Layer | Cell, input_dim: int, num_classes: int) -> Mo
         return dense(params["dense"], ys)
 
     return Model(_with_head(layer, input_dim, num_classes), apply)
+
+
+def language_model(layer: Layer | Cell, vocab_size: int) -> Model:
+    """Next-token model over integer tokens, its carry in and out (stateful training).
+
+    The layer reads tokens and a ``Dense(vocab_size)`` head reads every step's output, as
+    :func:`sequence_tagger` (same params, ``{"rnn", "dense"}``: a windowed model's params serve
+    here too), but the carry is an argument and a result, so that a long text can be read in
+    windows with the carry passed from each to the next, and generation can go one token at a
+    time.
+
+    Returns:
+      ``Model``: ``apply(params, tokens (batch, time), carry=None) -> (carry, logits (batch,
+      time, vocab_size))``; ``carry=None`` starts from the layer's initial carry (zeros).
+    """
+    layer = _as_layer(layer)
+
+    def apply(params, tokens, carry=None):
+        carry, ys = layer.apply(params["rnn"], tokens, carry, return_sequences=True)
+        return carry, dense(params["dense"], ys)
+
+    return Model(_with_head(layer, vocab_size, vocab_size), apply)

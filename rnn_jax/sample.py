@@ -1,4 +1,5 @@
-"""Compiled greedy (or temperature) generation that rolls the input window forward on device."""
+"""Compiled greedy (or temperature) generation on device: the tutorial's rolling input window,
+and stateful generation that carries the state one token at a time."""
 
 import math
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 
 from rnn_jax._fast import zero_initial_carry
 from rnn_jax.cells import Cell, Recurrence
-from rnn_jax.models import dense
+from rnn_jax.models import Model, dense
 
 
 def _sample_one(cell: Cell, params, seed: jax.Array, num_chars: int, temperature: float, key):
@@ -108,5 +109,46 @@ def make_sampler(cell: Cell, num_chars: int, temperature: float = 0.0):
         keys = jax.random.split(key, seeds.shape[0])
         one = lambda seed, k: _sample_one(cell, params, seed, num_chars, temperature, k)
         return jax.vmap(one)(seeds, keys)
+
+    return sample
+
+
+def make_stateful_sampler(model: Model, num_chars: int, temperature: float = 0.0):
+    """A jitted ``sample(params, seeds, key=None) -> (batch, num_chars) int32`` that carries
+    the state: one recurrent step per generated token (``num_chars`` tokens cost
+    ``num_chars`` steps, where the rolling window of :func:`make_sampler` costs ``seq_len``
+    per token), with any layer, stacks included.
+
+    ``model`` is :func:`rnn_jax.language_model`: the seeds ``(batch, seed_len)`` are read from
+    the initial carry, then each token is picked from the last logits, by argmax
+    (``temperature == 0``) or from ``softmax(logits / temperature)`` (a key per step, folded
+    from ``key``), and read in turn. The whole context is remembered through the carry, as in
+    stateful training; nothing is dropped from a window.
+    """
+    if num_chars < 1:
+        raise ValueError(f"num_chars={num_chars} must be positive")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature={temperature} must be finite and >= 0")
+
+    def pick(logits, key, t):
+        if temperature == 0.0:
+            return _argmax(logits)
+        return jax.random.categorical(jax.random.fold_in(key, t), logits / temperature)
+
+    @jax.jit
+    def sample(params, seeds, key=None):
+        if key is None:
+            key = jax.random.PRNGKey(0)
+        carry, logits = model.apply(params, seeds)
+        first = pick(logits[:, -1], key, 0).astype(seeds.dtype)
+
+        def body(state, t):
+            carry, token = state
+            carry, logits = model.apply(params, token[:, None], carry)
+            nxt = pick(logits[:, 0], key, t).astype(seeds.dtype)
+            return (carry, nxt), nxt
+
+        _, rest = jax.lax.scan(body, (carry, first), jnp.arange(1, num_chars))
+        return jnp.concatenate([first[:, None], rest.T], axis=1)
 
     return sample

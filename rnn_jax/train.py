@@ -29,22 +29,38 @@ from rnn_jax.workdir import append_log, lock_workdir, read_log, rewrite_log
 
 Params = Any
 Batch = Any
-# loss_fn(params, batch) -> (per-example loss (B,), {name: per-example value (B,)})
-LossFn = Callable[[Params, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+Carry = Any
+# loss_fn(params, batch) -> (per-example loss (B,), {name: per-example value (B,)}); a stateful
+# loss (TrainState.carry set) also takes and returns the carry:
+# loss_fn(params, batch, carry) -> (loss (B,), {name: value (B,)}, carry).
+LossFn = Callable[..., tuple]
 
 
 class TrainState(NamedTuple):
-    """Everything a run needs to continue bit for bit: params, optimiser state, step, PRNG key."""
+    """Everything a run needs to continue bit for bit: params, optimiser state, step, PRNG key
+    and, for stateful training, the carry that the next batch starts from.
+
+    ``carry=None`` (the default) is an empty pytree: a state without one has the leaves, the
+    checkpoints and the digests it had before stateful training existed.
+    """
 
     params: Params
     opt_state: optax.OptState
     step: jax.Array
     key: jax.Array
+    carry: Carry = None
 
 
-def create_train_state(params: Params, optimizer: optax.GradientTransformation, key) -> TrainState:
-    """A fresh state at step 0; ``key`` drives the per-epoch shuffles."""
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+def create_train_state(
+    params: Params, optimizer: optax.GradientTransformation, key, carry: Carry = None
+) -> TrainState:
+    """A fresh state at step 0; ``key`` drives the per-epoch shuffles.
+
+    With a ``carry`` (e.g. ``cell.initial_carry(batch_size)``) training is stateful: each
+    update's loss starts from the carry the previous update ended with, and the carry is reset
+    to zeros at the start of every pass (see :func:`apply_update`, :func:`in_order`).
+    """
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key, carry)
 
 
 def rmsprop(
@@ -93,14 +109,20 @@ def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransforma
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _weighted(loss_fn: LossFn, params, batch, weights):
-    losses, stats = loss_fn(params, batch)
+def _weighted(loss_fn: LossFn, params, batch, weights, carry=None):
+    """The weighted mean loss and ``(sums, carry)``: the carry after the batch (stateful
+    losses) or None, never differentiated through (truncated backpropagation)."""
+    if carry is None:
+        losses, stats = loss_fn(params, batch)
+    else:
+        losses, stats, carry = loss_fn(params, batch, carry)
+        carry = jax.lax.stop_gradient(carry)
     total = jnp.maximum(jnp.sum(weights), 1.0)
     loss = jnp.sum(losses * weights) / total
     sums = {name: jnp.sum(value * weights) for name, value in stats.items()}
     sums["loss"] = jnp.sum(losses * weights)
     sums["examples"] = jnp.sum(weights)
-    return loss, sums
+    return loss, (sums, carry)
 
 
 def apply_update(
@@ -111,19 +133,25 @@ def apply_update(
     The loss is the ``weights``-weighted mean of ``loss_fn``'s per-example losses (weight 0
     marks padding).
 
+    Stateful training (``state.carry`` set): the loss is ``loss_fn(params, batch, carry)``,
+    which also returns the carry after the batch; that carry, under ``stop_gradient``, is the
+    next state's. Gradients reach back to the start of this batch only: truncated
+    backpropagation through time, cut at the batch's edge (DESIGN.md §7).
+
     Returns:
       ``(state, sums)``: the updated state (``step + 1``) and, over the batch's examples, the
       weighted sums of the loss and of ``loss_fn``'s statistics, ``examples`` (the sum of the
       weights) and ``grad_norm``, the global norm of the gradient before the optimiser
       (:func:`rnn_jax.gradients.global_norm`: finite for any finite gradient).
     """
-    (_, sums), grads = jax.value_and_grad(_weighted, argnums=1, has_aux=True)(
-        loss_fn, state.params, batch, weights
+    (_, (sums, carry)), grads = jax.value_and_grad(_weighted, argnums=1, has_aux=True)(
+        loss_fn, state.params, batch, weights, state.carry
     )
     sums["grad_norm"] = global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return state._replace(params=params, opt_state=opt_state, step=state.step + 1), sums
+    new = state._replace(params=params, opt_state=opt_state, step=state.step + 1, carry=carry)
+    return new, sums
 
 
 def _on_mesh(fn, mesh: Mesh | None):
@@ -331,6 +359,39 @@ def with_replacement(
     return Batches(plan, take, num_steps)
 
 
+def in_order(
+    get_batch: Callable[[Any, jax.Array], tuple[Batch, jax.Array]],
+    num_steps: int,
+    *,
+    mesh: Mesh | None = None,
+) -> Batches:
+    """Batches ``0 .. num_steps - 1`` in order, the same every pass: stateful training's
+    windows of contiguous streams (``get_batch = partial(rnn_jax.data.stream_batch,
+    bptt=...)``), where batch ``k + 1`` continues batch ``k`` row by row.
+
+    Args:
+      get_batch: ``(data, k) -> (batch, weights (size,))``; ``k`` is traced.
+      num_steps: batches per pass.
+      mesh: each batch (and the carry) is split along the 'data' axis; pad the rows to
+        :func:`rnn_jax.parallel.padded_size` beforehand (weight 0) if the batch size is not a
+        multiple of the device count.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be positive")
+
+    def plan(key, data):
+        del key, data
+
+    def take(plan, data, k):
+        del plan
+        batch, weights = get_batch(data, k)
+        if mesh is not None:
+            batch, weights = parallel.constrain_batch(batch, weights, mesh)
+        return batch, weights
+
+    return Batches(plan, take, num_steps)
+
+
 def generated(
     sample: Callable[[jax.Array, int], Batch], batch_size: int, num_steps: int
 ) -> Batches:
@@ -365,6 +426,8 @@ def _run_steps(
     The pass's plan (its shuffle, its draws) comes from ``state.key`` alone, so a pass run as
     several calls takes the same batches as one call; ``state.key`` moves on once the pass's
     last step has run. ``first`` may be traced (one compilation serves every call of a size).
+    A stateful state's carry is zero before the pass's step 0 (DESIGN.md §7) and otherwise
+    comes from the previous step, in this call or, through the state, an earlier one.
     """
     key, plan_key = jax.random.split(state.key)
     plan = batches.plan(plan_key, data)
@@ -372,6 +435,11 @@ def _run_steps(
 
     def body(state, i):
         batch, weights = batches.take(plan, data, i)
+        if state.carry is not None:
+            carry = jax.tree.map(lambda c: jnp.where(i == 0, jnp.zeros_like(c), c), state.carry)
+            if mesh is not None:  # row b of the carry lives with row b of the batch
+                carry = jax.lax.with_sharding_constraint(carry, parallel.batch_sharding(mesh))
+            state = state._replace(carry=carry)
         return apply_update(loss_fn, optimizer, state, batch, weights)
 
     state = _replicated(state, mesh)
@@ -539,11 +607,16 @@ def make_train_steps(
     return TrainSteps(loss_fn, optimizer, batches, mesh, trace)
 
 
-def make_evaluate(loss_fn: LossFn, batches: Batches, *, mesh: Mesh | None = None):
+def make_evaluate(
+    loss_fn: LossFn, batches: Batches, *, mesh: Mesh | None = None, carry: Carry = None
+):
     """Jitted ``evaluate(params, data) -> metrics``: example-weighted means, one call.
 
     ``batches`` is usually ``shuffled_epoch(..., shuffle=False)``: every example once, in
-    order. With a ``mesh`` the batches are split over its devices as in training.
+    order. With a ``mesh`` the batches are split over its devices as in training. With a
+    ``carry`` (the initial one, e.g. zeros) the loss is stateful, as in training, and the
+    carry is passed from each batch to the next: :func:`in_order` windows of one held-out
+    stream are then scored as one long sequence.
     """
 
     @jax.jit
@@ -551,11 +624,12 @@ def make_evaluate(loss_fn: LossFn, batches: Batches, *, mesh: Mesh | None = None
         params = _replicated(params, mesh)
         plan = batches.plan(jax.random.PRNGKey(0), data)
 
-        def body(_, i):
+        def body(carry, i):
             batch, weights = batches.take(plan, data, i)
-            return None, _weighted(loss_fn, params, batch, weights)[1]
+            _, (sums, carry) = _weighted(loss_fn, params, batch, weights, carry)
+            return carry, sums
 
-        _, sums = jax.lax.scan(body, None, jnp.arange(batches.num_steps))
+        _, sums = jax.lax.scan(body, carry, jnp.arange(batches.num_steps))
         seen = jnp.sum(sums.pop("examples"))
         return {k: jnp.sum(v) / seen for k, v in sums.items()}
 
@@ -585,6 +659,7 @@ def make_task_trainer(
     batch_size: int,
     learning_rate: float = 1e-3,
     optimizer: str = "adam",
+    lr_factors: dict[str, float] | None = None,
 ):
     """A model for a synthetic ``task`` and a pure, vmappable ``train`` on generated batches.
 
@@ -604,6 +679,12 @@ def make_task_trainer(
       learning_rate: of the optimiser.
       optimizer: ``"adam"`` (``optax.adam``, default betas) or ``"rmsprop"`` (the Keras 3
         defaults of :func:`rmsprop`).
+      lr_factors: ``{param name: factor}``: every parameter whose own name (the last key of
+        its path, e.g. ``"nu_log"``) is listed learns at ``factor × learning_rate`` (its
+        optimiser update is scaled, after clipping and the optimiser: with Adam exactly a
+        smaller learning rate); the rest at ``learning_rate``. The LRU paper trains ``ν, θ``
+        at 0.5×. A name that no parameter has raises ``ValueError`` (at the first ``train``).
+        The clip still sees the whole, unscaled gradient.
 
     Returns:
       ``(model, train)``. ``train(params, key, clip_norm, test_xs, test_targets)`` starts from
@@ -617,6 +698,10 @@ def make_task_trainer(
         )
     if optimizer not in ("adam", "rmsprop"):
         raise ValueError(f"optimizer={optimizer!r} must be 'adam' or 'rmsprop'")
+    factors = dict(lr_factors or {})
+    for name, factor in factors.items():
+        if not (math.isfinite(factor) and factor >= 0):
+            raise ValueError(f"lr_factors={factors!r}: {name}'s factor must be finite and >= 0")
     head = sequence_tagger if task.return_sequences else sequence_classifier
     model = head(cell, task.input_dim, task.output_dim)
     batches = generated(task.sample, batch_size, eval_every)
@@ -628,9 +713,41 @@ def make_task_trainer(
     def test_loss(params, test_xs, test_targets):
         return jnp.mean(task.loss(model.apply(params, test_xs), test_targets))
 
+    def factor_of(path) -> float:
+        last = path[-1]
+        return factors.get(getattr(last, "key", getattr(last, "name", None)), 1.0)
+
+    def scale_by_name() -> optax.GradientTransformation:
+        """Multiplies each update by its parameter's factor (static: a Python float)."""
+
+        def init_fn(params):
+            names = {
+                getattr(p[-1], "key", getattr(p[-1], "name", None))
+                for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+            }
+            unknown = sorted(set(factors) - names)
+            if unknown:
+                raise ValueError(
+                    f"lr_factors={factors!r}: no parameter is called {unknown[0]!r} "
+                    f"(the params have {', '.join(sorted(map(str, names)))})"
+                )
+            return optax.EmptyState()
+
+        def update_fn(updates, state, params=None):
+            del params
+            scaled = jax.tree_util.tree_map_with_path(
+                lambda p, u: u if factor_of(p) == 1.0 else (u * factor_of(p)).astype(u.dtype),
+                updates,
+            )
+            return scaled, state
+
+        return optax.GradientTransformation(init_fn, update_fn)
+
     def train(params, key, clip_norm, test_xs, test_targets):
         base = optax.adam(learning_rate) if optimizer == "adam" else rmsprop(learning_rate)
         opt = optax.chain(clip_by_global_norm(clip_norm), base)
+        if factors:
+            opt = optax.chain(opt, scale_by_name())
         state = create_train_state(params, opt, key)
 
         def chunk(state, _):

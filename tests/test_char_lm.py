@@ -195,8 +195,10 @@ def test_run_end_to_end(tiny_run):
     assert vocab.chars == "".join(sorted(set(text)))
     assert [r["iteration"] for r in history] == [1, 2]
     assert "Iteration #: 1" in lines and "Iteration #: 2" in lines
-    steps_per_epoch = -(-(len(text) - 10) // 64)  # windows of 10 with step 1, batch 64
+    trained = round(len(text) * 0.95)  # the default val_fraction holds out the last 5%
+    steps_per_epoch = -(-(trained - 10) // 64)  # windows of 10 with step 1, batch 64
     assert int(state.step) == history[-1]["step"] == 2 * steps_per_epoch
+    assert {"val_loss", "val_bits_per_char"} <= set(history[-1])
     for r in history:
         assert {
             "loss",
