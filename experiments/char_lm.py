@@ -386,8 +386,8 @@ def _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh):
     """``batch_size`` contiguous streams read in ``bptt`` windows, the carry passed on."""
     loss_fn = make_stateful_loss(model, config.compute_dtype)
     streams, num_windows = data_lib.make_streams(train_tokens, config.batch_size, config.bptt)
-    size = parallel.padded_size(config.batch_size, mesh)
-    state = state._replace(carry=zero_carry(model, state.params, size))
+    # A row per stream, whatever the devices: checkpoints resume on any number of them.
+    state = state._replace(carry=zero_carry(model, state.params, config.batch_size))
     if mesh is not None:
         streams, state = parallel.replicate((streams, state), mesh)
     get_batch = lambda s, k: data_lib.stream_batch(s, k, config.bptt)

@@ -121,8 +121,10 @@ def make_stateful_sampler(model: Model, num_chars: int, temperature: float = 0.0
 
     ``model`` is :func:`rnn_jax.language_model`: the seeds ``(batch, seed_len)`` are read from
     the initial carry, then each token is picked from the last logits, by argmax
-    (``temperature == 0``) or from ``softmax(logits / temperature)`` (a key per step, folded
-    from ``key``), and read in turn. The whole context is remembered through the carry, as in
+    (``temperature == 0``) or from ``softmax(logits / temperature)``, and read in turn. As in
+    :func:`make_sampler`, row ``b`` draws with ``jax.random.split(key, batch)[b]`` (token
+    ``t`` with that key folded with ``t``), so a row's text does not depend on the rows
+    generated beside it. The whole context is remembered through the carry, as in
     stateful training; nothing is dropped from a window.
     """
     if num_chars < 1:
@@ -130,22 +132,24 @@ def make_stateful_sampler(model: Model, num_chars: int, temperature: float = 0.0
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature={temperature} must be finite and >= 0")
 
-    def pick(logits, key, t):
+    def pick(logits, keys, t):
         if temperature == 0.0:
             return _argmax(logits)
-        return jax.random.categorical(jax.random.fold_in(key, t), logits / temperature)
+        draw = lambda k, row: jax.random.categorical(jax.random.fold_in(k, t), row / temperature)
+        return jax.vmap(draw)(keys, logits)
 
     @jax.jit
     def sample(params, seeds, key=None):
         if key is None:
             key = jax.random.PRNGKey(0)
+        keys = jax.random.split(key, seeds.shape[0])
         carry, logits = model.apply(params, seeds)
-        first = pick(logits[:, -1], key, 0).astype(seeds.dtype)
+        first = pick(logits[:, -1], keys, 0).astype(seeds.dtype)
 
         def body(state, t):
             carry, token = state
             carry, logits = model.apply(params, token[:, None], carry)
-            nxt = pick(logits[:, 0], key, t).astype(seeds.dtype)
+            nxt = pick(logits[:, 0], keys, t).astype(seeds.dtype)
             return (carry, nxt), nxt
 
         _, rest = jax.lax.scan(body, (carry, first), jnp.arange(1, num_chars))

@@ -372,9 +372,9 @@ def in_order(
     Args:
       get_batch: ``(data, k) -> (batch, weights (size,))``; ``k`` is traced.
       num_steps: batches per pass.
-      mesh: each batch (and the carry) is split along the 'data' axis; pad the rows to
-        :func:`rnn_jax.parallel.padded_size` beforehand (weight 0) if the batch size is not a
-        multiple of the device count.
+      mesh: each batch (and the carry) is split along the 'data' axis; a batch size that is
+        not a multiple of the device count is padded with weight-0 rows, and the carry with
+        zero rows, within each step (the state's carry keeps one row per stream).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be positive")
@@ -435,12 +435,22 @@ def _run_steps(
 
     def body(state, i):
         batch, weights = batches.take(plan, data, i)
-        if state.carry is not None:
-            carry = jax.tree.map(lambda c: jnp.where(i == 0, jnp.zeros_like(c), c), state.carry)
-            if mesh is not None:  # row b of the carry lives with row b of the batch
-                carry = jax.lax.with_sharding_constraint(carry, parallel.batch_sharding(mesh))
-            state = state._replace(carry=carry)
-        return apply_update(loss_fn, optimizer, state, batch, weights)
+        if state.carry is None:
+            return apply_update(loss_fn, optimizer, state, batch, weights)
+        carry = jax.tree.map(lambda c: jnp.where(i == 0, jnp.zeros_like(c), c), state.carry)
+        # The state keeps a carry row per stream whatever the device count, so that its
+        # checkpoints resume on any number of devices; the batch's weight-0 padding rows (to a
+        # multiple of the devices, parallel.constrain_batch) get zero rows for this step only.
+        rows, size = jax.tree.leaves(carry)[0].shape[0], weights.shape[0]
+        if size > rows:
+            carry = jax.tree.map(
+                lambda c: jnp.concatenate([c, jnp.zeros((size - rows, *c.shape[1:]), c.dtype)]),
+                carry,
+            )
+        if mesh is not None:  # row b of the carry lives with row b of the batch
+            carry = jax.lax.with_sharding_constraint(carry, parallel.batch_sharding(mesh))
+        state, sums = apply_update(loss_fn, optimizer, state._replace(carry=carry), batch, weights)
+        return state._replace(carry=jax.tree.map(lambda c: c[:rows], state.carry)), sums
 
     state = _replicated(state, mesh)
     state, per_step = jax.lax.scan(body, state, first + jnp.arange(count))

@@ -253,7 +253,8 @@ def test_fault(fault, finished, corpus, tmp_path, launch):
     if fault.status == 1:
         # One line; before it at most the corpus's summary (printed once the text is read).
         assert len(errors) == 1, stderr
-        assert all(" characters, vocabulary of " in line for line in stdout.splitlines()), stdout
+        summary = re.compile(r"^\d+ characters(, \d+ held out)?, vocabulary of ")
+        assert all(summary.match(line) for line in stdout.splitlines()), stdout
         assert _matches(fault.says, errors[0]), errors[0]
         # Refused: the workdir is exactly as it was (or still absent).
         if before is None:
