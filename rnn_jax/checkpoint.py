@@ -83,6 +83,9 @@ class _DropOrbaxRecords(logging.Filter):
         return not record.pathname.startswith(_ORBAX_DIR)
 
 
+_AFTER_A_FAILED_WRITE = _DropOrbaxRecords()  # one instance: adding it again is a no-op
+
+
 @contextlib.contextmanager
 def _orbax_quiet():
     """Drops orbax's own log records while reading: on a damaged step it logs warnings and
@@ -268,6 +271,10 @@ def save_checkpoint(directory: str, step: int, state: Any, meta: dict, max_to_ke
         problem = storage_problem(e)
         if problem is None:
             raise
+        # Orbax's other writer threads of this save may still be failing after it returned:
+        # their reports ("_SignalingThread.run() raised an exception", a traceback) would
+        # follow our one line. Orbax's log records are dropped for the rest of the process.
+        absl_logging.get_absl_logger().addFilter(_AFTER_A_FAILED_WRITE)
         _remove_temporaries(directory, step)
         steps = _steps(directory)
         kept = (
