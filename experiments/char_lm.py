@@ -100,6 +100,11 @@ class Config:
     batch_size: int = cli.field(
         128, "Examples per update (stateful mode: streams).", check=cli.positive
     )
+    dropout: float = cli.field(
+        0.0,
+        "Stateful mode: dropout rate on the outputs the Dense head reads, in training.",
+        check=cli.fraction,
+    )
     iterations: int = cli.field(25, "Train-then-generate iterations.", check=cli.positive)
     epochs_per_iteration: int = cli.field(1, "Epochs per iteration.", check=cli.positive)
     num_preds: int = cli.field(100, "Characters generated per iteration.", check=cli.positive)
@@ -161,6 +166,8 @@ class Config:
 
     def __post_init__(self):
         cli.validate(self)
+        if self.dropout > 0 and self.mode != "stateful":
+            raise ValueError(f"dropout={self.dropout} needs mode='stateful'")
         if self.layers > 1 and self.mode != "stateful":
             raise ValueError(
                 f"layers={self.layers} needs mode='stateful': the windowed mode's rolling-window "
@@ -183,7 +190,9 @@ class Config:
         """
         key = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_RESUMED}
         if self.mode == "windowed":
-            del key["mode"], key["bptt"]
+            del key["mode"], key["bptt"], key["dropout"]
+        elif self.dropout == 0:
+            del key["dropout"]
         if self.layers == 1:
             del key["layers"]
         return key
@@ -262,7 +271,7 @@ def make_model(config: Config, vocab_size: int) -> tuple[Cell, Model]:
     with the carry in and out (stateful, :func:`rnn_jax.language_model`). The params are
     ``{"rnn", "dense"}`` either way."""
     if config.mode == "stateful":
-        return make_cell(config), language_model(_layer(config), vocab_size)
+        return make_cell(config), language_model(_layer(config), vocab_size, config.dropout)
     return make_cell(config), sequence_classifier(_layer(config), vocab_size, vocab_size)
 
 
@@ -298,12 +307,17 @@ def make_stateful_loss(model: Model, compute_dtype: str = "float32"):
     """The stateful loss ``(params, (inputs, targets, mask), carry) -> (loss (B,), {"accuracy"},
     carry)``: per stream, the mean cross-entropy over the window's scored characters
     (:func:`rnn_jax.data.stream_batch` weighs each row by their count, so the update's loss
-    is the mean over every scored character)."""
+    is the mean over every scored character). A batch ``((inputs, targets, mask), key)``
+    (training with ``dropout``: :func:`rnn_jax.train.in_order` with ``with_keys``) applies
+    the model's dropout with that key; evaluation passes none."""
     apply = _apply_in_precision(model.apply, compute_dtype)
 
     def loss_fn(params, batch, carry):
+        key = None
+        if len(batch) == 2:  # in training, with a key for dropout (train.in_order(with_keys))
+            batch, key = batch
         inputs, targets, mask = batch
-        carry, logits = apply(params, inputs, carry)
+        carry, logits = apply(params, inputs, carry, key)
         hits = masked_accuracy(jnp.argmax(logits, axis=-1), targets, mask)
         return masked_cross_entropy(logits, targets, mask), {"accuracy": hits}, carry
 
@@ -391,9 +405,8 @@ def _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh):
     if mesh is not None:
         streams, state = parallel.replicate((streams, state), mesh)
     get_batch = lambda s, k: data_lib.stream_batch(s, k, config.bptt)
-    epoch = train.make_train_steps(
-        loss_fn, optimizer, train.in_order(get_batch, num_windows, mesh=mesh), mesh=mesh
-    )
+    batches = train.in_order(get_batch, num_windows, mesh=mesh, with_keys=config.dropout > 0)
+    epoch = train.make_train_steps(loss_fn, optimizer, batches, mesh=mesh)
     evaluate = None
     if val_tokens is not None:
         # One stream over the whole tail, the carry passed across its windows; the first

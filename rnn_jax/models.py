@@ -212,7 +212,7 @@ def sequence_tagger(layer: Layer | Cell, input_dim: int, num_classes: int) -> Mo
     return Model(_with_head(layer, input_dim, num_classes), apply)
 
 
-def language_model(layer: Layer | Cell, vocab_size: int) -> Model:
+def language_model(layer: Layer | Cell, vocab_size: int, dropout: float = 0.0) -> Model:
     """Next-token model over integer tokens, its carry in and out (stateful training).
 
     The layer reads tokens and a ``Dense(vocab_size)`` head reads every step's output, as
@@ -221,14 +221,26 @@ def language_model(layer: Layer | Cell, vocab_size: int) -> Model:
     windows with the carry passed from each to the next, and generation can go one token at a
     time.
 
+    Args:
+      layer: a :class:`Layer` (e.g. :func:`stacked`) or a cell.
+      vocab_size: tokens in and classes out.
+      dropout: the rate of (inverted) dropout on the outputs the head reads, the carry left
+        alone (Zaremba et al. 2014); applied only when ``apply`` gets a ``key``.
+
     Returns:
-      ``Model``: ``apply(params, tokens (batch, time), carry=None) -> (carry, logits (batch,
-      time, vocab_size))``; ``carry=None`` starts from the layer's initial carry (zeros).
+      ``Model``: ``apply(params, tokens (batch, time), carry=None, key=None) -> (carry, logits
+      (batch, time, vocab_size))``; ``carry=None`` starts from the layer's initial carry
+      (zeros).
     """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout} must be in [0, 1)")
     layer = _as_layer(layer)
 
-    def apply(params, tokens, carry=None):
+    def apply(params, tokens, carry=None, key=None):
         carry, ys = layer.apply(params["rnn"], tokens, carry, return_sequences=True)
+        if key is not None and dropout > 0.0:
+            keep = jax.random.bernoulli(key, 1.0 - dropout, ys.shape)
+            ys = jnp.where(keep, ys / (1.0 - dropout), 0.0)
         return carry, dense(params["dense"], ys)
 
     return Model(_with_head(layer, vocab_size, vocab_size), apply)

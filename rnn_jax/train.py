@@ -364,6 +364,7 @@ def in_order(
     num_steps: int,
     *,
     mesh: Mesh | None = None,
+    with_keys: bool = False,
 ) -> Batches:
     """Batches ``0 .. num_steps - 1`` in order, the same every pass: stateful training's
     windows of contiguous streams (``get_batch = partial(rnn_jax.data.stream_batch,
@@ -375,18 +376,23 @@ def in_order(
       mesh: each batch (and the carry) is split along the 'data' axis; a batch size that is
         not a multiple of the device count is padded with weight-0 rows, and the carry with
         zero rows, within each step (the state's carry keeps one row per stream).
+      with_keys: the loss gets ``(batch, key)``, ``key`` folded from the pass's key (drawn
+        from ``state.key``) with ``k``: per-step randomness such as dropout, the same in a
+        pass run as several calls and in a resumed run.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be positive")
 
     def plan(key, data):
-        del key, data
+        del data
+        return key
 
-    def take(plan, data, k):
-        del plan
+    def take(pass_key, data, k):
         batch, weights = get_batch(data, k)
         if mesh is not None:
             batch, weights = parallel.constrain_batch(batch, weights, mesh)
+        if with_keys:
+            batch = (batch, jax.random.fold_in(pass_key, k))
         return batch, weights
 
     return Batches(plan, take, num_steps)

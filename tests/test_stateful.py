@@ -7,8 +7,9 @@ the carry is zero at the start of every epoch and passed within one (a loop of s
 with the carry set by hand, float64 losses along it); a run interrupted after a mid-epoch
 checkpoint resumes bit-identical, the carry being in the checkpoint; stateful generation
 equals re-reading the whole prefix; held-out bits per char of both modes equal a float64 hand
-computation over the same characters; layers > 1 outside stateful mode is refused; two
-(virtual CPU) devices train as one.
+computation over the same characters; dropout drops what the head reads, in training only, with
+keys that come from the state's key per window; layers > 1 outside stateful mode is refused;
+two (virtual CPU) devices train as one, and a state moves from one device to two.
 """
 
 import math
@@ -355,6 +356,70 @@ def test_carry_resets_each_epoch_and_passes_within_it():
     _assert_trees_close(part, after_2, rtol=1e-5, atol=1e-6)
 
 
+def test_dropout_scales_the_outputs_the_head_reads_in_training_only():
+    """language_model's dropout, read through an identity head: each output is 0 or itself
+    over (1 - rate), zeros at about the rate; without a key (evaluation) nothing is dropped."""
+    units, rate = 6, 0.4
+    model = language_model(recurrent(cells.simple_rnn(units)), units, dropout=rate)
+    params = _random_params(model, seed=3)
+    params["dense"] = {"kernel": jnp.eye(units), "bias": jnp.zeros((units,))}
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, units, (50, 20)), jnp.int32)
+    _, clean = model.apply(params, tokens)
+    carry, dropped = model.apply(params, tokens, None, jax.random.PRNGKey(1))
+    clean, dropped = np.asarray(clean), np.asarray(dropped)
+    zero = dropped == 0.0
+    np.testing.assert_allclose(dropped[~zero], clean[~zero] / (1 - rate), rtol=1e-6)
+    n = zero.size  # 6000 entries: the zero fraction within 5 standard deviations of the rate
+    assert abs(zero.mean() - rate) < 5 * math.sqrt(rate * (1 - rate) / n)
+    # The carry is left alone; another key drops other entries.
+    _assert_trees_close(carry, model.apply(params, tokens)[0], rtol=0, atol=0)
+    other = np.asarray(model.apply(params, tokens, None, jax.random.PRNGKey(2))[1]) == 0.0
+    assert (other != zero).any()
+    no_dropout = language_model(recurrent(cells.simple_rnn(units)), units)
+    np.testing.assert_array_equal(no_dropout.apply(params, tokens)[1], clean)
+    with pytest.raises(ValueError, match=r"^dropout=1.0 must be in \[0, 1\)"):
+        language_model(recurrent(cells.simple_rnn(units)), units, dropout=1.0)
+    with pytest.raises(ValueError, match=r"^dropout=0.5 needs mode='stateful'"):
+        char_lm.Config(dropout=0.5)
+
+
+def test_dropout_keys_come_from_the_state_key_per_window():
+    """With ``with_keys`` each window's key is the pass key folded with the window's index: an
+    epoch run as calls equals one call, the next epoch draws other keys, evaluation none."""
+    batch, bptt = 2, 5
+    model = language_model(recurrent(CELLS["simple_rnn"](4)), V, dropout=0.5)
+    params = _random_params(model, seed=12)
+    tokens = np.random.default_rng(5).integers(0, V, 40).astype(np.int32)
+    streams, num_windows = make_streams(tokens, batch, bptt)
+    opt = optax.sgd(0.1)
+    loss_fn = char_lm.make_stateful_loss(model)
+    get_batch = lambda s, k: stream_batch(s, k, bptt)
+    keyed = train.make_train_steps(
+        loss_fn, opt, train.in_order(get_batch, num_windows, with_keys=True), trace=True
+    )
+    plain = train.make_train_steps(loss_fn, opt, train.in_order(get_batch, num_windows), trace=True)
+    carry = char_lm.zero_carry(model, params, batch)
+    state = train.create_train_state(params, opt, jax.random.PRNGKey(0), carry=carry)
+    whole, m_keyed = keyed(state, streams)
+    _, m_plain = plain(state, streams)
+    assert not np.allclose(m_keyed["step_loss"], m_plain["step_loss"])  # dropout acted
+    part, _ = keyed.run(state, streams, 0, 3)
+    part, _ = keyed.run(part, streams, 3, num_windows - 3)
+    _assert_trees_equal(part, whole)
+    # Window 0's loss by hand with the key the pass derives from state.key.
+    _, pass_key = jax.random.split(state.key)
+    (inp, tgt, mask), weights = stream_batch(streams, 0, bptt)
+    losses, _, _ = loss_fn(params, ((inp, tgt, mask), jax.random.fold_in(pass_key, 0)), carry)
+    want = float(jnp.sum(losses * weights) / jnp.sum(weights))
+    assert float(m_keyed["step_loss"][0]) == pytest.approx(want, rel=1e-6)
+    # The next epoch: other keys (the state's key moved on), so another loss on window 0
+    # than the same params would give with the first epoch's key.
+    _, m_next = keyed(whole, streams)
+    losses, _, _ = loss_fn(whole.params, ((inp, tgt, mask), jax.random.fold_in(pass_key, 0)), carry)
+    same_key = float(jnp.sum(losses * weights) / jnp.sum(weights))
+    assert float(m_next["step_loss"][0]) != pytest.approx(same_key, rel=1e-6)
+
+
 # --- 4. the experiment: a stateful run with mid-epoch checkpoints, interrupted and resumed -------
 
 
@@ -382,6 +447,7 @@ STATEFUL = dict(
     units=4,
     batch_size=4,
     bptt=25,
+    dropout=0.25,  # keys drawn per window from the state's key: resumed runs draw the same
     seq_len=SEQ_LEN,
     val_fraction=VAL_FRACTION,
     iterations=2,
