@@ -19,7 +19,7 @@ workdir of ``experiments.long_range`` on the adding task, nothing trains here: t
 the sweep's own models (its initial params, rebuilt from its config, and its trained params of
 the clipped runs, its seeds) at each T, and the table its test MSEs and pre-clip gradient norms.
 For LRU, whose carry is the real and imaginary halves of a complex state, ``‖∂L/∂h_t‖`` is the
-norm over both halves.
+norm over both halves (``rnn_jax.gradients.hidden`` of the per-part norms).
 
 Writes ``results.json`` (per-config median/spread curves), ``results.csv`` (the printed table),
 ``grad_norms.png`` and ``jacobians.png`` to --workdir.
@@ -194,22 +194,13 @@ def load_sweep(workdir, name, length, units):
     if result is None:
         raise ValueError(f"trained_from={workdir!r} has no run of {name} at T={length}")
     task = adding_problem(length)
-    cell = registry.named_cell(name, units, task.length)
+    cell = long_range.build_cell(sweep, name, task.length)  # the sweep's own (LRU: lru_r_min)
     _, _, initial, _, _ = long_range.prepare(task, cell, sweep, steps=sweep.eval_every)
     trained = long_range.load_params(long_range.params_path(workdir, name, length), initial)
     trained = jax.tree.map(lambda a: a[-1], trained)
     test_loss = np.asarray(result["test_loss"][-1])
     grad_norm = result.get("grad_norm")
     return initial, trained, test_loss, None if grad_norm is None else np.asarray(grad_norm[-1])
-
-
-def _state_norm(norms):
-    """``‖∂L/∂h_t‖`` from the carry's per-part norms: ``h`` of an LSTM carry, the carry when it
-    is one array, else every part together (LRU's real and imaginary halves of one complex
-    ``h``: ``sqrt(‖∂L/∂re‖² + ‖∂L/∂im‖²)``)."""
-    if hasattr(norms, "h") or not isinstance(norms, tuple):
-        return gradients.hidden(norms)
-    return jnp.sqrt(sum(part**2 for part in jax.tree.leaves(norms)))
 
 
 def _probe(cell, params, xs, targets, jacobian_batch):
@@ -223,7 +214,7 @@ def _probe(cell, params, xs, targets, jacobian_batch):
     tiny = jnp.finfo(xs.dtype).tiny
     out = {"loss": jnp.mean(losses)}
     # Exact zeros (dead relu units) are floored at the smallest normal float64.
-    out["log10_grad_h"] = jnp.median(jnp.log10(jnp.maximum(_state_norm(norms), tiny)), axis=0)
+    out["log10_grad_h"] = jnp.median(jnp.log10(jnp.maximum(gradients.hidden(norms), tiny)), axis=0)
     if isinstance(norms, cells.LSTMCarry):
         out["log10_grad_c"] = jnp.median(jnp.log10(jnp.maximum(norms.c, tiny)), axis=0)
     jac = gradients.jacobian_norms(cell, params["rnn"], xs[:jacobian_batch])

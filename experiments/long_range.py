@@ -14,6 +14,11 @@ the unclipped runs. Optimiser: Adam, lr 1e-2 (in a trial at T = 100, lr 1e-3 lef
 baseline for 2000 steps in 7 of 8 runs), a fresh batch of 32 per step, 32 units, 4 seeds, a
 fixed test set of 512 sequences.
 
+--lr_factors=nu_log=0.5,theta_log=0.5 trains the named parameters at that fraction of the
+learning rate (the LRU paper's recipe for ``ν, θ``; ``rnn_jax.train.make_task_trainer``'s
+``lr_factors``), in the cells that have them; --lru_r_min moves LRU's ring of initial moduli
+(:func:`build_cell`). Neither changes any other cell.
+
 With --budget_s every (cell, T) trains for about that many seconds instead of --steps steps
 (at most --steps): each cell's time per step is measured once, on --calibration_steps steps at
 the longest T, and scaled by the sequence length (an overestimate at short T, where a step
@@ -35,8 +40,10 @@ rerun gives slightly different numbers):
   (4/4 vs 0/4), not T = 200; SimpleRNN only T = 10. Baseline 1/6.
 - copy, T = 10 and 50: 3.6 min wall (1.7 min of CPU). Nothing solved in 1000 steps; GRU ends
   ~10-17 % below the memoryless baseline (T = 50: 0.248 vs 0.297), SimpleRNN on it.
-The comparison of every registry cell at T = 100-1000 under a time budget (issue 10) is in
-docs/gradients.md, "Who carries memory how far".
+The comparison of every registry cell at T = 100-1000 (issue 10: a ~25 s budget per (cell, T),
+then 3000-4000 equal steps for the promising cells at T = 500 and 1000) is in
+docs/gradients.md, "Who carries memory how far"; :func:`comparison_table` and
+:func:`plot_merged` merge the sweeps' workdirs.
 """
 
 import csv
@@ -52,12 +59,67 @@ import numpy as np
 
 from experiments import cli
 from rnn_jax import registry
+from rnn_jax.linear import lru
 from rnn_jax.synthetic import TASKS
 from rnn_jax.train import make_task_trainer
+
+# rnn_jax.linear.lru's default largest initial modulus.
+_LRU_R_MAX = 0.999
+
+
+def build_cell(config, name: str, length: int):
+    """``registry.named_cell(name, config.units, length)``, but LRU with ``config.lru_r_min``
+    when that is set (its ring of initial moduli ``[lru_r_min, 0.999]``)."""
+    if name == "lru" and config.lru_r_min is not None:
+        return lru(config.units, r_min=config.lru_r_min, r_max=_LRU_R_MAX)
+    return registry.named_cell(name, config.units, length)
 
 
 def _non_empty(values) -> str | None:
     return None if values else "must not be empty"
+
+
+_FACTOR_FORM = "must each be name=factor, a new name and a finite factor >= 0"
+
+
+def _malformed_factor(values) -> str | None:
+    """The first entry of ``values`` that is not ``name=factor`` (or repeats a name)."""
+    names = set()
+    for value in values:
+        name, sep, factor = value.partition("=")
+        try:
+            number = float(factor)
+        except ValueError:
+            number = math.nan
+        if not sep or not name or not (math.isfinite(number) and number >= 0) or name in names:
+            return value
+        names.add(name)
+    return None
+
+
+def parse_lr_factors(values) -> dict[str, float]:
+    """``("nu_log=0.5", ...)`` -> ``{"nu_log": 0.5, ...}`` (ValueError when malformed)."""
+    bad = _malformed_factor(values)
+    if bad is not None:
+        raise ValueError(f"lr_factors={','.join(values)} {_FACTOR_FORM}: {bad!r} is not")
+    return {name: float(factor) for name, _, factor in (v.partition("=") for v in values)}
+
+
+def _factor_problem(values) -> str | None:
+    bad = _malformed_factor(values)
+    return None if bad is None else f"{_FACTOR_FORM}: {bad!r} is not"
+
+
+def param_names(cell, input_dim: int) -> set[str]:
+    """The names (last path keys) of ``cell``'s parameters, from their shapes alone."""
+    shapes = jax.eval_shape(lambda key: cell.init(key, input_dim), jax.random.PRNGKey(0))
+    return {getattr(p[-1], "key", None) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def cell_lr_factors(config, cell, input_dim: int) -> dict[str, float]:
+    """The config's learning-rate factors for the parameters ``cell`` has."""
+    names = param_names(cell, input_dim)
+    return {k: v for k, v in parse_lr_factors(config.lr_factors).items() if k in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +160,24 @@ class Config:
     units: int = cli.field(32, "Hidden units.", check=cli.positive)
     learning_rate: float = cli.field(1e-2, "Learning rate.", check=cli.positive)
     optimizer: str = cli.field("adam", "Optimiser.", choices=("adam", "rmsprop"))
+    lr_factors: tuple[str, ...] = cli.field(
+        (),
+        "Per-parameter learning-rate factors, name=factor (e.g. nu_log=0.5,theta_log=0.5, the "
+        "LRU paper's): a parameter of that name learns at factor x learning_rate, in every "
+        "cell that has one; each name must belong to at least one of the cells.",
+        check=_factor_problem,
+    )
     clip_norm: float | None = cli.clip_norm(1.0)
     compare_unclipped: bool = cli.field(
         True, "Also train an unclipped twin of every clipped run (same init and batches)."
     )
     save_grad_norms: bool = cli.field(
         False, "Also write every step's pre-clip gradient norm to results.json."
+    )
+    lru_r_min: float | None = cli.field(
+        None,
+        "LRU's smallest initial |lambda|, in [0, 0.999) (unset: the registry's 0.9). At T = 500 "
+        "only ~1 of 32 default modes keeps a tenth of a symbol; r_min=0.99 keeps ~12.",
     )
     seed: int = cli.field(0, "PRNG seed.")
 
@@ -119,6 +193,18 @@ class Config:
         if self.steps % self.eval_every:
             raise ValueError(
                 f"steps={self.steps} must be a multiple of eval_every={self.eval_every}"
+            )
+        if self.lru_r_min is not None and not 0.0 <= self.lru_r_min < _LRU_R_MAX:
+            raise ValueError(f"lru_r_min={self.lru_r_min} must be in [0, {_LRU_R_MAX})")
+        task = TASKS[self.task](max(self.lengths))
+        names = set()
+        for name in self.cells:
+            names |= param_names(build_cell(self, name, task.length), task.input_dim)
+        unused = [k for k in parse_lr_factors(self.lr_factors) if k not in names]
+        if unused:
+            raise ValueError(
+                f"lr_factors={','.join(self.lr_factors)}: none of the cells has a parameter "
+                f"called {unused[0]!r}"
             )
 
     def clip_norms(self) -> list[float]:
@@ -147,6 +233,7 @@ def prepare(task, cell, config: Config, steps: int | None = None, eval_every: in
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         optimizer=config.optimizer,
+        lr_factors=cell_lr_factors(config, cell, task.input_dim),
     )
     k_init, k_data, k_test = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     params = jax.vmap(model.init)(jax.random.split(k_init, config.seeds))
@@ -368,23 +455,19 @@ def plot_summary(path, task_name, results, eval_every):
     lengths = sorted({r["T"] for r in results})
     names = list(dict.fromkeys(r["cell"] for r in results))
     fig, axes = plt.subplots(1, len(lengths), figsize=(3.6 * len(lengths), 3.2), squeeze=False)
-    colours = matplotlib.colormaps["tab20"]
+    # A registry cell keeps its colour across plots; other names (a variant such as
+    # "lru r_min=0.99") are drawn in black and greys.
+    palette = matplotlib.colormaps["tab20"]
+    extras = [n for n in names if n not in registry.NAMES]
     for r in results:
         ax = axes[0, lengths.index(r["T"])]
         curves = np.asarray(r["test_loss"][-1])
-        steps = np.arange(curves.shape[1]) * eval_every
-        i = (
-            registry.NAMES.index(r["cell"])
-            if r["cell"] in registry.NAMES
-            else names.index(r["cell"])
-        )
-        ax.plot(
-            steps,
-            np.median(curves, axis=0),
-            color=colours(i % 20 / 20 + 0.025),
-            lw=1.1,
-            label=r["cell"],
-        )
+        steps = np.arange(curves.shape[1]) * r.get("eval_every", eval_every)
+        if r["cell"] in registry.NAMES:
+            colour = palette(registry.NAMES.index(r["cell"]) % 20 / 20 + 0.025)
+        else:
+            colour = str(0.45 * (extras.index(r["cell"]) % 3) / 2)  # grey levels 0, 0.22, 0.45
+        ax.plot(steps, np.median(curves, axis=0), color=colour, lw=1.1, label=r["cell"])
     for j, length in enumerate(lengths):
         ax = axes[0, j]
         r = next(r for r in results if r["T"] == length)
@@ -395,7 +478,12 @@ def plot_summary(path, task_name, results, eval_every):
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0, 0].set_ylabel("test loss (median over seeds)", fontsize=8)
-    axes[0, -1].legend(fontsize=6, ncol=2)
+    # One legend for every cell of every panel.
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    axes[0, -1].legend(handles.values(), handles.keys(), fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -414,10 +502,39 @@ def replot(workdir):
     plot_summary(os.path.join(workdir, f"summary_{task}.png"), task, results, eval_every)
 
 
-def comparison_table(workdirs) -> str:
-    """A Markdown table of sweeps (one per task): a row per cell, a column per (task, T), each
-    entry ``solved/seeds @ first solved step (median) · final test loss (median) · steps``, for
-    the last clip setting. ``workdirs``: directories :func:`run` wrote ``results.json`` to."""
+def merged_results(workdirs, task_name: str) -> list[dict]:
+    """The results of ``task_name`` in ``workdirs`` (``results.json`` of :func:`run`), each with
+    its sweep's ``eval_every``; a (cell, T) that a later workdir also ran is the later one's."""
+    merged = {}
+    for workdir in workdirs:
+        with open(os.path.join(workdir, "results.json")) as f:
+            saved = json.load(f)
+        if saved["config"]["task"] != task_name:
+            continue
+        for r in saved["results"]:
+            merged[(r["cell"], r["T"])] = {**r, "eval_every": saved["config"]["eval_every"]}
+    return list(merged.values())
+
+
+def plot_merged(path, task_name: str, workdirs) -> None:
+    """:func:`plot_summary` of :func:`merged_results`: a panel per T, a line per cell."""
+    results = sorted(
+        merged_results(workdirs, task_name),
+        key=lambda r: (
+            r["T"],
+            registry.NAMES.index(r["cell"]) if r["cell"] in registry.NAMES else 0,
+        ),
+    )
+    plot_summary(path, task_name, results, eval_every=None)
+
+
+def comparison_table(workdirs, seconds: bool = False) -> str:
+    """A Markdown table of sweeps: a row per cell, a column per (task, T), each entry
+    ``solved/seeds @ first solved step (median) · final test loss (median) · steps``, for the
+    last clip setting; with ``seconds``, ``· steps / training seconds`` (the compiled
+    program's run, ``timings["train_s"]``). ``workdirs``: directories :func:`run` wrote
+    ``results.json`` to, any number per task; a (cell, task, T) that a later one also ran is
+    its entry (a longer rerun replaces a sweep's entry, the others stay)."""
     columns, entries, cells_seen = [], {}, []
     for workdir in workdirs:
         with open(os.path.join(workdir, "results.json")) as f:
@@ -433,6 +550,8 @@ def comparison_table(workdirs) -> str:
             solved = row["solved"]
             text = f"{solved}" + ("" if first is None else f" @{first:.0f}")
             text += f" · {row['final_test_median']:.3g} · {r['steps']}"
+            if seconds and "train_s" in r.get("timings", {}):
+                text += f" / {r['timings']['train_s']:.0f} s"
             entries[(r["cell"], task, r["T"])] = f"**{text}**" if solved[0] != "0" else text
     head = "| cell | " + " | ".join(f"{task} T={t}" for task, t in columns) + " |"
     lines = [head, "|---|" + "---|" * len(columns)]
@@ -459,11 +578,11 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
         for name in config.cells:
             tic = time.perf_counter()
             # Length-dependent initialisations (chrono, IndRNN) span the whole sequence.
-            cell = registry.named_cell(name, config.units, task.length)
+            cell = build_cell(config, name, task.length)
             steps = config.steps
             if config.budget_s is not None:
                 if name not in per_step:
-                    long_cell = registry.named_cell(name, config.units, longest.length)
+                    long_cell = build_cell(config, name, longest.length)
                     per_step[name] = seconds_per_step(longest, long_cell, config)
                     out(f"{name}: {per_step[name]:.3f} s per step at T={longest.length}")
                 steps = budget_steps(config, per_step[name] * task.length / longest.length)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from rnn_jax.cells import Carry, Cell, Params
+from rnn_jax.linear import LRUCarry
 
 # loss_fn(ys) -> per-example losses (batch,) or a scalar; ys is (batch, units) (the last output)
 # or (batch, time, units) (every output, with return_sequences=True).
@@ -20,7 +21,18 @@ OutputLoss = Callable[[jax.Array], jax.Array]
 
 
 def hidden(carry: Carry) -> jax.Array:
-    """The hidden state ``h`` of a carry: ``carry.h`` for :class:`LSTMCarry`, else the carry."""
+    """The hidden state ``h`` of a carry, one real array: ``carry.h`` for :class:`LSTMCarry`,
+    the modulus ``|h| = sqrt(re² + im²)`` (elementwise) for LRU's :class:`rnn_jax.LRUCarry`,
+    else the carry itself.
+
+    Applied to what :func:`carry_gradient_norms` returns, the same rule gives ``‖∂L/∂h_t‖``: for
+    LSTM the norm over ``h`` (``c``'s is ``norms.c``); for LRU, whose norms are
+    ``LRUCarry(‖∂L/∂Re h_t‖, ‖∂L/∂Im h_t‖)``, ``sqrt(‖∂L/∂Re h‖² + ‖∂L/∂Im h‖²)``: the norm
+    over the whole complex state (as ``2·state_size`` reals). The modulus is taken like
+    :func:`norm`, scaled, so it neither overflows nor underflows.
+    """
+    if isinstance(carry, LRUCarry):
+        return norm(jnp.stack([carry.re, carry.im], axis=-1), axis=-1)
     return carry.h if hasattr(carry, "h") else carry
 
 

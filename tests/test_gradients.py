@@ -442,9 +442,12 @@ def test_gradient_flow_short_run_in_process(tmp_path):
 
 def test_gradient_flow_probes_the_models_a_sweep_trained(tmp_path):
     """trained_from: the init and trained probes are of long_range's own models (LRU, whose
-    carry is the real and imaginary halves of one complex state), their MSEs the sweep's."""
+    carry is the real and imaginary halves of one complex state, its initial moduli on the
+    sweep's own ring, lru_r_min), their MSEs the sweep's."""
     sweep = long_range.Config(
         cells=("lru",),
+        lru_r_min=0.99,
+        lr_factors=("nu_log=0.5", "theta_log=0.5"),
         lengths=(5,),
         seeds=2,
         steps=4,
@@ -468,8 +471,8 @@ def test_gradient_flow_probes_the_models_a_sweep_trained(tmp_path):
     np.testing.assert_allclose(init["test_mse"], np.median(test[:, 0]), rtol=1e-6)
     np.testing.assert_allclose(trained["test_mse"], np.median(test[:, -1]), rtol=1e-6)
     assert trained["inf_grad_steps"] == 0.0  # the sweep's saved gradient norms
-    # The LRU's |λ| ≤ 0.999 at init: ‖J_t‖₂ < 1 and every probe finite.
-    assert 0 < init["jacobian_norm"] < 1
+    # ‖J_t‖₂ = max |λ|: the sweep's ring [0.99, 0.999] (the registry's LRU starts at 0.9).
+    assert 0.99 <= init["jacobian_norm"] <= 0.999
     assert np.isfinite(init["log10_g0_over_gT"]) and np.isfinite(trained["log10_dhT_dh0"])
     assert init["log10_dhT_dh0"] != trained["log10_dhT_dh0"]
     assert (tmp_path / "flow" / "grad_norms.png").stat().st_size > 1000
@@ -527,6 +530,16 @@ def test_gradient_flow_bad_flag_is_one_line_and_exit_1(bad_flag):
     _, err = bad_flag.communicate(timeout=300)
     assert bad_flag.returncode == 1
     assert err.strip() == "error: --clip_norm=-1.0 must be finite and > 0", err
+
+
+def test_hidden_of_each_kind_of_carry():
+    """``h`` of an LSTM carry, the array itself for one-array carries (LRU's modulus is
+    tested against NumPy in tests/test_linear.py)."""
+    h, c = jnp.arange(6.0).reshape(2, 3), -jnp.ones((2, 3))
+    np.testing.assert_array_equal(gradients.hidden(cells.LSTMCarry(h, c)), h)
+    np.testing.assert_array_equal(gradients.hidden(h), h)
+    lru_norms = rnn_jax.LRUCarry(jnp.array([[3.0, 0.0]]), jnp.array([[4.0, 2.0]]))
+    np.testing.assert_allclose(gradients.hidden(lru_norms), [[5.0, 2.0]])
 
 
 def test_norm_does_not_underflow_in_float32():

@@ -236,6 +236,50 @@ def test_parallel_refuses_a_nonlinear_cell():
         rnn_jax.unroll(cell, params, jnp.ones((2, 3, INPUT_DIM)), parallel=True)
 
 
+def test_hidden_of_an_lru_carry_is_the_modulus_of_its_complex_state():
+    """``gradients.hidden`` of LRU's carry after a sequence is ``|h|`` of the float64 NumPy
+    LRU's complex state, unit by unit, and stays finite and exact at float32's extremes."""
+    cell, rng = _cell("lru"), np.random.default_rng(5)
+    with jax.enable_x64(True):
+        params = _random_params(cell, rng, np.float64)
+        xs = rng.standard_normal((BATCH, TIME, INPUT_DIM))
+        carry, _ = jax.jit(lambda p, x: rnn_jax.unroll(cell, p, x))(params, xs)
+        got = np.asarray(gradients.hidden(carry))
+    h, _ = ref.run(lambda h, x: np_lru_step(params, h, x), np.zeros((BATCH, STATE)), xs)
+    assert got.shape == (BATCH, STATE) and np.isrealobj(got)
+    np.testing.assert_allclose(got, np.abs(h), rtol=1e-12)
+    assert np.all(np.abs(h) > 1e-3)  # a real test: no unit is trivially zero
+
+    # float32: squares of 1e30 overflow and of 1e-30 flush to zero; the modulus does neither.
+    re = jnp.array([3e30, 3e-30, 0.0, -3.0], jnp.float32)
+    im = jnp.array([4e30, -4e-30, 0.0, 4.0], jnp.float32)
+    np.testing.assert_allclose(
+        gradients.hidden(linear.LRUCarry(re, im)), [5e30, 5e-30, 0.0, 5.0], rtol=1e-6
+    )
+
+
+def test_lru_with_a_dense_head_is_affine_in_its_inputs():
+    """``y = Re(h C) + x D`` with ``h`` linear in ``x``: the LRU model of experiments.long_range
+    (LRU + Dense) is affine in the whole input sequence, so it cannot form the adding
+    problem's ``value × mask`` products (docs/gradients.md: the best affine predictor stays at
+    the baseline). The minGRU model, whose gate multiplies two functions of ``x_t``, is not."""
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(True):
+        for name, affine in (("lru", True), ("min_gru", False)):
+            model = rnn_jax.sequence_classifier(_cell(name), 2, 1)
+            params = jax.tree.map(
+                lambda a: jnp.asarray(a, jnp.float64), model.init(jax.random.PRNGKey(0))
+            )
+            x1, x2 = rng.standard_normal((2, BATCH, TIME, 2))
+            a = 0.3
+            mixed = np.asarray(model.apply(params, a * x1 + (1 - a) * x2))
+            want = a * np.asarray(model.apply(params, x1)) + (1 - a) * np.asarray(
+                model.apply(params, x2)
+            )
+            gap = np.max(np.abs(mixed - want))
+            assert (gap < 1e-12) if affine else (gap > 1e-3), (name, gap)
+
+
 # --- LRU's eigenvalues ------------------------------------------------------------------------
 
 
@@ -346,6 +390,10 @@ def test_probes(name):
         _close(got, (np.real(want), -np.imag(want)) if name == "lru" else want, 1e-10)
     want_norms = jax.tree.map(lambda v: np.linalg.norm(v, axis=-1), _jax_carry(name, want_every))
     _close(norms, want_norms, 1e-10)
+    # hidden of the per-part norms is ‖∂L/∂h_t‖ over the whole (complex, for LRU) state.
+    with jax.enable_x64(True):
+        state_norms = np.asarray(gradients.hidden(norms))
+    np.testing.assert_allclose(state_norms, np.linalg.norm(want_every, axis=-1), rtol=1e-10)
 
     modulus = np.abs(a)
     np.testing.assert_allclose(jac["step_norm"], modulus.max(axis=-1), rtol=1e-10)

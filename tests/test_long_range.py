@@ -13,12 +13,14 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import long_range
 from rnn_jax import cells, registry
 from rnn_jax.synthetic import adding_problem
+from rnn_jax.train import make_task_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,6 +105,25 @@ def test_short_sweep_in_process(tmp_path):
     lines = long_range.comparison_table([str(tmp_path)]).splitlines()
     assert lines[0] == "| cell | adding T=4 |"
     assert lines[2].startswith(f"| lstm | {solved}") and f" · {final:.3g} · 4 |" in lines[2]
+    train_s = results["results"][0]["timings"]["train_s"]
+    lines = long_range.comparison_table([str(tmp_path)], seconds=True).splitlines()
+    assert lines[2].endswith(f" · {final:.3g} · 4 / {train_s:.0f} s |")
+    # A rerun in another workdir replaces the entry it repeats and adds the ones it has new.
+    rerun_dir = tmp_path / "rerun"
+    rerun_dir.mkdir()
+    rerun = json.loads(json.dumps(results))
+    rerun["results"][0]["steps"] = 8
+    rerun["results"].append({**rerun["results"][0], "T": 9, "steps": 6})
+    with open(rerun_dir / "results.json", "w") as f:
+        json.dump(rerun, f)
+    lines = long_range.comparison_table([str(tmp_path), str(rerun_dir)]).splitlines()
+    assert lines[0] == "| cell | adding T=4 | adding T=9 |" and len(lines) == 3
+    assert f" · {final:.3g} · 8 | " in lines[2] and lines[2].endswith(" · 6 |")
+    merged = long_range.merged_results([str(tmp_path), str(rerun_dir)], "adding")
+    assert [(r["T"], r["steps"], r["eval_every"]) for r in merged] == [(4, 8, 2), (9, 6, 2)]
+    assert long_range.merged_results([str(tmp_path)], "copy") == []
+    long_range.plot_merged(tmp_path / "merged.png", "adding", [str(tmp_path), str(rerun_dir)])
+    assert (tmp_path / "merged.png").stat().st_size > 1000
 
 
 REGISTRY_TINY = long_range.Config(
@@ -174,6 +195,9 @@ def test_clip_settings():
         assert config.clip_norms() == [math.inf]
 
 
+FORM = "must each be name=factor, a new name and a finite factor >= 0"
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -192,11 +216,101 @@ def test_clip_settings():
         ({"optimizer": "sgd"}, "optimizer='sgd': 'sgd' is not one of"),
         ({"budget_s": 0.0}, "budget_s=0.0 must be finite and > 0"),
         ({"calibration_steps": 0}, "calibration_steps=0 must be finite and > 0"),
+        ({"lr_factors": ("nu_log",)}, f"{FORM}: 'nu_log' is not"),
+        ({"lr_factors": ("kernel=-1",)}, f"{FORM}: 'kernel=-1' is not"),
+        ({"lr_factors": ("kernel=nan",)}, f"{FORM}: 'kernel=nan' is not"),
+        ({"lr_factors": ("kernel=1", "kernel=2")}, f"{FORM}: 'kernel=2' is not"),
+        # TINY's only cell is an LSTM: it has no nu_log.
+        ({"lr_factors": ("nu_log=0.5",)}, "none of the cells has a parameter called 'nu_log'"),
     ],
 )
 def test_config_rejects_bad_values(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         dataclasses.replace(TINY, **changes)
+
+
+def test_lr_factors_scale_the_first_adam_step():
+    """Adam's first update is ``−lr · g / (|g| + ε)``, ``lr·sign(g)`` wherever ``|g| ≫ ε``: with
+    lr_factors each parameter's step is ``factor × lr`` in size, the rest ``lr``."""
+    lr, factors = 0.01, {"nu_log": 0.5, "theta_log": 0.25}
+    task = adding_problem(6)
+    model, train = make_task_trainer(
+        registry.named_cell("lru", 4, task.length),
+        task,
+        num_steps=1,
+        eval_every=1,
+        batch_size=8,
+        learning_rate=lr,
+        lr_factors=factors,
+    )
+    params = model.init(jax.random.PRNGKey(0))
+    test = task.sample(jax.random.PRNGKey(1), 8)
+    new, _ = jax.jit(train)(params, jax.random.PRNGKey(2), jnp.inf, *test)
+    for path, before in jax.tree_util.tree_flatten_with_path(params)[0]:
+        after = new
+        for key in path:
+            after = after[key.key]
+        size = np.abs(np.asarray(after) - np.asarray(before)) / (lr * factors.get(path[-1].key, 1))
+        assert np.all(size < 1 + 1e-4), path  # float32 rounding of params near 1
+        assert np.median(size) > 0.99, path
+
+
+def test_lr_factor_zero_freezes_a_parameter_over_many_steps(tmp_path):
+    """nu_log=0,theta_log=0: the sweep's LRU keeps its eigenvalues while every other parameter
+    trains; minGRU, which has neither, trains with no factor (and no error)."""
+    config = dataclasses.replace(
+        REGISTRY_TINY,
+        cells=("min_gru", "lru"),
+        lr_factors=("nu_log=0", "theta_log=0"),
+        steps=6,
+    )
+    assert long_range.parse_lr_factors(config.lr_factors) == {"nu_log": 0.0, "theta_log": 0.0}
+    task = adding_problem(5)
+    lru = registry.named_cell("lru", config.units, task.length)
+    assert long_range.cell_lr_factors(config, lru, task.input_dim) == {
+        "nu_log": 0.0,
+        "theta_log": 0.0,
+    }
+    min_gru = registry.named_cell("min_gru", config.units, task.length)
+    assert long_range.cell_lr_factors(config, min_gru, task.input_dim) == {}
+    long_range.run(config, str(tmp_path), out=lambda line: None)
+    for name in config.cells:
+        cell = registry.named_cell(name, config.units, task.length)
+        _, _, initial, _, _ = long_range.prepare(task, cell, config)
+        trained = long_range.load_params(long_range.params_path(tmp_path, name, 5), initial)
+        for path, before in jax.tree_util.tree_flatten_with_path(initial)[0]:
+            after = trained
+            for key in path:
+                after = after[key.key]
+            frozen = path[-1].key in ("nu_log", "theta_log")
+            # after: (clip settings, seeds, ...); before: (seeds, ...)
+            moved = np.abs(np.asarray(after)[-1] - np.asarray(before)).max()
+            assert (moved == 0.0) if frozen else (moved > 1e-4), (name, path, moved)
+
+
+def test_lru_r_min_sets_the_ring_of_initial_moduli():
+    """build_cell: LRU's |λ| = exp(−exp(ν)) start on [lru_r_min, 0.999]; the other cells and
+    an unset lru_r_min are the registry's."""
+    config = dataclasses.replace(REGISTRY_TINY, cells=("lru", "gru_chrono"), lru_r_min=0.99)
+    cell = long_range.build_cell(config, "lru", 7)
+    params = cell.init(jax.random.PRNGKey(0), 2)
+    assert params["nu_log"].shape == (config.units,)
+    cell = long_range.build_cell(dataclasses.replace(config, units=500), "lru", 7)
+    modulus = np.exp(-np.exp(np.asarray(cell.init(jax.random.PRNGKey(0), 2)["nu_log"])))
+    assert modulus.min() >= 0.99 - 1e-6 and modulus.max() <= 0.999 + 1e-6
+    assert np.mean(modulus > 0.995) > 0.3  # |λ|² uniform on [0.98, 0.998]: 0.47 expected
+    default = long_range.build_cell(
+        dataclasses.replace(config, lru_r_min=None, units=500), "lru", 7
+    )
+    modulus = np.exp(-np.exp(np.asarray(default.init(jax.random.PRNGKey(0), 2)["nu_log"])))
+    assert modulus.min() < 0.92 and np.mean(modulus > 0.995) < 0.1  # [0.9, 0.999]: 0.04
+    chrono = long_range.build_cell(config, "gru_chrono", 7).init(jax.random.PRNGKey(0), 2)
+    want = registry.named_cell("gru_chrono", config.units, 7).init(jax.random.PRNGKey(0), 2)
+    for a, b in zip(jax.tree.leaves(chrono), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    for bad in (-0.1, 0.999, 1.0):
+        with pytest.raises(ValueError, match=re.escape(f"lru_r_min={bad} must be in [0, 0.999)")):
+            dataclasses.replace(config, lru_r_min=bad)
 
 
 def test_config_accepts_copy_delay_one():
