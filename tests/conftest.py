@@ -50,3 +50,35 @@ def start_experiment(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def _on_virtual_devices(test_file: str, count: int, keyword: str, passed: int) -> str:
+    """Runs the tests of ``test_file`` selected by ``-k keyword`` in a child pytest whose JAX
+    sees ``count`` virtual CPU devices; checks that ``passed`` of them passed and none was
+    skipped; returns the child's output."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={count}".strip(),
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", test_file, "-k", keyword]
+        + ["--durations=3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert f"{passed} passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    return run.stdout
+
+
+@pytest.fixture(scope="session")
+def on_virtual_devices():
+    """``run(test_file, count, keyword, passed) -> output``: a file's multi-device tests in a
+    child process that sees ``count`` virtual CPU devices (XLA's host platform device count
+    must be set before JAX starts, so not in this process)."""
+    return _on_virtual_devices

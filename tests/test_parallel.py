@@ -7,10 +7,6 @@ the parent they are skipped with that reason. Tolerance (float32): after two fus
 only the order of the float32 gradient sums differs.
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,27 +26,11 @@ eight = pytest.mark.skipif(
 )
 
 
-def test_eight_host_devices():
+def test_eight_host_devices(on_virtual_devices):
     """Runs this file's 8-device tests in a subprocess that sees 8 virtual CPU devices."""
     if jax.device_count() >= DEVICES:
         pytest.skip("already on 8 devices")
-    flags = os.environ.get("XLA_FLAGS", "")
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip(),
-    }
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-k", "eight_devices", "--durations=3"],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "3 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
-    print(run.stdout)
+    print(on_virtual_devices(__file__, DEVICES, "eight_devices", passed=3))
 
 
 def _problem(cell_name="gru", n=50, seed=0):

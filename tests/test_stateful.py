@@ -14,8 +14,6 @@ two (virtual CPU) devices train as one, and a state moves from one device to two
 
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -677,26 +675,11 @@ two = pytest.mark.skipif(
 )
 
 
-def test_stateful_two_host_devices():
+def test_stateful_two_host_devices(on_virtual_devices):
     """Runs this file's 2-device tests in a subprocess that sees 2 virtual CPU devices."""
     if jax.device_count() >= DEVICES:
         pytest.skip("already on several devices")
-    flags = os.environ.get("XLA_FLAGS", "")
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={DEVICES}".strip(),
-    }
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-q", __file__, "-k", "on_two_devices"],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "1 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    on_virtual_devices(__file__, DEVICES, "on_two_devices", passed=1)
 
 
 @two
