@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks._common import XLA_SINGLE_THREAD, cpu_name, pinned_env
 from experiments import char_lm
 from rnn_jax import data, train
 from rnn_jax.sample import make_sampler
@@ -67,7 +68,6 @@ _OUT = flags.DEFINE_string(
 )
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
 _MATMUL_N = 2048
 _SAMPLE_CHARS, _SAMPLE_SEEDS = 100, 128
 _BLOCKS = {"simple_rnn": 1, "lstm": 4, "gru": 3}
@@ -75,14 +75,7 @@ _CONFIG = char_lm.Config()
 
 
 def _pinned() -> bool:
-    return os.sched_getaffinity(0) == {0} and _XLA_FLAG in os.environ.get("XLA_FLAGS", "")
-
-
-def _pinned_env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + _XLA_FLAG).strip()
-    env["KERAS_BACKEND"] = "jax"
-    return env
+    return os.sched_getaffinity(0) == {0} and XLA_SINGLE_THREAD in os.environ.get("XLA_FLAGS", "")
 
 
 def _peak_rss_mb() -> float:
@@ -132,7 +125,7 @@ class KerasWorker:
         self.proc = subprocess.Popen(
             cmd,
             cwd=_ROOT,
-            env=_pinned_env(),
+            env=pinned_env(KERAS_BACKEND="jax"),
             text=True,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -216,7 +209,7 @@ def _whole_run(text_path):
         proc = subprocess.run(
             [sys.executable, "-c", script],
             cwd=_ROOT,
-            env=_pinned_env(),
+            env=pinned_env(KERAS_BACKEND="jax"),
             capture_output=True,
             text=True,
         )
@@ -238,7 +231,7 @@ def _keras_full_run(text_path):
     subprocess.run(
         [sys.executable, "-m", "benchmarks.keras_reference", f"--text={text_path}"],
         cwd=_ROOT,
-        env=_pinned_env(),
+        env=pinned_env(KERAS_BACKEND="jax"),
         check=True,
         capture_output=True,
     )
@@ -246,12 +239,7 @@ def _keras_full_run(text_path):
 
 
 def _machine():
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_name()
     try:
         keras = f"keras {importlib.metadata.version('keras')}"
     except importlib.metadata.PackageNotFoundError:  # the optional "benchmark" dependency
@@ -356,7 +344,7 @@ def run(argv_for_record):
         "",
         f"Command: `{argv_for_record}`",
         (
-            f"(runs pinned: `taskset -c 0`, `XLA_FLAGS={_XLA_FLAG}`, for every contender)."
+            f"(runs pinned: `taskset -c 0`, `XLA_FLAGS={XLA_SINGLE_THREAD}`, for every contender)."
             if _pinned()
             else "(not pinned: --nopin; every core, multi-threaded XLA.)"
         ),
@@ -518,7 +506,7 @@ def main(argv):
     record = "python -m benchmarks.char_lm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if _PIN.value and not _pinned():
         cmd = ["taskset", "-c", "0", sys.executable, "-m", "benchmarks.char_lm", *sys.argv[1:]]
-        sys.exit(subprocess.run(cmd, cwd=_ROOT, env=_pinned_env()).returncode)
+        sys.exit(subprocess.run(cmd, cwd=_ROOT, env=pinned_env(KERAS_BACKEND="jax")).returncode)
     del argv
     run(record.strip())
 

@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import rnn_jax
+from benchmarks._common import cpu_name
 from rnn_jax.linear import LinearRecurrence
 
 _LENGTHS = flags.DEFINE_list("lengths", ["100", "300", "1000", "3000", "10000"], "Values of T.")
@@ -151,7 +152,7 @@ def main(argv):
 ```
 
 Measured {datetime.date.today().isoformat()} with jax {jax.__version__} on
-{platform.processor() or platform.machine()} ({_cpu_name()}), {os.cpu_count()} cores shared with
+{platform.processor() or platform.machine()} ({cpu_name()}), {os.cpu_count()} cores shared with
 other jobs; affinity {affinity}, XLA_FLAGS={xla_flags!r}{"" if pinned else " (NOT pinned)"};
 {elapsed:.0f} s in all.
 Forward + backward (gradient with respect to the inputs) of `h_t = (1 − σ(u_t)) ⊙ h_{{t-1}} +
@@ -169,17 +170,6 @@ The associative scan takes {min(ratios):.1f}–{max(ratios):.1f}× the sequentia
     with open(_OUT.value, "w") as f:
         f.write(header)
     print(f"wrote {_OUT.value}")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -26,19 +26,11 @@ import time
 
 from absl import app, flags
 
+from benchmarks._common import pinned_env
+
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved cold/warm rounds.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Results file (default: benchmarks/STARTUP.md).")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env() -> dict:
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": (
-            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-        ).strip(),
-    }
 
 
 def time_to_first_iteration(cache: str) -> tuple[float, float]:
@@ -59,7 +51,7 @@ def time_to_first_iteration(cache: str) -> tuple[float, float]:
         proc = subprocess.Popen(
             command,
             cwd=_ROOT,
-            env=_env(),
+            env=pinned_env(JAX_PLATFORMS="cpu"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

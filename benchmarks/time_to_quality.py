@@ -60,8 +60,9 @@ import time
 
 from absl import app, flags
 
+from benchmarks._common import XLA_SINGLE_THREAD, cpu_name, pinned_env
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
 
 _CELLS = flags.DEFINE_list("cells", ["simple_rnn", "lstm", "gru"], "Cells of the recipe pairs.")
 _ROUNDS = flags.DEFINE_integer(
@@ -112,14 +113,6 @@ _PLOT = flags.DEFINE_string(
 
 _COMMON = ["--num_preds=1", "--progress_seconds=none", "--compilation_cache=none"]
 _LINE = re.compile(r"^loss \S+\s+acc \S+\s+bpc \S+\s+(\S+) s\s")
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONUNBUFFERED"] = "1"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + _XLA_FLAG).strip()
-    return env
 
 
 def _contenders() -> list[dict]:
@@ -192,7 +185,7 @@ def run_one(flag_list: list[str], budget: float | None) -> dict:
         proc = subprocess.Popen(
             command,
             cwd=_ROOT,
-            env=_env(),
+            env=pinned_env(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -292,18 +285,13 @@ def _scores(result: dict, recipe: dict | None) -> dict:
 
 
 def _machine() -> str:
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_name()
     import jax  # only for its version; the children do the work
 
     return (
         f"{model}, {os.cpu_count()} cores ({platform.machine()}), Linux {platform.release()}; "
         f"Python {platform.python_version()}, jax {jax.__version__}; children pinned to core 0 "
-        f"(taskset -c 0), XLA_FLAGS={_XLA_FLAG}"
+        f"(taskset -c 0), XLA_FLAGS={XLA_SINGLE_THREAD}"
     )
 
 
