@@ -162,9 +162,17 @@ def _silence_orbax_orphans():
 
 
 def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
-    """False (drop) for asyncio's report of an orbax task whose exception nobody retrieved."""
+    """False (drop) for asyncio's report of an orbax task or future whose exception nobody
+    retrieved: a Task names orbax's coroutine in the message, a ``_GatheringFuture`` only in
+    the traceback of its exception."""
     message = record.getMessage()
-    return not ("exception was never retrieved" in message and _ORBAX_DIR in message)
+    if "exception was never retrieved" not in message:
+        return True
+    if _ORBAX_DIR in message:
+        return False
+    error = record.exc_info[1] if record.exc_info else None
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return not any(f.filename.startswith(_ORBAX_DIR) for f in frames)
 
 
 def _attempt(read: Callable[[], Any], directory: str, step: int, what: str) -> Any:

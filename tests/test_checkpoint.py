@@ -385,3 +385,28 @@ def test_asyncio_reports_of_orbax_tasks_are_dropped_and_others_kept():
     )
     assert not checkpoint._drop_orbax_task_errors(record(orbax_task))
     assert checkpoint._drop_orbax_task_errors(record("Task exception was never retrieved: mine"))
+
+
+def test_asyncio_reports_of_orbax_gathering_futures_are_dropped_and_others_kept():
+    """A ``_GatheringFuture`` names no coroutine: orbax is only in its exception's traceback."""
+    import logging
+
+    import orbax.checkpoint._src.serialization.serialization as orbax_serialization
+
+    def raised_in(filename):
+        source = "def fail():\n    raise ValueError('RESOURCE_EXHAUSTED')\n"
+        code = compile(source, filename, "exec")
+        namespace = {}
+        exec(code, namespace)
+        try:
+            namespace["fail"]()
+        except ValueError as e:
+            return e
+
+    def record(error):
+        message = "_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture>"
+        info = (type(error), error, error.__traceback__)
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, info)
+
+    assert not checkpoint._drop_orbax_task_errors(record(raised_in(orbax_serialization.__file__)))
+    assert checkpoint._drop_orbax_task_errors(record(raised_in(__file__)))
