@@ -2,6 +2,7 @@
 it times, and the machine it names in its results."""
 
 import os
+import sys
 
 # XLA's CPU backend single-threaded: with `taskset -c 0`, every contender on one core alone.
 XLA_SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false"
@@ -14,6 +15,12 @@ def pinned_env(**extra: str) -> dict:
     env = {**os.environ, **extra}
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_SINGLE_THREAD).strip()
     return env
+
+
+def pinned_module(module: str, *args: str) -> list[str]:
+    """The command ``python -m module ARGS`` on core 0 alone (``taskset -c 0``), with this
+    interpreter; start it with :func:`pinned_env`."""
+    return ["taskset", "-c", "0", sys.executable, "-m", module, *args]
 
 
 def cpu_name() -> str:

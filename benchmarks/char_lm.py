@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks._common import XLA_SINGLE_THREAD, cpu_name, pinned_env
+from benchmarks._common import XLA_SINGLE_THREAD, cpu_name, pinned_env, pinned_module
 from experiments import char_lm
 from rnn_jax import data, train
 from rnn_jax.sample import make_sampler
@@ -505,7 +505,7 @@ def _notes(timings, vocab_size, num_examples, best_rate):
 def main(argv):
     record = "python -m benchmarks.char_lm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if _PIN.value and not _pinned():
-        cmd = ["taskset", "-c", "0", sys.executable, "-m", "benchmarks.char_lm", *sys.argv[1:]]
+        cmd = pinned_module("benchmarks.char_lm", *sys.argv[1:])
         sys.exit(subprocess.run(cmd, cwd=_ROOT, env=pinned_env(KERAS_BACKEND="jax")).returncode)
     del argv
     run(record.strip())

@@ -20,13 +20,12 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 
-from benchmarks._common import pinned_env
+from benchmarks._common import pinned_env, pinned_module
 
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved cold/warm rounds.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Results file (default: benchmarks/STARTUP.md).")
@@ -36,17 +35,12 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def time_to_first_iteration(cache: str) -> tuple[float, float]:
     """``(seconds to "Iteration #: 1", compile seconds the run reported)`` of one run."""
     with tempfile.TemporaryDirectory() as workdir:
-        command = [
-            "taskset",
-            "-c",
-            "0",
-            sys.executable,
-            "-m",
+        command = pinned_module(
             "experiments.char_lm",
             "--iterations=1",
             f"--workdir={workdir}",
             f"--compilation_cache={cache}",
-        ]
+        )
         start = time.perf_counter()
         proc = subprocess.Popen(
             command,

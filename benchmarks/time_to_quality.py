@@ -60,7 +60,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks._common import XLA_SINGLE_THREAD, cpu_name, pinned_env
+from benchmarks._common import XLA_SINGLE_THREAD, cpu_name, pinned_env, pinned_module
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,17 +166,12 @@ def run_one(flag_list: list[str], budget: float | None) -> dict:
     """One child run; stopped after the first iteration whose cumulative training seconds
     reach ``budget`` (None: runs its configured iterations). Its curve and timings."""
     with tempfile.TemporaryDirectory(prefix="rnn_jax_ttq_") as workdir:
-        command = [
-            "taskset",
-            "-c",
-            "0",
-            sys.executable,
-            "-m",
+        command = pinned_module(
             "experiments.char_lm",
             f"--workdir={workdir}",
             *_COMMON,
             *flag_list,
-        ]
+        )
         if budget is not None:
             command.append(f"--iterations={_MAX_ITERATIONS.value}")
         metrics_path = os.path.join(workdir, "metrics.jsonl")
