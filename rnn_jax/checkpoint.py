@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -264,6 +266,7 @@ def save_checkpoint(directory: str, step: int, state: Any, meta: dict, max_to_ke
     if jax.process_count() > 1:  # the others save once it is gone
         ocp.multihost.sync_global_processes(f"rnn_jax_set_aside_{step}")
     _silence_orbax_orphans()  # a failed write's orphans call back while it fails
+    threads_before = set(threading.enumerate())
     try:
         with _orbax_quiet(), _manager(directory, max_to_keep) as mngr:
             mngr.save(
@@ -283,6 +286,7 @@ def save_checkpoint(directory: str, step: int, state: Any, meta: dict, max_to_ke
         # their reports ("_SignalingThread.run() raised an exception", a traceback) would
         # follow our one line. Orbax's log records are dropped for the rest of the process.
         absl_logging.get_absl_logger().addFilter(_AFTER_A_FAILED_WRITE)
+        _join_orbax_threads(threads_before)
         _remove_temporaries(directory, step)
         steps = _steps(directory)
         kept = (
@@ -297,13 +301,43 @@ def save_checkpoint(directory: str, step: int, state: Any, meta: dict, max_to_ke
         ) from None
 
 
-def _remove_temporaries(directory: str, step: int):
-    """Deletes what orbax left of a failed save of ``step``: ``<step>.orbax-checkpoint-tmp*``."""
+def _join_orbax_threads(before: set, timeout: float = 60.0):
+    """Waits (at most ``timeout`` seconds in all) for the orbax threads started since
+    ``before``: when one writer of a save fails, orbax returns while its other writer threads
+    still run, and each may create files and directories in the step's temporary directory
+    after we removed it (CI found ``<step>.orbax-checkpoint-tmp`` left behind that way)."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread not in before and type(thread).__module__.startswith("orbax"):
+            # threading.Thread's own join: orbax's raises the thread's error, which the
+            # caller's one line already reports.
+            threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+
+
+def _remove_temporaries(directory: str, step: int, settle: float = 0.5, timeout: float = 30.0):
+    """Deletes what orbax left of a failed save of ``step``: ``<step>.orbax-checkpoint-tmp*``.
+
+    A writer outside Python (tensorstore's own threads) may still add to it while it goes, so
+    it is removed again until nothing of it has come back for ``settle`` seconds (at most
+    ``timeout`` seconds in all)."""
     prefix = f"{step}.orbax-checkpoint-tmp"
-    with contextlib.suppress(OSError):
-        for name in os.listdir(directory):
-            if name.startswith(prefix):
+
+    def leftovers() -> list[str]:
+        with contextlib.suppress(OSError):
+            return [n for n in os.listdir(directory) if n.startswith(prefix)]
+        return []
+
+    deadline = time.monotonic() + timeout
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        names = leftovers()
+        if names:
+            for name in names:
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= settle:
+            return
+        time.sleep(0.05)
 
 
 def latest_step(directory: str) -> int | None:

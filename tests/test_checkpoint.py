@@ -3,6 +3,7 @@ damaged step (flipped, truncated or missing files, garbage meta) is reported by 
 and the newest intact step is found."""
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import json
@@ -371,6 +372,41 @@ def test_a_full_disk_is_one_line_with_partial_files_removed(tmp_path, monkeypatc
     monkeypatch.setattr(ocp.CheckpointManager, "save", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         checkpoint.save_checkpoint(directory, 3, state, {"a": 1})
+
+
+def test_late_writers_of_a_failed_save_leave_nothing_behind(tmp_path, monkeypatch):
+    """When one writer fails, orbax returns while others still write: a straggler that keeps
+    (re)creating the step's temporary directory for 0.3 s after the save raised (as CI saw:
+    ``87.orbax-checkpoint-tmp`` left after the process had exited) finds it removed again,
+    and the error is raised once nothing of it has come back."""
+    import threading
+    import time
+
+    directory = str(tmp_path / "checkpoints")
+    state = _state("gru", units=4)
+    checkpoint.save_checkpoint(directory, 1, state, {"a": 1})
+    before = sorted(os.listdir(directory))
+    done = threading.Event()
+
+    def straggler():
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            with contextlib.suppress(OSError):  # its directory may go while it makes it
+                os.makedirs(
+                    os.path.join(directory, "2.orbax-checkpoint-tmp", "state", "d"), exist_ok=True
+                )
+            time.sleep(0.01)
+        done.set()
+
+    def full(self, step, *args, **kwargs):
+        threading.Thread(target=straggler, daemon=True).start()
+        raise ValueError("RESOURCE_EXHAUSTED: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="the disk is full"):
+        checkpoint.save_checkpoint(directory, 2, state, {"a": 1})
+    assert done.is_set()  # the error came after the last late write
+    assert sorted(os.listdir(directory)) == before
 
 
 def test_asyncio_reports_of_orbax_tasks_are_dropped_and_others_kept():
