@@ -502,24 +502,41 @@ def replot(workdir):
     plot_summary(os.path.join(workdir, f"summary_{task}.png"), task, results, eval_every)
 
 
-def merged_results(workdirs, task_name: str) -> list[dict]:
-    """The results of ``task_name`` in ``workdirs`` (``results.json`` of :func:`run`), each with
-    its sweep's ``eval_every``; a (cell, T) that a later workdir also ran is the later one's."""
-    merged = {}
+def _labelled_sweeps(workdirs, labels: dict[str, str] | None):
+    """``(config, results)`` of each workdir's ``results.json``, in order; with ``labels``, a
+    workdir's label is appended to its results' cell names (``"lru"`` and ``"no clip"``:
+    ``"lru no clip"``), so that a rerun with another recipe gets a row of its own in merged
+    tables and plots instead of replacing the cell's entry."""
+    unknown = sorted(set(labels or {}) - set(map(str, workdirs)))
+    if unknown:
+        raise ValueError(f"labels name {unknown[0]!r}, which is not one of the workdirs")
     for workdir in workdirs:
         with open(os.path.join(workdir, "results.json")) as f:
             saved = json.load(f)
-        if saved["config"]["task"] != task_name:
+        label = (labels or {}).get(str(workdir))
+        results = saved["results"]
+        if label:
+            results = [{**r, "cell": f"{r['cell']} {label}"} for r in results]
+        yield saved["config"], results
+
+
+def merged_results(workdirs, task_name: str, labels: dict[str, str] | None = None) -> list[dict]:
+    """The results of ``task_name`` in ``workdirs`` (``results.json`` of :func:`run`), each with
+    its sweep's ``eval_every``; a (cell, T) that a later workdir also ran is the later one's.
+    ``labels``: as in :func:`comparison_table`."""
+    merged = {}
+    for config, results in _labelled_sweeps(workdirs, labels):
+        if config["task"] != task_name:
             continue
-        for r in saved["results"]:
-            merged[(r["cell"], r["T"])] = {**r, "eval_every": saved["config"]["eval_every"]}
+        for r in results:
+            merged[(r["cell"], r["T"])] = {**r, "eval_every": config["eval_every"]}
     return list(merged.values())
 
 
-def plot_merged(path, task_name: str, workdirs) -> None:
+def plot_merged(path, task_name: str, workdirs, labels: dict[str, str] | None = None) -> None:
     """:func:`plot_summary` of :func:`merged_results`: a panel per T, a line per cell."""
     results = sorted(
-        merged_results(workdirs, task_name),
+        merged_results(workdirs, task_name, labels),
         key=lambda r: (
             r["T"],
             registry.NAMES.index(r["cell"]) if r["cell"] in registry.NAMES else 0,
@@ -528,19 +545,19 @@ def plot_merged(path, task_name: str, workdirs) -> None:
     plot_summary(path, task_name, results, eval_every=None)
 
 
-def comparison_table(workdirs, seconds: bool = False) -> str:
+def comparison_table(workdirs, seconds: bool = False, labels: dict[str, str] | None = None) -> str:
     """A Markdown table of sweeps: a row per cell, a column per (task, T), each entry
     ``solved/seeds @ first solved step (median) · final test loss (median) · steps``, for the
     last clip setting; with ``seconds``, ``· steps / training seconds`` (the compiled
     program's run, ``timings["train_s"]``). ``workdirs``: directories :func:`run` wrote
     ``results.json`` to, any number per task; a (cell, task, T) that a later one also ran is
-    its entry (a longer rerun replaces a sweep's entry, the others stay)."""
+    its entry (a longer rerun replaces a sweep's entry, the others stay). ``labels``:
+    ``{workdir: label}``, appended to that workdir's cell names, a row of their own (e.g. the
+    same cell trained with another recipe); a label for a path not in ``workdirs`` raises."""
     columns, entries, cells_seen = [], {}, []
-    for workdir in workdirs:
-        with open(os.path.join(workdir, "results.json")) as f:
-            saved = json.load(f)
-        task = saved["config"]["task"]
-        for r in saved["results"]:
+    for config, results in _labelled_sweeps(workdirs, labels):
+        task = config["task"]
+        for r in results:
             row = r["rows"][-1]
             if (task, r["T"]) not in columns:
                 columns.append((task, r["T"]))

@@ -124,6 +124,20 @@ def test_short_sweep_in_process(tmp_path):
     assert long_range.merged_results([str(tmp_path)], "copy") == []
     long_range.plot_merged(tmp_path / "merged.png", "adding", [str(tmp_path), str(rerun_dir)])
     assert (tmp_path / "merged.png").stat().st_size > 1000
+    # A label gives a workdir's cells rows of their own: the rerun no longer replaces T=4.
+    both, labels = [str(tmp_path), str(rerun_dir)], {str(rerun_dir): "(rerun)"}
+    lines = long_range.comparison_table(both, labels=labels).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| lstm", "| lstm (rerun)"]
+    assert lines[2].endswith(f" · {final:.3g} · 4 |  |")
+    assert " · 8 | " in lines[3] and lines[3].endswith(" · 6 |")
+    merged = long_range.merged_results(both, "adding", labels)
+    assert sorted((r["cell"], r["T"], r["steps"]) for r in merged) == [
+        ("lstm", 4, 4),
+        ("lstm (rerun)", 4, 8),
+        ("lstm (rerun)", 9, 6),
+    ]
+    with pytest.raises(ValueError, match="'elsewhere', which is not one of the workdirs"):
+        long_range.comparison_table(both, labels={"elsewhere": "x"})
 
 
 REGISTRY_TINY = long_range.Config(
