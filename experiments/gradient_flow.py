@@ -15,11 +15,21 @@ vmapped over configurations × seeds. Reported: median over seeds and the 10-90 
 
 Any name of ``rnn_jax.registry`` is a configuration too (its default initialisation, built by
 ``registry.named_cell(name, units, T)``; a group of its own). With --trained_from=WORKDIR, a
-workdir of ``experiments.long_range`` on the adding task, nothing trains here: the probes take
-the sweep's own models (its initial params, rebuilt from its config, and its trained params of
-the clipped runs, its seeds) at each T, and the table its test MSEs and pre-clip gradient norms.
-For LRU, whose carry is the real and imaginary halves of a complex state, ``‖∂L/∂h_t‖`` is the
-norm over both halves (``rnn_jax.gradients.hidden`` of the per-part norms).
+workdir of ``experiments.long_range`` on the adding or the copy task, nothing trains here: the
+probes take the sweep's own models (its initial params, rebuilt from its config, and its trained
+params of the clipped runs, its seeds) at each T, and the table its test losses and pre-clip
+gradient norms. For LRU, whose carry is the real and imaginary halves of a complex state,
+``‖∂L/∂h_t‖`` is the norm over both halves (``rnn_jax.gradients.hidden`` of the per-part norms).
+
+A copy sweep (``rnn_jax.synthetic.copy_task(delay)``, --lengths its delays, as long_range's):
+T in the table is the delay, the probed sequences are copy sequences of ``delay + 2·10`` steps
+(10 symbols, the wait, the cue, the recall), drawn as the adding ones are, and the probed loss
+L is the part that needs memory: the mean cross-entropy of the Dense head on the last 10 outputs
+(the recall after the cue; :func:`probed_loss`), so ``‖∂L/∂h_t‖`` at t < 10 shows how much of
+the recall's gradient reaches the steps that read the symbols. Its test-loss column is
+``test_xent``, the sweep's test cross-entropy per step over every step (the adding task's is
+``test_mse``; :data:`TEST_LOSS_COLUMN`). Training here (--train_steps) is on the adding problem
+only.
 
 Writes ``results.json`` (per-config median/spread curves), ``results.csv`` (the printed table),
 ``grad_norms.png`` and ``jacobians.png`` to --workdir.
@@ -49,8 +59,9 @@ import numpy as np
 
 from experiments import cli, long_range
 from rnn_jax import cells, gradients, registry
+from rnn_jax.losses import sequence_cross_entropy
 from rnn_jax.models import dense, sequence_classifier
-from rnn_jax.synthetic import adding_problem
+from rnn_jax.synthetic import TASKS
 from rnn_jax.train import make_task_trainer
 
 # name -> (cell, structural kwargs, initialisation kwargs). Configs with the same cell and
@@ -98,13 +109,16 @@ class Config:
         check=_non_empty,
     )
     lengths: tuple[int, ...] = cli.field(
-        (50, 200), "Sequence lengths T (>= 2).", check=cli.all_positive
+        (50, 200),
+        "Sequence lengths T (>= 2); with trained_from, T as the sweep has it (copy: the delay).",
+        check=cli.all_positive,
     )
     seeds: int = cli.field(8, "Seeds per configuration (vmapped).", check=cli.positive)
     units: int = cli.field(32, "Hidden units.", check=cli.positive)
     train_steps: int = cli.field(
         200,
-        "Adam steps on the adding problem before the second probe (0: none).",
+        "Adam steps on the adding problem before the second probe (0: none). Training here "
+        "is on the adding problem only; probe copy models with trained_from.",
         check=cli.non_negative,
     )
     batch_size: int = cli.field(32, "Training batch.", check=cli.positive)
@@ -117,9 +131,11 @@ class Config:
     clip_norm: float | None = cli.clip_norm(1.0)
     trained_from: str | None = cli.field(
         None,
-        "A workdir of experiments.long_range on the adding task: probe the models it trained "
-        "(its initial and final params, its seeds; every config a registry name it trained at "
-        "every T) instead of training here. Unset: train train_steps steps here.",
+        "A workdir of experiments.long_range on the adding or the copy task: probe the models "
+        "it trained (its initial and final params, its seeds; every config a registry name it "
+        "trained at every T) instead of training here. Copy: the probed loss is the "
+        "cross-entropy of the recall (the last 10 outputs), test_xent the sweep's test "
+        "cross-entropy. Unset: train train_steps steps here (adding).",
     )
     seed: int = cli.field(0, "PRNG seed.")
 
@@ -130,7 +146,8 @@ class Config:
             twice = sorted({v for v in values if values.count(v) > 1})
             if twice:
                 raise ValueError(f"{name}={values!r} lists {twice[0]!r} more than once")
-        if min(self.lengths) < 2:
+        # With trained_from the lengths are the sweep's (a copy delay may be 1): run checks them.
+        if self.trained_from is None and min(self.lengths) < 2:
             raise ValueError(f"lengths={self.lengths!r}: the adding problem needs T >= 2")
         if self.trained_from is not None:
             bad = [n for n in self.configs if n not in registry.NAMES]
@@ -147,6 +164,10 @@ class Config:
 
 
 _LN10 = math.log(10.0)
+
+# The tasks the probes know, each with the table's name for its test loss: the adding
+# problem's MSE, the copy task's cross-entropy per step (over every step, as it trains).
+TEST_LOSS_COLUMN = {"adding": "test_mse", "copy": "test_xent"}
 
 
 def groups(names):
@@ -176,24 +197,65 @@ def make_cell(cell_name, structure, units, length, init=None):
     return cells.CELLS[cell_name](units, **structure, **(init or {}))
 
 
+def read_sweep(workdir, units):
+    """The config and results of the experiments.long_range sweep in ``workdir``, checked for
+    the probes: ``(long_range.Config, results)``; ValueError (one line) when it has no
+    results.json, trained a task the probes do not know or another number of units."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"trained_from={workdir!r} has no results.json: pass a workdir that "
+            "experiments.long_range wrote"
+        )
+    with open(path) as f:
+        saved = json.load(f)
+    task, trained_units = saved["config"].get("task"), saved["config"].get("units")
+    if task not in TEST_LOSS_COLUMN or trained_units != units:
+        raise ValueError(
+            f"trained_from={workdir!r} trained task={task!r}, units={trained_units}: the probes "
+            f"need the {' or '.join(TEST_LOSS_COLUMN)} task and units={units}"
+        )
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()}
+    return long_range.Config(**fields), saved["results"]
+
+
+def sweep_task(config: Config) -> str:
+    """The task the probes run: the adding problem, or the task of ``config.trained_from``,
+    which must have trained every config at every T (else ValueError, one line)."""
+    if config.trained_from is None:
+        return "adding"
+    sweep, results = read_sweep(config.trained_from, config.units)
+    runs = {(r["cell"], r["T"]) for r in results}
+    for length in config.lengths:
+        for name in config.configs:
+            if (name, length) not in runs:
+                have = ", ".join(f"{c} T={t}" for c, t in sorted(runs)) or "none"
+                raise ValueError(
+                    f"trained_from={config.trained_from!r} has no run of {name} at T={length} "
+                    f"(its {sweep.task} runs: {have})"
+                )
+    return sweep.task
+
+
+def probed_task(task_name, length):
+    """``(task, recall)``: the task's sequences at T = ``length`` (the delay for copy) and
+    :func:`probed_loss`'s ``recall``: None for adding, the copy task's ``copy_length`` (its
+    sequences are ``delay + 2·copy_length`` steps)."""
+    task = TASKS[task_name](length)
+    return task, (task.length - length) // 2 if task_name == "copy" else None
+
+
 def load_sweep(workdir, name, length, units):
     """The models experiments.long_range trained for (``name``, T = ``length``) in
-    ``workdir`` (adding task): ``(initial params, trained params, test_loss, grad_norm)``
-    with leading axis seeds, the last clip setting's runs; ``test_loss (seeds, evals)``,
-    ``grad_norm (seeds, steps)`` or None when the sweep did not save them."""
-    with open(os.path.join(workdir, "results.json")) as f:
-        saved = json.load(f)
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()}
-    sweep = long_range.Config(**fields)
-    if sweep.task != "adding" or sweep.units != units:
-        raise ValueError(
-            f"trained_from={workdir!r} trained task={sweep.task!r}, units={sweep.units}: "
-            f"the probes need the adding task and units={units}"
-        )
-    (result,) = [r for r in saved["results"] if r["cell"] == name and r["T"] == length] or [None]
+    ``workdir`` (adding or copy task): ``(initial params, trained params, test_loss,
+    grad_norm)`` with leading axis seeds, the last clip setting's runs; ``test_loss (seeds,
+    evals)`` (the task's loss: MSE, or copy's cross-entropy per step), ``grad_norm (seeds,
+    steps)`` or None when the sweep did not save them."""
+    sweep, results = read_sweep(workdir, units)
+    (result,) = [r for r in results if r["cell"] == name and r["T"] == length] or [None]
     if result is None:
         raise ValueError(f"trained_from={workdir!r} has no run of {name} at T={length}")
-    task = adding_problem(length)
+    task = TASKS[sweep.task](length)
     cell = long_range.build_cell(sweep, name, task.length)  # the sweep's own (LRU: lru_r_min)
     _, _, initial, _, _ = long_range.prepare(task, cell, sweep, steps=sweep.eval_every)
     trained = long_range.load_params(long_range.params_path(workdir, name, length), initial)
@@ -203,15 +265,29 @@ def load_sweep(workdir, name, length, units):
     return initial, trained, test_loss, None if grad_norm is None else np.asarray(grad_norm[-1])
 
 
-def _probe(cell, params, xs, targets, jacobian_batch):
+def probed_loss(head, ys, targets, recall=None):
+    """The loss L the probes differentiate, per example, from the cell's outputs.
+
+    ``recall`` None (adding): the MSE of the ``Dense(1)`` head on the last output, ``ys (batch,
+    units)``. Else (copy): the mean cross-entropy of the head's logits on the last ``recall``
+    outputs of ``ys (batch, time, units)`` against the last ``recall`` targets, the symbols
+    recalled after the cue: the part of the copy task's loss that needs memory.
+    """
+    if recall is None:
+        return (dense(head, ys)[:, 0] - targets) ** 2
+    return sequence_cross_entropy(dense(head, ys[:, -recall:]), targets[:, -recall:])
+
+
+def _probe(cell, params, xs, targets, jacobian_batch, recall):
     """One model's curves over t, each the median over the probed sequences."""
-    head = params["dense"]
 
-    def loss_fn(y):
-        return (dense(head, y)[:, 0] - targets) ** 2
+    def loss_fn(ys):
+        return probed_loss(params["dense"], ys, targets, recall)
 
-    losses, norms = gradients.carry_gradient_norms(cell, params["rnn"], xs, loss_fn)
-    tiny = jnp.finfo(xs.dtype).tiny
+    losses, norms = gradients.carry_gradient_norms(
+        cell, params["rnn"], xs, loss_fn, return_sequences=recall is not None
+    )
+    tiny = jnp.finfo(losses.dtype).tiny  # xs may be integer tokens (copy)
     out = {"loss": jnp.mean(losses)}
     # Exact zeros (dead relu units) are floored at the smallest normal float64.
     out["log10_grad_h"] = jnp.median(jnp.log10(jnp.maximum(gradients.hidden(norms), tiny)), axis=0)
@@ -230,17 +306,23 @@ def _probe(cell, params, xs, targets, jacobian_batch):
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _probe_stack(cell, params, xs, targets, jacobian_batch):
-    return jax.vmap(lambda p: _probe(cell, p, xs, targets, jacobian_batch))(params)
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _probe_stack(cell, params, xs, targets, jacobian_batch, recall):
+    return jax.vmap(lambda p: _probe(cell, p, xs, targets, jacobian_batch, recall))(params)
 
 
-def probe_models(cell, params, xs, targets, jacobian_batch):
-    """The probes for a stack of models (leading axis), in float64, in one compiled program."""
+def _float64(x):
+    """``x`` as float64 if it is floating, else as it is (integer tokens and labels)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def probe_models(cell, params, xs, targets, jacobian_batch, recall=None):
+    """The probes for a stack of models (leading axis), in float64, in one compiled program;
+    ``recall``: :func:`probed_loss`'s (None: the adding problem's loss)."""
     with jax.enable_x64(True):
-        cast = functools.partial(jnp.asarray, dtype=jnp.float64)
-        params = jax.tree.map(cast, params)
-        out = _probe_stack(cell, params, cast(xs), cast(targets), jacobian_batch)
+        params = jax.tree.map(_float64, params)
+        out = _probe_stack(cell, params, _float64(xs), _float64(targets), jacobian_batch, recall)
         return jax.tree.map(np.asarray, out)
 
 
@@ -265,15 +347,16 @@ def summarize_curves(values):
     }
 
 
-def table_row(name, length, phase, probe, test_loss, grad_norm=None):
-    """A row of the table: medians over seeds (``grad_norm``: pre-clip norms while training)."""
+def table_row(name, length, phase, probe, test_loss, grad_norm=None, task="adding"):
+    """A row of the table: medians over seeds (``grad_norm``: pre-clip norms while training);
+    the test loss under the task's name, :data:`TEST_LOSS_COLUMN` (adding: ``test_mse``)."""
     ratio = probe["log10_grad_h"][:, 0] - probe["log10_grad_h"][:, -1]
     finite = np.isfinite(test_loss)
     return {
         "config": name,
         "T": length,
         "phase": phase,
-        "test_mse": float(np.median(test_loss[finite])) if finite.any() else None,
+        TEST_LOSS_COLUMN[task]: float(np.median(test_loss[finite])) if finite.any() else None,
         "nonfinite_test": f"{np.sum(~finite)}/{len(finite)}",
         # Global norms that overflow float32 make clip_by_global_norm zero the whole update.
         "inf_grad_steps": None if grad_norm is None else float(np.mean(~np.isfinite(grad_norm))),
@@ -296,7 +379,7 @@ _COLUMNS = [
     ("config", "{}"),
     ("T", "{}"),
     ("phase", "{}"),
-    ("test_mse", "{:.3f}"),
+    ("test_loss", "{:.3f}"),  # named for the task: TEST_LOSS_COLUMN
     ("nonfinite_test", "{}"),
     ("inf_grad_steps", "{:.2f}"),
     ("log10_g0_over_gT", "{:+.1f}"),
@@ -309,14 +392,18 @@ _COLUMNS = [
 ]
 
 
-def format_table(rows):
-    """A Markdown table of the summary rows."""
-    lines = ["| " + " | ".join(n for n, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+def columns(task="adding"):
+    """The table's columns, ``[(name, format)]``, the test loss named for ``task``."""
+    return [(TEST_LOSS_COLUMN[task] if n == "test_loss" else n, f) for n, f in _COLUMNS]
+
+
+def format_table(rows, task="adding"):
+    """A Markdown table of the summary rows (of ``task``: its test-loss column)."""
+    cols = columns(task)
+    lines = ["| " + " | ".join(n for n, _ in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append(
-            "| "
-            + " | ".join("-" if row[n] is None else f.format(row[n]) for n, f in _COLUMNS)
-            + " |"
+            "| " + " | ".join("-" if row[n] is None else f.format(row[n]) for n, f in cols) + " |"
         )
     return "\n".join(lines)
 
@@ -340,7 +427,9 @@ def _floor(ax, summaries):
 
 
 def plot(workdir, curves, names, lengths, phases):
-    """grad_norms.png: ‖∂L/∂h_t‖/‖∂L/∂h_{T-1}‖ against t; jacobians.png for the longest T."""
+    """grad_norms.png: ‖∂L/∂h_t‖/‖∂L/∂h_{T-1}‖ against t; jacobians.png for the longest T.
+
+    t runs over the probed sequences' steps: T for adding, the delay + 20 for copy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,7 +443,7 @@ def plot(workdir, curves, names, lengths, phases):
             ax = axes[i, j]
             for name in names:
                 c = curves[(name, length, phase)]["log10_grad_rel"]
-                t = np.arange(length)
+                t = np.arange(len(c["median"]))  # the steps: delay + 20 for copy
                 ax.plot(t, 10.0 ** c["median"], color=_colour(name, names), lw=1.2, label=name)
                 ax.fill_between(
                     t,
@@ -380,7 +469,7 @@ def plot(workdir, curves, names, lengths, phases):
     for i, phase in enumerate(phases):
         for name in names:
             c = curves[(name, length, phase)]
-            t = np.arange(length)
+            t = np.arange(len(c["step_norm"]["median"]))
             colour = _colour(name, names)
             axes[i, 0].plot(t, c["step_norm"]["median"], color=colour, lw=1, label=name)
             product = c["log10_product"]
@@ -405,10 +494,22 @@ def plot(workdir, curves, names, lengths, phases):
 def run(config: Config, workdir: str, out=print) -> list[dict]:
     """Probes (and trains) every config at every T; prints the table; writes JSON, CSV, PNGs.
 
+    The probed task is the adding problem, or with ``trained_from`` the sweep's (adding or copy;
+    :func:`sweep_task` checks the workdir before anything runs).
+
     Returns:
-      The table's rows, one per (config, T, phase), ordered by T, phase, then config.
+      The table's rows, one per (config, T, phase), ordered by T, phase, then config; the test
+      loss under ``TEST_LOSS_COLUMN[task]``.
     """
+    task_name = sweep_task(config)
     os.makedirs(workdir, exist_ok=True)
+    if task_name == "copy":
+        _, recall = probed_task(task_name, config.lengths[0])
+        out(
+            f"copy task (trained_from={config.trained_from}): T is the delay, sequences of T + "
+            f"{2 * recall} steps; the probed loss is the cross-entropy of the last {recall} "
+            "outputs (the recall), test_xent the sweep's test cross-entropy per step"
+        )
     names, lengths, seeds = config.configs, config.lengths, config.seeds
     has_trained = config.train_steps or config.trained_from is not None
     phases = ["init", "trained"] if has_trained else ["init"]
@@ -416,12 +517,13 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
     clip = jnp.float32(math.inf if config.clip_norm is None else config.clip_norm)
     rows, curves, timings = [], {}, {}
     for length in lengths:
-        task = adding_problem(length)
+        task, recall = probed_task(task_name, length)
         k_init, k_train, k_probe, k_test = jax.random.split(
             jax.random.fold_in(jax.random.PRNGKey(config.seed), length), 4
         )
         xs, targets = task.sample(k_probe, config.probe_batch)
-        test_xs, test_targets = task.sample(k_test, config.test_size)
+        if config.trained_from is None and config.train_steps:  # trains here: adding
+            test_xs, test_targets = task.sample(k_test, config.test_size)
         for cell_name, structure, members in groups(names):
             tic = time.perf_counter()
             cell = make_cell(cell_name, structure, config.units, task.length)
@@ -436,11 +538,19 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
                 params = init_models(
                     task, cell_name, structure, members, config.units, seeds, k_init
                 )
-            probes = {"init": probe_models(cell, params, xs, targets, config.jacobian_batch)}
+            probe = functools.partial(
+                probe_models,
+                cell,
+                xs=xs,
+                targets=targets,
+                jacobian_batch=config.jacobian_batch,
+                recall=recall,
+            )
+            probes = {"init": probe(params)}
             losses = {"init": probes["init"]["loss"]}
             grad_norms = {"init": None}
             if config.trained_from is not None:
-                probes["trained"] = probe_models(cell, trained, xs, targets, config.jacobian_batch)
+                probes["trained"] = probe(trained)
                 losses = {"init": test_loss[:, 0], "trained": test_loss[:, -1]}
                 grad_norms["trained"] = grad_norm
             elif config.train_steps:
@@ -456,7 +566,7 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
                 trained, c = jax.jit(jax.vmap(train, in_axes=(0, 0, None, None, None)))(
                     params, keys, clip, test_xs, test_targets
                 )
-                probes["trained"] = probe_models(cell, trained, xs, targets, config.jacobian_batch)
+                probes["trained"] = probe(trained)
                 losses["init"] = np.asarray(c.test_loss[:, 0])
                 losses["trained"] = np.asarray(c.test_loss[:, -1])
                 grad_norms["trained"] = np.asarray(c.grad_norm)
@@ -471,13 +581,15 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
                         k: summarize_curves(v) for k, v in p.items() if k != "loss"
                     }
                     norms = None if grad_norms[phase] is None else grad_norms[phase][part]
-                    rows.append(table_row(name, length, phase, p, losses[phase][part], norms))
+                    rows.append(
+                        table_row(name, length, phase, p, losses[phase][part], norms, task_name)
+                    )
             out(f"{cell_name} {members} T={length}: {seconds:.1f} s")
     order = {
         key: i for i, key in enumerate((n, t, p) for t in lengths for p in phases for n in names)
     }
     rows.sort(key=lambda r: order[(r["config"], r["T"], r["phase"])])
-    out(format_table(rows))
+    out(format_table(rows, task_name))
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(
             {
@@ -497,7 +609,7 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
             f,
         )
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, [n for n, _ in _COLUMNS])
+        writer = csv.DictWriter(f, [n for n, _ in columns(task_name)])
         writer.writeheader()
         writer.writerows(rows)
     plot(workdir, curves, names, lengths, phases)

@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import re
@@ -16,7 +17,7 @@ from jax.flatten_util import ravel_pytree
 import rnn_jax
 from experiments import gradient_flow, long_range
 from rnn_jax import cells, gradients
-from rnn_jax.synthetic import adding_problem
+from rnn_jax.synthetic import adding_problem, copy_batch
 
 CELLS = ["simple_rnn", "lstm", "gru"]
 BATCH, TIME, INPUT_DIM, UNITS = 2, 5, 2, 3
@@ -478,6 +479,169 @@ def test_gradient_flow_probes_the_models_a_sweep_trained(tmp_path):
     assert (tmp_path / "flow" / "grad_norms.png").stat().st_size > 1000
 
 
+COPY_DELAY, COPY_LENGTH = 5, 10  # copy_task(5): 10 symbols, 4 blanks, the cue, 10 blanks
+
+
+def _copy_reference(params, tokens, targets):
+    """float64 NumPy: a SimpleRNN unrolled and back-propagated by hand. Per example: the recall
+    loss L (the mean cross-entropy of the Dense head on the last COPY_LENGTH steps), the whole
+    sequence's mean cross-entropy and ``‖∂L/∂h_t‖`` for every t, ``(batch, time)``."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    w, u, b = p["rnn"]["kernel"], p["rnn"]["recurrent_kernel"], p["rnn"]["bias"]
+    k, c = p["dense"]["kernel"], p["dense"]["bias"]
+    batch, time = tokens.shape
+    h, prev = np.zeros((batch, time, UNITS)), np.zeros((batch, UNITS))
+    for t in range(time):  # h_t = tanh(onehot(x_t) W + h_{t-1} U + b)
+        h[:, t] = prev = np.tanh(w[tokens[:, t]] + prev @ u + b)
+    logits = h @ k + c
+    top = logits.max(axis=-1, keepdims=True)
+    log_p = logits - top - np.log(np.sum(np.exp(logits - top), axis=-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]  # (batch, time)
+    # ∂L/∂h_t = (softmax - onehot(target)) Kᵀ / COPY_LENGTH at the recall steps, plus what comes
+    # back from h_{t+1}: (∂L/∂h_{t+1} ⊙ (1 - h_{t+1}²)) Uᵀ.
+    direct = (np.exp(log_p) - np.eye(k.shape[1])[targets]) @ k.T / COPY_LENGTH
+    direct[:, :-COPY_LENGTH] = 0.0
+    grad, later = np.zeros_like(h), np.zeros((batch, UNITS))
+    for t in reversed(range(time)):
+        grad[:, t] = direct[:, t] + later
+        later = (grad[:, t] * (1.0 - h[:, t] ** 2)) @ u.T
+    return nll[:, -COPY_LENGTH:].mean(axis=1), nll.mean(axis=1), np.linalg.norm(grad, axis=-1)
+
+
+def test_gradient_flow_probes_a_copy_sweep(tmp_path, monkeypatch):
+    """trained_from a copy sweep (SimpleRNN, delay 5: 25 steps, 3 seeds): the probed sequences
+    are copy sequences drawn as the adding ones are; every seed's probed loss is the
+    cross-entropy of the recall alone (not of all 25 steps) and its ‖∂L/∂h_t‖ (t < 10, the
+    steps that read the symbols, included) a NumPy unroll's, also through the saved medians
+    and spreads over seeds; the table's test_xent is the sweep's test cross-entropy."""
+    sweep = long_range.Config(
+        task="copy",
+        cells=("simple_rnn",),
+        lengths=(COPY_DELAY,),
+        seeds=3,
+        steps=2,
+        eval_every=2,
+        batch_size=2,
+        test_size=4,
+        units=UNITS,
+        clip_norm=None,
+        save_grad_norms=True,
+    )
+    long_range.run(sweep, str(tmp_path / "sweep"), out=lambda line: None)
+    config = dataclasses.replace(
+        TINY_FLOW,
+        configs=("simple_rnn",),
+        lengths=(COPY_DELAY,),
+        trained_from=str(tmp_path / "sweep"),
+        probe_batch=2,
+        jacobian_batch=1,
+    )
+    probed, probe_models = [], gradient_flow.probe_models
+
+    def spy(*args, **kwargs):  # what run probes (its arguments by name) and what comes back
+        out = probe_models(*args, **kwargs)
+        probed.append((inspect.signature(probe_models).bind(*args, **kwargs).arguments, out))
+        return out
+
+    monkeypatch.setattr(gradient_flow, "probe_models", spy)
+    lines = []
+    rows = gradient_flow.run(config, str(tmp_path / "flow"), out=lines.append)
+    assert lines[0].startswith("copy task") and "last 10 outputs" in lines[0]
+    assert lines[-1].startswith("| config | T | phase | test_xent |")
+    with open(tmp_path / "sweep" / "results.json") as f:
+        test = np.asarray(json.load(f)["results"][0]["test_loss"][-1])  # (seeds, evals)
+    with open(tmp_path / "flow" / "results.json") as f:
+        curves = {c["phase"]: c for c in json.load(f)["curves"]}
+    with open(tmp_path / "flow" / "results.csv") as f:
+        assert next(csv.reader(f))[3] == "test_xent"
+    # The probed sequences: copy_batch's, from the key that draws the adding ones.
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), COPY_DELAY)
+    xs, targets = map(np.asarray, copy_batch(jax.random.split(key, 4)[2], 2, COPY_DELAY))
+    assert xs.shape == (2, COPY_DELAY + 2 * COPY_LENGTH)
+    (init, init_out), (trained, trained_out) = probed
+    # The trained params are the sweep's (.npz, last clip setting); the initial ones are what
+    # its 2 Adam steps (each under ~3 lr per entry) started from.
+    with np.load(long_range.params_path(tmp_path / "sweep", "simple_rnn", COPY_DELAY)) as saved:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(trained["params"])[0]:
+            np.testing.assert_array_equal(leaf, saved[jax.tree_util.keystr(path)][-1])
+    moved = jax.tree.leaves(
+        jax.tree.map(lambda a, b: np.max(np.abs(a - b)), init["params"], trained["params"])
+    )
+    assert 0.0 < max(moved) < 2 * 3 * sweep.learning_rate
+    for phase, evaluation, args, out, row in zip(
+        ("init", "trained"), (0, -1), (init, trained), (init_out, trained_out), rows, strict=True
+    ):
+        np.testing.assert_array_equal(args["xs"], xs)
+        np.testing.assert_array_equal(args["targets"], targets)
+        assert (row["T"], row["phase"], row["nonfinite_test"]) == (COPY_DELAY, phase, "0/3")
+        assert "test_mse" not in row
+        np.testing.assert_allclose(row["test_xent"], np.median(test[:, evaluation]), rtol=1e-6)
+        losses, grads = [], []
+        for seed in range(sweep.seeds):
+            one = jax.tree.map(lambda a, s=seed: a[s], args["params"])
+            recall, whole, norms = _copy_reference(one, xs, targets)
+            assert np.all(np.abs(recall - whole) > 1e-3 * recall)  # the loss tells them apart
+            assert np.all(norms[:, :COPY_LENGTH] > 0)
+            losses.append(np.mean(recall))
+            grads.append(np.median(np.log10(norms), axis=0))  # over the probed sequences
+        np.testing.assert_allclose(out["loss"], losses, rtol=1e-10)
+        np.testing.assert_allclose(
+            10.0 ** out["log10_grad_h"], 10.0 ** np.asarray(grads), rtol=1e-8
+        )
+        for q, value in gradient_flow.summarize_curves(np.asarray(grads)).items():
+            np.testing.assert_allclose(curves[phase]["log10_grad_h"][q], value, rtol=0, atol=1e-9)
+        ratio = [g[0] - g[-1] for g in grads]
+        np.testing.assert_allclose(row["log10_g0_over_gT"], np.median(ratio), atol=1e-9)
+    assert rows[1]["inf_grad_steps"] == 0.0
+    assert (tmp_path / "flow" / "grad_norms.png").stat().st_size > 1000
+
+
+def test_gradient_flow_trained_from_refuses_what_it_cannot_probe(tmp_path):
+    """A workdir of an unknown task, of other units, without a (config, T), without
+    results.json: refused in one line by run, before anything runs or is written."""
+    copy = long_range.Config(task="copy", cells=("simple_rnn",), lengths=(5,), units=UNITS)
+    workdirs = {
+        "parity": {"config": {"task": "parity", "units": UNITS}, "results": []},
+        "copy": {
+            "config": json.loads(json.dumps(dataclasses.asdict(copy))),
+            "results": [{"cell": "simple_rnn", "T": 5}],
+        },
+    }
+    for name, saved in workdirs.items():
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "results.json", "w") as f:
+            json.dump(saved, f)
+    config = dataclasses.replace(TINY_FLOW, configs=("simple_rnn",), lengths=(5,))
+    parity, copy, empty = (repr(str(tmp_path / n)) for n in ("parity", "copy", "empty"))
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (
+            {"trained_from": str(tmp_path / "parity")},
+            f"trained_from={parity} trained task='parity', units={UNITS}: the probes need the "
+            f"adding or copy task and units={UNITS}",
+        ),
+        (
+            {"trained_from": str(tmp_path / "copy"), "units": 4},
+            f"trained_from={copy} trained task='copy', units={UNITS}: the probes need the "
+            "adding or copy task and units=4",
+        ),
+        (
+            {"trained_from": str(tmp_path / "copy"), "lengths": (5, 7)},
+            f"trained_from={copy} has no run of simple_rnn at T=7 (its copy runs: simple_rnn T=5)",
+        ),
+        (
+            {"trained_from": str(tmp_path / "empty")},
+            f"trained_from={empty} has no results.json: pass a workdir that "
+            "experiments.long_range wrote",
+        ),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ValueError) as error:
+            gradient_flow.run(dataclasses.replace(config, **changes), str(tmp_path / "flow"))
+        assert str(error.value) == message
+        assert not (tmp_path / "flow").exists()
+
+
 def test_gradient_flow_irnn_has_no_saturation_columns():
     # The probes of one configuration as run() takes them (without its training, tested above).
     task = adding_problem(5)
@@ -524,6 +688,9 @@ def test_gradient_flow_config_rejects_bad_values(changes, message):
 def test_gradient_flow_config_accepts_no_clipping_and_no_training():
     assert dataclasses.replace(TINY_FLOW, clip_norm=None).clip_norm is None
     assert dataclasses.replace(TINY_FLOW, train_steps=0).train_steps == 0
+    # A copy sweep's delay may be 1: with trained_from the sweep's lengths are checked by run.
+    copy = dataclasses.replace(TINY_FLOW, configs=("gru",), lengths=(1,), trained_from="runs/x")
+    assert copy.lengths == (1,)
 
 
 def test_gradient_flow_bad_flag_is_one_line_and_exit_1(bad_flag):
