@@ -455,16 +455,22 @@ def plot_summary(path, task_name, results, eval_every):
     lengths = sorted({r["T"] for r in results})
     names = list(dict.fromkeys(r["cell"] for r in results))
     fig, axes = plt.subplots(1, len(lengths), figsize=(3.6 * len(lengths), 3.2), squeeze=False)
-    # A registry cell keeps its colour across plots; other names (a variant such as
-    # "lru r_min=0.99") are drawn in black and greys.
+    # A registry cell keeps its colour across plots; a labelled variant of one ("lru r_min=0.99",
+    # see comparison_table's labels) is drawn in a darker shade of its cell's colour (the first
+    # variant 45 % black, the next 75 %); any other name in black and greys.
     palette = matplotlib.colormaps["tab20"]
     extras = [n for n in names if n not in registry.NAMES]
     for r in results:
         ax = axes[0, lengths.index(r["T"])]
         curves = np.asarray(r["test_loss"][-1])
         steps = np.arange(curves.shape[1]) * r.get("eval_every", eval_every)
-        if r["cell"] in registry.NAMES:
-            colour = palette(registry.NAMES.index(r["cell"]) % 20 / 20 + 0.025)
+        base = r["cell"].split(" ")[0]
+        if base in registry.NAMES:
+            colour = np.asarray(palette(registry.NAMES.index(base) % 20 / 20 + 0.025)[:3])
+            if r["cell"] != base:
+                variants = [n for n in extras if n.split(" ")[0] == base]
+                colour = colour * (0.55, 0.25)[variants.index(r["cell"]) % 2]
+            colour = tuple(colour)
         else:
             colour = str(0.45 * (extras.index(r["cell"]) % 3) / 2)  # grey levels 0, 0.22, 0.45
         ax.plot(steps, np.median(curves, axis=0), color=colour, lw=1.1, label=r["cell"])
