@@ -120,6 +120,8 @@ def _damaged(directory: str, step: int, why: str) -> DamagedCheckpointError:
 
 
 _ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__))
+# How tensorstore ends the text of every error it raises (orbax is its only user here).
+_TENSORSTORE_SPEC = "[tensorstore_spec="
 
 
 def _is_orbax_orphan(unraisable) -> bool:
@@ -166,13 +168,17 @@ def _silence_orbax_orphans():
 def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
     """False (drop) for asyncio's report of an orbax task or future whose exception nobody
     retrieved: a Task names orbax's coroutine in the message, a ``_GatheringFuture`` only in
-    the traceback of its exception."""
+    the traceback of its exception, and a plain ``Future`` that tensorstore failed (a sibling
+    read of a damaged step) only in its error's text, tensorstore's ``[tensorstore_spec=...]``:
+    its traceback is empty, set from C++."""
     message = record.getMessage()
     if "exception was never retrieved" not in message:
         return True
     if _ORBAX_DIR in message:
         return False
     error = record.exc_info[1] if record.exc_info else None
+    if _TENSORSTORE_SPEC in message or (error is not None and _TENSORSTORE_SPEC in str(error)):
+        return False
     frames = traceback.extract_tb(error.__traceback__) if error is not None else []
     return not any(f.filename.startswith(_ORBAX_DIR) for f in frames)
 

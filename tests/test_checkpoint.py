@@ -423,6 +423,26 @@ def test_asyncio_reports_of_orbax_tasks_are_dropped_and_others_kept():
     assert checkpoint._drop_orbax_task_errors(record("Task exception was never retrieved: mine"))
 
 
+def test_asyncio_reports_of_tensorstore_futures_are_dropped_and_others_kept():
+    """A plain Future that tensorstore failed (a sibling read of a damaged step, CI printed one
+    after the one-line error) has no traceback: its error's tensorstore spec is what names it."""
+    import logging
+
+    def record(error):
+        message = (
+            f"Future exception was never retrieved\nfuture: <Future finished exception={error!r}>"
+        )
+        info = (type(error), error, None)
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, info)
+
+    tensorstore = ValueError(
+        'DATA_LOSS: Error opening "zarr" driver: CRC-32C checksum verification failed '
+        '[tensorstore_spec=\'{"driver":"zarr"}\']'
+    )
+    assert not checkpoint._drop_orbax_task_errors(record(tensorstore))
+    assert checkpoint._drop_orbax_task_errors(record(ValueError("DATA_LOSS: mine")))
+
+
 def test_asyncio_reports_of_orbax_gathering_futures_are_dropped_and_others_kept():
     """A ``_GatheringFuture`` names no coroutine: orbax is only in its exception's traceback."""
     import logging
