@@ -1,8 +1,10 @@
 """What every benchmark script shares: the pinned, single-threaded environment of the children
-it times, and the machine it names in its results."""
+it times, the machine it names in its results, and the text it reads."""
 
 import os
 import sys
+
+from rnn_jax import data
 
 # XLA's CPU backend single-threaded: with `taskset -c 0`, every contender on one core alone.
 XLA_SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false"
@@ -33,3 +35,21 @@ def cpu_name() -> str:
     except OSError:
         pass
     return "unknown CPU"
+
+
+def read_text(text: str | None, min_length: int = 2) -> str:
+    """The text a benchmark trains on: the file ``text`` read with the tutorial's cleaning, or
+    (None) the alice corpus as the recipe reads it (:func:`rnn_jax.data.read_corpus`)."""
+    if text is None:
+        return data.read_corpus("alice")
+    return data.load_text(text, min_length=min_length)
+
+
+def text_args(text: str | None) -> list[str]:
+    """The flags that give a child experiment or benchmark the same text."""
+    return [] if text is None else [f"--text={text}"]
+
+
+def text_name(text: str | None) -> str:
+    """The text as a results page names it."""
+    return text or "the alice corpus (rnn_jax.data.CORPORA, the book alone, tutorial cleaning)"

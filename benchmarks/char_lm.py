@@ -45,13 +45,21 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks._common import XLA_SINGLE_THREAD, cpu_name, pinned_env, pinned_module
+from benchmarks._common import (
+    XLA_SINGLE_THREAD,
+    cpu_name,
+    pinned_env,
+    pinned_module,
+    read_text,
+    text_args,
+    text_name,
+)
 from experiments import char_lm
 from rnn_jax import data, train
 from rnn_jax.sample import make_sampler
 
 _TEXT = flags.DEFINE_string(
-    "text", None, "Corpus (default: the shipped Alice, rnn_jax.data.alice_path())."
+    "text", None, "Text file (default: the alice corpus, read as the recipe reads it)."
 )
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 40-batch epochs, 2 rounds, no Keras.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds.", lower_bound=1)
@@ -86,10 +94,6 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def _text_path() -> str:
-    return _TEXT.value or data.alice_path()
-
-
 class Timings:
     """Wall and CPU seconds per contender, appended round by round."""
 
@@ -120,7 +124,7 @@ class KerasWorker:
             "-m",
             "benchmarks.keras_reference",
             "--worker",
-            f"--text={text_path}",
+            *text_args(text_path),
         ]
         self.proc = subprocess.Popen(
             cmd,
@@ -201,7 +205,7 @@ def _whole_run(text_path):
             # Cold, as a first run is: no persistent compilation cache (benchmarks/startup.py
             # times what a warm one saves).
             # The tutorial trains on the whole text, as the Keras contender does: nothing held out.
-            f"sys.argv = ['char_lm', '--workdir={workdir}', '--text={text_path}', "
+            f"sys.argv = ['char_lm', '--workdir={workdir}', *{text_args(text_path)!r}, "
             "'--compilation_cache=none', '--val_fraction=0']\n"
             "runpy.run_module('experiments.char_lm', run_name='__main__')\n"
         )
@@ -229,7 +233,7 @@ def _whole_run(text_path):
 def _keras_full_run(text_path):
     tic = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.keras_reference", f"--text={text_path}"],
+        [sys.executable, "-m", "benchmarks.keras_reference", *text_args(text_path)],
         cwd=_ROOT,
         env=pinned_env(KERAS_BACKEND="jax"),
         check=True,
@@ -258,9 +262,9 @@ def _fmt(seconds, unit="s"):
 def run(argv_for_record):
     quick = _QUICK.value
     repeats = 2 if quick else _REPEATS.value
-    text_path = _text_path()
+    text_path = _TEXT.value
     load_before = os.getloadavg()
-    text = data.load_text(text_path, min_length=_CONFIG.seq_len + 1)
+    text = read_text(text_path, min_length=_CONFIG.seq_len + 1)
     vocab = data.Vocabulary.from_text(text)
     windows = data.make_windows(vocab.encode(text), _CONFIG.seq_len, _CONFIG.step)
     total_examples = int(windows.starts.shape[0])
@@ -349,7 +353,8 @@ def run(argv_for_record):
             else "(not pinned: --nopin; every core, multi-threaded XLA.)"
         ),
         f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}. Machine: {_machine()}.",
-        f"Corpus: {text_path} ({len(text)} characters after cleanup, vocabulary {vocab.size}, "
+        f"Corpus: {text_name(text_path)} ({len(text)} characters after cleanup, "
+        f"vocabulary {vocab.size}, "
         f"{num_examples} examples per epoch). Rounds: {repeats}, interleaved; min and median.",
         f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in load_before)}, after "
         f"{tuple(round(x, 2) for x in load_after)}: the machine is shared, so wall times carry "

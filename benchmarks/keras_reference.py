@@ -26,10 +26,11 @@ import keras  # after KERAS_BACKEND: the backend is chosen at import
 import numpy as np
 from absl import app, flags
 
+from benchmarks._common import read_text
 from rnn_jax import data
 
 _TEXT = flags.DEFINE_string(
-    "text", None, "Text file (default: the shipped Alice, rnn_jax.data.alice_path())."
+    "text", None, "Text file (default: the alice corpus, read as the recipe reads it)."
 )
 _CELL = flags.DEFINE_enum("cell", "simple_rnn", ["simple_rnn", "lstm", "gru"], "Keras layer.")
 _ITERATIONS = flags.DEFINE_integer("iterations", 25, "Fit-then-generate iterations.", lower_bound=1)
@@ -102,7 +103,7 @@ def main(argv):
     if keras.backend.backend() != "jax":
         sys.exit(f"error: Keras runs on {keras.backend.backend()!r}; set KERAS_BACKEND=jax")
     tic = time.perf_counter()
-    text = data.load_text(_TEXT.value or data.alice_path(), min_length=SEQ_LEN + 1)
+    text = read_text(_TEXT.value, min_length=SEQ_LEN + 1)
     x, y, vocab = one_hot_windows(text)
     keras.utils.set_random_seed(_SEED.value)
     model = build_model(_CELL.value, vocab.size)

@@ -4,11 +4,13 @@ Run: python -m experiments.char_lm --workdir=runs/char_lm
 Defaults are the tutorial's recipe (DESIGN.md §1-2): SimpleRNN(128) over 10-char windows (step
 1), Dense + softmax, categorical cross-entropy, RMSprop (Keras 3 defaults), batch 128, 25
 iterations of one epoch, 100 greedy characters after each; the last 5% of the text is held out
-and scored as bits per character after each iteration (--val_fraction). On this 2-core CPU:
-1-2 s per epoch and 40-70 s for the whole run; at iteration 25 the training loss is 1.3792
-(1.99 bits/char) and the held-out 2.35 bits/char. With --val_fraction=0 (the whole text, as
-the tutorial) the training loss at iteration 25 is 1.3759 (1.985 bits/char), greedy sample "t
-this, but she had not done the room and she said to herself, ...".
+and scored as bits per character after each iteration (--val_fraction). The text is the alice
+corpus (rnn_jax.data.CORPORA: obtained once from the package index, checked by sha256; the book
+alone, cleaned as the tutorial does); --corpus, --text and --cleaning read others. On this
+2-core CPU: about 1.6 s per epoch and 45-75 s for the whole run; at iteration 25 the training
+loss is 1.3628 (1.97 bits/char) and the held-out 2.31 bits/char. With --val_fraction=0 (the
+whole text, as the tutorial) the training loss at iteration 25 is 1.3630 (1.966 bits/char),
+greedy sample "ne: 'tell her hand and some of the mock turtle some of the mock turtle ...".
 --mode=stateful trains as char-rnn and Keras stateful=True do (DESIGN.md §7, docs/stateful.md):
 --batch_size contiguous streams read in --bptt windows in order, the carry passed on, any cell
 and --layers; held-out characters are scored in both modes alike.
@@ -58,6 +60,8 @@ _NOT_RESUMED = frozenset(
         "num_devices",
         "compute_dtype",
         "text",
+        "corpus",
+        "cleaning",
         "steps_per_call",
         "checkpoint_every",
         "progress_seconds",
@@ -71,8 +75,21 @@ class Config:
 
     text: str | None = cli.field(
         None,
-        "Text file to train on (unset: the shipped Alice, rnn_jax.data.alice_path()).",
+        "Text file to train on (unset: the corpus). With corpus set, a copy of that corpus, "
+        "checked by sha256.",
         check=cli.optional(cli.non_empty),
+    )
+    corpus: str | None = cli.field(
+        None,
+        "Named corpus (rnn_jax.data.CORPORA), obtained once and checked by sha256 (unset: alice "
+        "when no text is given).",
+        choices=tuple(data_lib.CORPORA),
+    )
+    cleaning: str | None = cli.field(
+        None,
+        "How the text is read: tutorial (lower-cased ASCII, lines joined), cased, none (every "
+        "character as it is); unset: the corpus's own, or tutorial for a text file.",
+        choices=data_lib.CLEANINGS,
     )
     mode: str = cli.field(
         "windowed",
@@ -117,19 +134,20 @@ class Config:
     )
     clip_norm: float | None = cli.clip_norm()
     seed: int = cli.field(0, "PRNG seed (init, shuffles, generation seeds).")
-    val_fraction: float = cli.field(
-        0.05,
-        "Held-out tail of the text, for held-out bits per char, the same in both modes "
-        "(0: train on all of it, as the tutorial does).",
-        check=cli.fraction,
+    val_fraction: float | None = cli.field(
+        None,
+        "Held-out tail of the text, for held-out bits per char, the same in both modes (0: train "
+        "on all of it, as the tutorial does; unset: the corpus's own, alice 0.05, "
+        "tiny_shakespeare 0.1 as nanoGPT; 0.05 for a text file).",
+        check=cli.optional(cli.fraction),
     )
     temperature: float = cli.field(
         0.0, "0: greedy (the tutorial); > 0: sample.", check=cli.non_negative
     )
     seed_text: str | None = cli.field(
         None,
-        "Generate from this text's last seq_len characters, lower-cased as the corpus is "
-        "(unset: a random training window).",
+        "Generate from this text's last seq_len characters, lower-cased where the cleaning "
+        "lower-cases the corpus (unset: a random training window).",
     )
     unroll: int = cli.field(
         0,
@@ -179,6 +197,26 @@ class Config:
                 f"least seq_len={self.seq_len}"
             )
 
+    def source(self) -> data_lib.Corpus | None:
+        """The named corpus the text is (None: a text file of the user's)."""
+        if self.corpus is None and self.text is not None:
+            return None
+        return data_lib.CORPORA[self.corpus or data_lib.DEFAULT_CORPUS]
+
+    def text_cleaning(self) -> str:
+        """``cleaning``, or the corpus's own (the tutorial's for a text file)."""
+        if self.cleaning is not None:
+            return self.cleaning
+        source = self.source()
+        return "tutorial" if source is None else source.cleaning
+
+    def held_out_fraction(self) -> float:
+        """``val_fraction``, or the corpus's own (0.05 for a text file)."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        source = self.source()
+        return 0.05 if source is None else source.val_fraction
+
     def resume_key(self) -> dict:
         """The fields a resumed run must share with the checkpoint.
 
@@ -189,6 +227,7 @@ class Config:
         layer), where they play no part: its checkpoints from before they existed resume.
         """
         key = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_RESUMED}
+        key["val_fraction"] = self.held_out_fraction()
         if self.mode == "windowed":
             del key["mode"], key["bptt"], key["dropout"]
         elif self.dropout == 0:
@@ -330,16 +369,24 @@ def zero_carry(model: Model, params, batch_size: int):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _load(config: Config) -> tuple[str, str]:
-    """``(path, cleaned text)``; errors name ``text=`` (and ``seq_len=`` for a short text)."""
-    path = data_lib.alice_path() if config.text is None else config.text
-    text = data_lib.load_text(path, name="text")
+def load_config_text(config: Config, log: Callable[[str], None] = print) -> str:
+    """The text ``config`` trains on: its named corpus (obtained once and checked by sha256,
+    :func:`rnn_jax.data.read_corpus`) or its text file, read with its cleaning. Errors name
+    ``text=`` (and ``seq_len=`` for a short text)."""
+    source, cleaning = config.source(), config.text_cleaning()
+    if source is None:
+        text = data_lib.load_text(config.text, name="text", cleaning=cleaning)
+    else:
+        try:
+            text = data_lib.read_corpus(source, cleaning, path=config.text, log=log)
+        except data_lib.TextError as e:
+            raise data_lib.TextError(str(e).replace("path=", "text=")) from None
     if len(text) < config.seq_len + 1:
         raise data_lib.TextError(
-            f"text={path!r} has {len(text)} characters after cleaning, fewer than "
-            f"seq_len={config.seq_len} + 1; pass a longer text or a shorter seq_len"
+            f"text={config.text or source.name!r} has {len(text)} characters after cleaning, "
+            f"fewer than seq_len={config.seq_len} + 1; pass a longer text or a shorter seq_len"
         )
-    return path, text
+    return text
 
 
 class _Mode(NamedTuple):
@@ -455,17 +502,21 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
     if jax.process_index() != 0:
         out = lambda *_: None
     mesh = parallel.make_mesh(config.num_devices) if config.num_devices != 1 else None
-    _, text = _load(config)
+    text = load_config_text(config, out)
     vocab = data_lib.Vocabulary.from_text(text)
     tokens = vocab.encode(text)
     seed_tokens = None
     if config.seed_text is not None:
-        seed_text = config.seed_text.lower()  # the corpus is lower-cased (DESIGN.md §1)
+        seed_text = config.seed_text
+        if config.text_cleaning() == "tutorial":  # the corpus is lower-cased (DESIGN.md §1)
+            seed_text = seed_text.lower()
         try:  # fail before training, not after the first iteration
             seed_tokens = vocab.encode(seed_text)
         except ValueError as e:
             raise ValueError(f"seed_text={config.seed_text!r}: {e}") from e
-    train_tokens, val_tokens = data_lib.split_tokens(tokens, config.val_fraction, config.seq_len)
+    train_tokens, val_tokens = data_lib.split_tokens(
+        tokens, config.held_out_fraction(), config.seq_len
+    )
 
     cell, model = make_model(config, vocab.size)
     optimizer = train.rmsprop(
@@ -520,7 +571,7 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
     text_id = {
         "length": len(text),
         "vocabulary": vocab.chars,
-        "sha256": hashlib.sha256(text.encode("ascii")).hexdigest(),
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
     }
     meta = {"config": {**config.resume_key(), "text": text_id}, "vocabulary": vocab.chars}
     try:

@@ -134,7 +134,7 @@ def validate(config) -> None:
         if problem:
             raise ValueError(f"{f.name}={value!r} {problem}")
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
-        if choices is not None:
+        if choices is not None and value is not None:
             bad = [v for v in (value if isinstance(value, tuple) else (value,)) if v not in choices]
             if bad:
                 raise ValueError(f"{f.name}={value!r}: {bad[0]!r} is not one of {list(choices)}")

@@ -35,9 +35,9 @@ from experiments import cli
 from rnn_jax import synthetic
 from rnn_jax.cells import CELLS
 from rnn_jax.data import (
-    alice_path,
-    load_cased_text,
+    load_text,
     make_windows,
+    read_corpus,
     rule_truecasing,
     tile_windows,
     truecasing_split,
@@ -154,7 +154,7 @@ class Config:
         0.1, "synced: the held-out tail of the text.", check=_open_unit_interval
     )
     text: str | None = cli.field(
-        None, "synced: a cased plain text to truecase (unset: the shipped Alice corpus)."
+        None, "synced: a cased plain text to truecase (unset: the alice corpus, read cased)."
     )
 
     def __post_init__(self):
@@ -383,8 +383,8 @@ def upper_f1(pred: np.ndarray, gold: np.ndarray) -> tuple[float, float, float]:
 
 def _cased_text(config: Config) -> str:
     if config.text is None:
-        return load_cased_text(alice_path())
-    return load_cased_text(config.text, name="text")
+        return read_corpus("alice", "cased")
+    return load_text(config.text, name="text", cleaning="cased")
 
 
 def synced_task(config: Config) -> TopologyTask:

@@ -27,16 +27,19 @@ from rnn_jax.checkpoint import (
 )
 from rnn_jax.convert import from_torch, to_torch
 from rnn_jax.data import (
+    CORPORA,
+    Corpus,
     Streams,
     TextError,
     Vocabulary,
     Windows,
-    alice_path,
     clean_text,
+    corpus_path,
     get_window_batch,
     load_text,
     make_streams,
     make_windows,
+    read_corpus,
     stream_batch,
 )
 from rnn_jax.gradients import (

