@@ -12,7 +12,7 @@ in one process and interleaved round by round; each number is the min and the me
 spent on other processes).
 
 - Epoch: one steady-state shuffled epoch of the default recipe (Alice, seq_len 10, step 1, 128
-  units, batch 128, RMSprop) for each cell, compiled once by ``rnn_jax.train.make_train_steps``
+  units, batch 128, RMSprop) for each cell, compiled once by ``rnn_jax.train.make_trainer``
   over a ``shuffled_epoch``, from integer tokens (the row gather); the tutorial's one-hot float
   input path (``onehot(x) @ W``, built per batch on device) for comparison; and Keras 3 (JAX
   backend, ``model.fit``, one epoch, batch 128) in a worker process.
@@ -56,6 +56,7 @@ from benchmarks._common import (
 )
 from experiments import char_lm
 from rnn_jax import data, train
+from rnn_jax.batches import shuffled_epoch
 from rnn_jax.sample import make_sampler
 
 _TEXT = flags.DEFINE_string(
@@ -170,13 +171,13 @@ def _contenders(windows, vocab_size, num_batches):
                     inputs = jax.nn.one_hot(inputs, vocab_size, dtype=jnp.float32)
                 return inputs, labels
 
-            batches = train.shuffled_epoch(
+            batches = shuffled_epoch(
                 get_batch,
                 int(windows.starts.shape[0]),
                 config.batch_size,
                 num_batches=num_batches,
             )
-            epoch = train.make_train_steps(char_lm.make_loss(model), optimizer, batches)
+            epoch = train.make_trainer(char_lm.make_loss(model), optimizer, batches)
             params = model.init(jax.random.PRNGKey(config.seed))
             state = train.create_train_state(params, optimizer, jax.random.PRNGKey(1))
             out[cell_name + ("/onehot" if onehot else "")] = [epoch, state, cell_name]

@@ -16,7 +16,7 @@ benchmarks/out/gradients.json.
    full-length scan with the steps before t masked, O(T²) in all; a pass that ran only the
    suffix would halve that).
 2. The adding problem (T=50, LSTM(32), 200 Adam steps, batch 32 and 8), 8 seeds: in one
-   ``jax.vmap``-ed program (:func:`rnn_jax.train.make_task_trainer`); a Python loop calling the
+   ``jax.vmap``-ed program (:func:`rnn_jax.sweep.make_task_trainer`); a Python loop calling the
    single-seed compiled program (the whole run one ``lax.scan``) once per seed; and a Python
    loop over seeds and steps calling a jitted train step (:func:`rnn_jax.make_train_step`).
    Throughput in seed-steps per CPU second.
@@ -35,13 +35,9 @@ from absl import app, flags, logging
 
 from rnn_jax import cells, gradients
 from rnn_jax.models import dense, dense_init
+from rnn_jax.sweep import make_task_trainer
 from rnn_jax.synthetic import adding_batch, adding_problem
-from rnn_jax.train import (
-    clip_by_global_norm,
-    create_train_state,
-    make_task_trainer,
-    make_train_step,
-)
+from rnn_jax.train import clipped, create_train_state, make_train_step
 
 _T = flags.DEFINE_integer("time", 1000, "Sequence length for the probe benchmark.")
 _UNITS = flags.DEFINE_integer("units", 32, "LSTM units.")
@@ -72,10 +68,10 @@ def naive_norms(cell, params, xs, loss_fn):
                 return jax.tree.map(lambda n, o: jnp.where(s > t, n, o), new, carry), None
 
             final, _ = jax.lax.scan(body, h_t, (steps, zs))
-            return jnp.sum(loss_fn(gradients.hidden(final)))
+            return jnp.sum(loss_fn(cell.hidden(final)))
 
         grad = jax.grad(rest)(jax.tree.map(lambda c: c[t], after))
-        return gradients.norm(gradients.hidden(grad))
+        return gradients.norm(cell.hidden(grad))
 
     return jax.lax.map(norm_at, steps)
 
@@ -107,7 +103,7 @@ def probe_benchmark(length, units, repeats):
         return (dense(head, y)[:, 0] - targets) ** 2
 
     probe = jax.jit(
-        lambda p, x: gradients.hidden(gradients.carry_gradient_norms(cell, p, x, loss_fn)[1])
+        lambda p, x: cell.hidden(gradients.carry_gradient_norms(cell, p, x, loss_fn)[1])
     )
     naive = jax.jit(lambda p, x: naive_norms(cell, p, x, loss_fn))
     fast, slow = probe(params, xs), naive(params, xs)  # compile, warm up, and agree
@@ -127,7 +123,12 @@ def sweep_benchmark(seeds, steps, batch_size, repeats):
     task = adding_problem(50)
     cell = cells.lstm(32)
     model, train = make_task_trainer(
-        cell, task, num_steps=steps, eval_every=steps, batch_size=batch_size, learning_rate=1e-2
+        cell,
+        task,
+        optimizer=optax.adam(1e-2),
+        num_steps=steps,
+        eval_every=steps,
+        batch_size=batch_size,
     )
     params = jax.vmap(model.init)(jax.random.split(jax.random.PRNGKey(0), seeds))
     keys = jax.random.split(jax.random.PRNGKey(1), seeds)
@@ -141,9 +142,9 @@ def sweep_benchmark(seeds, steps, batch_size, repeats):
 
     # What a user writes without the fused trainer: a jitted step called from Python, the
     # same updates on the same batches. The trainer runs its steps as one call of
-    # rnn_jax.train.train_steps (eval_every = steps), which splits the key into (next key,
+    # rnn_jax.train.scan_updates (eval_every = steps), which splits the key into (next key,
     # plan key) and draws step i's batch from split(plan key, steps)[i].
-    optimizer = optax.chain(clip_by_global_norm(1.0), optax.adam(1e-2))
+    optimizer = clipped(optax.adam(1e-2), 1.0)
 
     def loss_fn(p, batch):
         return task.loss(model.apply(p, batch[0]), batch[1]), {}

@@ -9,11 +9,11 @@ The recurrence is minGRU's without its input product, ``h_t = (1 − σ(u_t)) �
 through :func:`rnn_jax.unroll` (a :class:`rnn_jax.LinearRecurrence` whose ``project`` passes
 ``x_t = [u_t, v_t]`` through): batch 32, 128 units, float32, T in --lengths. Both contenders
 compute the loss ``Σ_t y_t · w_t`` and its gradient with respect to the inputs
-(forward + backward) under one ``jax.jit``: ``parallel=False``, the ``lax.scan`` over time,
-and ``parallel=True``, ``jax.lax.associative_scan``. Each is compiled, warmed up and checked to
-agree with the other first. Then they run in turn, --repeats times. The table gives the min and
-median wall seconds and the ratio of the medians. A minGRU's input product ``x W`` would add the
-same time to both.
+(forward + backward) under one ``jax.jit``: ``scan=ScanType.SEQUENTIAL``, the ``lax.scan`` over
+time, and ``scan=ScanType.ASSOCIATIVE``, ``jax.lax.associative_scan``. Each is compiled, warmed
+up and checked to agree with the other first. Then they run in turn, --repeats times. The table
+gives the min and median wall seconds and the ratio of the medians. A minGRU's input product
+``x W`` would add the same time to both.
 """
 
 import datetime
@@ -56,15 +56,16 @@ def bare_min_gru(units: int) -> rnn_jax.Cell:
         project=project,
         recur=recur,
         units=units,
+        hidden=lambda carry: carry,
         activations=recur.activations,
     )
 
 
-def make_contender(cell, parallel: bool):
+def make_contender(cell, scan: rnn_jax.ScanType):
     """A jitted ``(xs, w) -> ∂L/∂xs`` for ``L = Σ_t y_t · w_t``: forward and backward."""
 
     def loss(xs, w):
-        _, ys = rnn_jax.unroll(cell, {}, xs, return_sequences=True, parallel=parallel)
+        _, ys = rnn_jax.unroll(cell, {}, xs, return_sequences=True, scan=scan)
         return jnp.sum(ys * w[None])
 
     return jax.jit(jax.grad(loss))
@@ -81,8 +82,8 @@ def run_length(cell, time_steps: int, batch: int, units: int, repeats: int) -> d
     xs = jax.random.normal(key_x, (batch, time_steps, 2 * units), jnp.float32)
     w = jax.random.normal(key_w, (time_steps, units), jnp.float32)
     contenders = {
-        "sequential": make_contender(cell, parallel=False),
-        "associative": make_contender(cell, parallel=True),
+        "sequential": make_contender(cell, rnn_jax.ScanType.SEQUENTIAL),
+        "associative": make_contender(cell, rnn_jax.ScanType.ASSOCIATIVE),
     }
     grads = {name: fn(xs, w) for name, fn in contenders.items()}  # compile, warm up, agree
     np.testing.assert_allclose(grads["associative"], grads["sequential"], rtol=1e-4, atol=1e-4)
@@ -109,8 +110,8 @@ at every T. The factor does not grow with T, as O(T) work predicts. (The sequent
 even computes its gate `σ(u_t)` inside the loop, where the associative one computes all gates in
 one vectorised pass.) The O(log T) depth pays off where most lanes sit idle during a step of a
 small recurrence and each sequential step costs a kernel launch: GPUs and TPUs. This is why
-`rnn_jax.unroll(..., parallel=None)` runs the sequential scan on CPU and the associative one
-elsewhere."""
+`rnn_jax.unroll(..., scan=ScanType.AUTO)` runs the sequential scan on CPU and the associative
+one elsewhere."""
 
 
 def main(argv):
@@ -156,10 +157,10 @@ Measured {datetime.date.today().isoformat()} with jax {jax.__version__} on
 other jobs; affinity {affinity}, XLA_FLAGS={xla_flags!r}{"" if pinned else " (NOT pinned)"};
 {elapsed:.0f} s in all.
 Forward + backward (gradient with respect to the inputs) of `h_t = (1 − σ(u_t)) ⊙ h_{{t-1}} +
-v_t` (minGRU without its input product) through `rnn_jax.unroll(..., parallel=False)` (the
-`lax.scan`) and `parallel=True` (`jax.lax.associative_scan`), batch {batch}, {units} units,
-float32; {repeats} interleaved calls each, after compilation, a warm-up and a check that both
-give the same gradient. Wall seconds.
+v_t` (minGRU without its input product) through `rnn_jax.unroll(..., scan=ScanType.SEQUENTIAL)`
+(the `lax.scan`) and `scan=ScanType.ASSOCIATIVE` (`jax.lax.associative_scan`), batch {batch},
+{units} units, float32; {repeats} interleaved calls each, after compilation, a warm-up and a
+check that both give the same gradient. Wall seconds.
 
 {table}
 

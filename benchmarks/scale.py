@@ -35,6 +35,7 @@ from absl import app, flags
 
 from experiments import char_lm
 from rnn_jax import data, train
+from rnn_jax.batches import shuffled_epoch
 
 _SIZES = flags.DEFINE_list("sizes_mb", ["0.15", "10", "100"], "Corpus sizes in MB (10**6 B).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 2000, "Batches per timed partial epoch.")
@@ -98,13 +99,13 @@ class _Run:
 
     def epoch(self, num_batches):
         """``(compiled epoch over the first num_batches batches (None: all), compile seconds)``."""
-        batches = train.shuffled_epoch(
+        batches = shuffled_epoch(
             lambda w, idx: data.get_window_batch(w, idx, _CONFIG.seq_len),
             self.examples,
             _CONFIG.batch_size,
             num_batches=num_batches,
         )
-        epoch = train.make_train_steps(self.loss_fn, self.optimizer, batches)
+        epoch = train.make_trainer(self.loss_fn, self.optimizer, batches)
         return _timed(lambda: epoch.lower(self.state, self.windows).compile())
 
     def run(self, epoch) -> float:

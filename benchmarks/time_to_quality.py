@@ -1,5 +1,5 @@
 """Time to quality: held-out bits per char against training seconds, the tutorial's recipe vs the
-stateful truncated-BPTT mode (issue 11, part 4), side by side in one run on one pinned core.
+stateful truncated-BPTT mode, side by side in one run on one pinned core.
 
 Run: .venv/bin/python -m benchmarks.time_to_quality
        (about 25-30 min on a quiet core; writes benchmarks/time_to_quality.json and

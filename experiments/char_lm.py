@@ -24,7 +24,6 @@ In process: ``run(Config(units=8, iterations=2), workdir)`` returns a :class:`Re
 import dataclasses
 import hashlib
 import math
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -35,13 +34,17 @@ import numpy as np
 from experiments import cli
 from rnn_jax import data as data_lib
 from rnn_jax import parallel, train
+from rnn_jax.batches import in_order, shuffled_epoch
 from rnn_jax.cells import Cell
 from rnn_jax.losses import accuracy, masked_accuracy, masked_cross_entropy, softmax_cross_entropy
 from rnn_jax.models import Layer, Model, language_model, recurrent, sequence_classifier, stacked
 from rnn_jax.registry import NAMES, named_cell
+from rnn_jax.rundir import open_run
 from rnn_jax.sample import make_sampler, make_stateful_sampler
 
 MODES = ("windowed", "stateful")
+# The generated samples, one per iteration, appended as they are made (never rewritten).
+SAMPLES = "samples.txt"
 
 # compute_dtype: the dot algorithm of every matrix product in the loss (forward and backward).
 # bfloat16 rounds the inputs of each product to bf16 and accumulates in float32, on the GPU/TPU
@@ -125,9 +128,9 @@ class Config:
     iterations: int = cli.field(25, "Train-then-generate iterations.", check=cli.positive)
     epochs_per_iteration: int = cli.field(1, "Epochs per iteration.", check=cli.positive)
     num_preds: int = cli.field(100, "Characters generated per iteration.", check=cli.positive)
-    learning_rate: float = cli.field(1e-3, "RMSprop learning rate.", check=cli.positive)
+    learning_rate: float = cli.field(1e-3, "RMSprop learning rate.", check=cli.positive_float32)
     rho: float = cli.field(0.9, "RMSprop decay of the squared-gradients' mean.", check=cli.fraction)
-    epsilon: float = cli.field(1e-7, "RMSprop epsilon (Keras: 1e-7).", check=cli.positive)
+    epsilon: float = cli.field(1e-7, "RMSprop epsilon (Keras: 1e-7).", check=cli.positive_float32)
     eps_in_sqrt: bool = cli.field(
         True,
         "RMSprop epsilon inside the square root (Keras 3) or outside (Keras 2, PyTorch).",
@@ -226,7 +229,7 @@ class Config:
         Nor ``mode``, ``bptt`` and ``layers`` in a run of the tutorial's shape (windowed, one
         layer), where they play no part: its checkpoints from before they existed resume.
         """
-        key = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_RESUMED}
+        key = cli.resume_key(self, _NOT_RESUMED)
         key["val_fraction"] = self.held_out_fraction()
         if self.mode == "windowed":
             del key["mode"], key["bptt"], key["dropout"]
@@ -347,13 +350,13 @@ def make_stateful_loss(model: Model, compute_dtype: str = "float32"):
     carry)``: per stream, the mean cross-entropy over the window's scored characters
     (:func:`rnn_jax.data.stream_batch` weighs each row by their count, so the update's loss
     is the mean over every scored character). A batch ``((inputs, targets, mask), key)``
-    (training with ``dropout``: :func:`rnn_jax.train.in_order` with ``with_keys``) applies
+    (training with ``dropout``: :func:`rnn_jax.batches.in_order` with ``with_keys``) applies
     the model's dropout with that key; evaluation passes none."""
     apply = _apply_in_precision(model.apply, compute_dtype)
 
     def loss_fn(params, batch, carry):
         key = None
-        if len(batch) == 2:  # in training, with a key for dropout (train.in_order(with_keys))
+        if len(batch) == 2:  # in training, with a key for dropout (in_order(with_keys))
             batch, key = batch
         inputs, targets, mask = batch
         carry, logits = apply(params, inputs, carry, key)
@@ -394,7 +397,7 @@ class _Mode(NamedTuple):
     held-out evaluation and generation."""
 
     state: train.TrainState
-    epoch: train.TrainSteps
+    epoch: train.Trainer
     data: object
     num_examples: int  # scored characters per epoch (windowed: windows)
     evaluate: Callable | None  # params -> {"loss", "accuracy"} over the held-out tail
@@ -412,17 +415,17 @@ def _windowed(config, model, loss_fn, optimizer, state, train_tokens, val_tokens
     def get_batch(w, indices):
         return data_lib.get_window_batch(w, indices, config.seq_len)
 
-    epoch = train.make_train_steps(
+    epoch = train.make_trainer(
         loss_fn,
         optimizer,
-        train.shuffled_epoch(get_batch, num_examples, config.batch_size, mesh=mesh),
+        shuffled_epoch(get_batch, num_examples, config.batch_size, mesh=mesh),
         mesh=mesh,
     )
     evaluate = None
     if val_tokens is not None:
         # Every held-out character from the seq_len-th on, from the seq_len before it.
         val_windows = data_lib.make_windows(val_tokens, config.seq_len, 1)
-        val_batches = train.shuffled_epoch(
+        val_batches = shuffled_epoch(
             get_batch, int(val_windows.starts.shape[0]), config.batch_size, shuffle=False, mesh=mesh
         )
         scores = train.make_evaluate(loss_fn, val_batches, mesh=mesh)
@@ -452,8 +455,8 @@ def _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh):
     if mesh is not None:
         streams, state = parallel.replicate((streams, state), mesh)
     get_batch = lambda s, k: data_lib.stream_batch(s, k, config.bptt)
-    batches = train.in_order(get_batch, num_windows, mesh=mesh, with_keys=config.dropout > 0)
-    epoch = train.make_train_steps(loss_fn, optimizer, batches, mesh=mesh)
+    batches = in_order(get_batch, num_windows, mesh=mesh, with_keys=config.dropout > 0)
+    epoch = train.make_trainer(loss_fn, optimizer, batches, mesh=mesh)
     evaluate = None
     if val_tokens is not None:
         # One stream over the whole tail, the carry passed across its windows; the first
@@ -464,7 +467,7 @@ def _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh):
         )
         scores = train.make_evaluate(
             loss_fn,
-            train.in_order(get_batch, val_windows),
+            in_order(get_batch, val_windows),
             carry=zero_carry(model, state.params, 1),
         )
         evaluate = lambda params: scores(params, val_streams)
@@ -573,28 +576,41 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
         "vocabulary": vocab.chars,
         "sha256": hashlib.sha256(text.encode()).hexdigest(),
     }
-    meta = {"config": {**config.resume_key(), "text": text_id}, "vocabulary": vocab.chars}
-    try:
-        state, history = train.fit(
-            mode.state,
-            mode.epoch,
-            mode.data,
-            iterations=config.iterations,
-            epochs_per_iteration=config.epochs_per_iteration,
-            workdir=workdir,
-            meta=meta,
-            on_iteration=on_iteration,
-            steps_per_call=config.steps_per_call,
-            checkpoint_every=config.checkpoint_every,
-            progress_seconds=config.progress_seconds,
-            log=out,
-        )
-    except train.NonFiniteLossError as e:
-        raise train.NonFiniteLossError(
-            f"{e} (learning_rate={config.learning_rate}, clip_norm={config.clip_norm})"
-        ) from e
-    if workdir is not None and jax.process_index() == 0:
-        _write_samples(os.path.join(workdir, "samples.txt"), history)
+    meta = {
+        "experiment": "char_lm",
+        "config": {**config.resume_key(), "text": text_id},
+        "vocabulary": vocab.chars,
+    }
+    with open_run(workdir, meta, files=(SAMPLES,), log=out) as run:
+
+        def report(iteration, state, metrics):
+            row = on_iteration(iteration, state, metrics)
+            run.append(
+                SAMPLES,
+                f"iteration {iteration}  loss {metrics['loss']:.4f}\n"
+                f"{row['seed']}|{row['generated']}\n\n",
+            )
+            return row
+
+        try:
+            state, history = train.fit(
+                mode.state,
+                mode.epoch,
+                mode.data,
+                run,
+                iterations=config.iterations,
+                epochs_per_iteration=config.epochs_per_iteration,
+                on_iteration=report,
+                steps_per_call=config.steps_per_call,
+                checkpoint_every=config.checkpoint_every,
+                progress_seconds=config.progress_seconds,
+                interrupted=cli.stop_requested,
+                log=out,
+            )
+        except train.NonFiniteLossError as e:
+            raise train.NonFiniteLossError(
+                f"{e} (learning_rate={config.learning_rate}, clip_norm={config.clip_norm})"
+            ) from e
     if history:
         last = history[-1]
         if "val_bits_per_char" in last:
@@ -605,12 +621,7 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
     return Result(state, history, vocab)
 
 
-def _write_samples(path: str, history: list[dict]) -> None:
-    with open(path, "w") as f:
-        for row in history:
-            f.write(f"iteration {row['iteration']}  loss {row['loss']:.4f}\n")
-            f.write(f"{row['seed']}|{row['generated']}\n\n")
-
-
 if __name__ == "__main__":
-    cli.main(Config, run, workdir="runs/char_lm", launch_cls=Launch, setup=setup)
+    cli.main(
+        Config, run, workdir="runs/char_lm", launch_cls=Launch, setup=setup, interruptible=True
+    )

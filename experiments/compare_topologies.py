@@ -11,7 +11,7 @@ import os
 
 from experiments import cli
 from experiments.topologies import METRICS, plot_runs
-from rnn_jax.train import read_history
+from rnn_jax.rundir import read_history
 
 
 def _non_empty(values) -> str | None:
@@ -37,12 +37,19 @@ def run(config: Config, workdir: str, out=print) -> str:
     """Plots ``config.runs`` (their ``metrics.jsonl``) together; returns the figure's path.
 
     Raises:
-      ValueError: a run has no metrics, or the runs are of different topologies.
+      ValueError: a run has no metrics or is not a topologies run, or the runs are of
+        different topologies.
     """
     histories = [read_history(d) for d in config.runs]
     missing = [d for d, rows in zip(config.runs, histories) if not rows]
     if missing:
         raise ValueError(f"runs={','.join(config.runs)}: no metrics.jsonl in {missing}")
+    others = [d for d, rows in zip(config.runs, histories) if "topology" not in rows[-1]]
+    if others:
+        raise ValueError(
+            f"runs={','.join(config.runs)}: {others[0]!r} is not a run of experiments.topologies "
+            "(its metrics name no topology); pass the workdirs of topologies runs"
+        )
     topologies = sorted({rows[-1]["topology"] for rows in histories})
     if len(topologies) > 1:
         raise ValueError(f"runs={','.join(config.runs)} mix the topologies {topologies}")

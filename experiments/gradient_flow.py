@@ -11,7 +11,8 @@ the cell names its units: the relu IRNN has neither, shown as ``-``); at initial
 again after --train_steps steps of Adam (lr 1e-2, --clip_norm 1.0; unset: no clipping) on the
 adding problem of that T. Configurations that differ only in their initialisation (the four
 SimpleRNN gains; LSTM forget bias 1 and 0) train and are probed together: one compiled program,
-vmapped over configurations × seeds. Reported: median over seeds and the 10-90 % spread.
+vmapped over configurations × seeds. Reported: median over seeds and the spread between the
+10th and 90th percentiles.
 
 Any name of ``rnn_jax.registry`` is a configuration too (its default initialisation, built by
 ``registry.named_cell(name, units, T)``; a group of its own). With --trained_from=WORKDIR, a
@@ -19,7 +20,7 @@ workdir of ``experiments.long_range`` on the adding or the copy task, nothing tr
 probes take the sweep's own models (its initial params, rebuilt from its config, and its trained
 params of the clipped runs, its seeds) at each T, and the table its test losses and pre-clip
 gradient norms. For LRU, whose carry is the real and imaginary halves of a complex state,
-``‖∂L/∂h_t‖`` is the norm over both halves (``rnn_jax.gradients.hidden`` of the per-part norms).
+``‖∂L/∂h_t‖`` is the norm over both halves (``cell.hidden`` of the per-part norms).
 
 A copy sweep (``rnn_jax.synthetic.copy_task(delay)``, --lengths its delays, as long_range's):
 T in the table is the delay, the probed sequences are copy sequences of ``delay + 2·10`` steps
@@ -35,7 +36,7 @@ Writes ``results.json`` (per-config median/spread curves), ``results.csv`` (the 
 ``grad_norms.png`` and ``jacobians.png`` to --workdir.
 
 Measured here (2 CPU cores shared with other jobs): 4.3 min wall (2.1 min of CPU); table and
-plots in docs/gradients.md. (Measured with the trainer as it was before issue 8; its batches now
+plots in docs/gradients.md. (Measured with an earlier version of the trainer; its batches now
 come from another split of the key, so the trained rows of a rerun differ slightly.) At
 initialisation, over T = 200, log10 ‖∂L/∂h_0‖/‖∂L/∂h_{T-1}‖ is about -6 for SimpleRNN (gain
 1), -15 for LSTM (forget bias 1), -42 (forget bias 0), -39 for GRU: with Keras initialisers the
@@ -56,13 +57,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments import cli, long_range
 from rnn_jax import cells, gradients, registry
 from rnn_jax.losses import sequence_cross_entropy
 from rnn_jax.models import dense, sequence_classifier
+from rnn_jax.rundir import open_run
+from rnn_jax.sweep import make_task_trainer
 from rnn_jax.synthetic import TASKS
-from rnn_jax.train import make_task_trainer
 
 # name -> (cell, structural kwargs, initialisation kwargs). Configs with the same cell and
 # structural kwargs run the same functions on differently initialised params: one program.
@@ -290,7 +293,7 @@ def _probe(cell, params, xs, targets, jacobian_batch, recall):
     tiny = jnp.finfo(losses.dtype).tiny  # xs may be integer tokens (copy)
     out = {"loss": jnp.mean(losses)}
     # Exact zeros (dead relu units) are floored at the smallest normal float64.
-    out["log10_grad_h"] = jnp.median(jnp.log10(jnp.maximum(gradients.hidden(norms), tiny)), axis=0)
+    out["log10_grad_h"] = jnp.median(jnp.log10(jnp.maximum(cell.hidden(norms), tiny)), axis=0)
     if isinstance(norms, cells.LSTMCarry):
         out["log10_grad_c"] = jnp.median(jnp.log10(jnp.maximum(norms.c, tiny)), axis=0)
     jac = gradients.jacobian_norms(cell, params["rnn"], xs[:jacobian_batch])
@@ -502,7 +505,12 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
       loss under ``TEST_LOSS_COLUMN[task]``.
     """
     task_name = sweep_task(config)
-    os.makedirs(workdir, exist_ok=True)
+    meta = {"experiment": "gradient_flow", "config": cli.resume_key(config, ())}
+    with open_run(workdir, meta, checkpoints=False, files=("results.json", "results.csv")) as run:
+        return _probe_all(config, task_name, workdir, run, out)
+
+
+def _probe_all(config: Config, task_name: str, workdir: str, run, out) -> list[dict]:
     if task_name == "copy":
         _, recall = probed_task(task_name, config.lengths[0])
         out(
@@ -557,10 +565,10 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
                 _, train = make_task_trainer(
                     cell,
                     task,
+                    optimizer=optax.adam(config.learning_rate),
                     num_steps=config.train_steps,
                     eval_every=config.train_steps,
                     batch_size=config.batch_size,
-                    learning_rate=config.learning_rate,
                 )
                 keys = jnp.tile(jax.random.split(k_train, seeds), (len(members), 1))
                 trained, c = jax.jit(jax.vmap(train, in_axes=(0, 0, None, None, None)))(
@@ -590,8 +598,9 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
     }
     rows.sort(key=lambda r: order[(r["config"], r["T"], r["phase"])])
     out(format_table(rows, task_name))
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(
+    run.write(
+        "results.json",
+        json.dumps(
             {
                 "config": dataclasses.asdict(config),
                 "rows": rows,
@@ -605,9 +614,9 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
                     }
                     for (n, t, p), c in curves.items()
                 ],
-            },
-            f,
-        )
+            }
+        ).encode(),
+    )
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, [n for n, _ in columns(task_name)])
         writer.writeheader()

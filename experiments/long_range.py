@@ -15,9 +15,9 @@ baseline for 2000 steps in 7 of 8 runs), a fresh batch of 32 per step, 32 units,
 fixed test set of 512 sequences.
 
 --lr_factors=nu_log=0.5,theta_log=0.5 trains the named parameters at that fraction of the
-learning rate (the LRU paper's recipe for ``ν, θ``; ``rnn_jax.train.make_task_trainer``'s
-``lr_factors``), in the cells that have them; --lru_r_min moves LRU's ring of initial moduli
-(:func:`build_cell`). Neither changes any other cell.
+learning rate (the LRU paper's recipe for ``ν, θ``; an ``optax.multi_transform`` over the
+parameters' names, :func:`make_optimizer`), in the cells that have them; --lru_r_min moves
+LRU's ring of initial moduli (:func:`build_cell`). Neither changes any other cell.
 
 With --budget_s every (cell, T) trains for about that many seconds instead of --steps steps
 (at most --steps): each cell's time per step is measured once, on --calibration_steps steps at
@@ -33,14 +33,14 @@ with --save_grad_norms every step's pre-clip norm; rewritten after every (cell, 
 :func:`load_params`), to --workdir.
 
 Measured here (2 CPU cores shared with other jobs; tables and plots in docs/gradients.md), with
-the trainer as it was before issue 8 (its batches now come from another split of the key, so a
+an earlier version of the trainer (its batches now come from another split of the key, so a
 rerun gives slightly different numbers):
 - adding: 12 min wall (4.5 min of CPU). GRU solves every T up to 200 (4/4 seeds, test MSE
   < 0.05 by step 100-400, final ~2e-4); LSTM solves T = 10 and 50, T = 100 only with clipping
   (4/4 vs 0/4), not T = 200; SimpleRNN only T = 10. Baseline 1/6.
 - copy, T = 10 and 50: 3.6 min wall (1.7 min of CPU). Nothing solved in 1000 steps; GRU ends
   ~10-17 % below the memoryless baseline (T = 50: 0.248 vs 0.297), SimpleRNN on it.
-The comparison of every registry cell at T = 100-1000 (issue 10: a ~25 s budget per (cell, T),
+The comparison of every registry cell at T = 100-1000 (a ~25 s budget per (cell, T),
 then 3000-4000 equal steps for the promising cells at T = 500 and 1000) is in
 docs/gradients.md, "Who carries memory how far"; :func:`comparison_table` and
 :func:`plot_merged` merge the sweeps' workdirs.
@@ -56,12 +56,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments import cli
 from rnn_jax import registry
 from rnn_jax.linear import lru
+from rnn_jax.rundir import open_run
+from rnn_jax.sweep import make_task_trainer
 from rnn_jax.synthetic import TASKS
-from rnn_jax.train import make_task_trainer
+from rnn_jax.train import rmsprop
 
 # rnn_jax.linear.lru's default largest initial modulus.
 _LRU_R_MAX = 0.999
@@ -110,16 +113,51 @@ def _factor_problem(values) -> str | None:
     return None if bad is None else f"{_FACTOR_FORM}: {bad!r} is not"
 
 
+def _name(path) -> str | None:
+    """A parameter's name: the last key of its pytree path."""
+    return getattr(path[-1], "key", None)
+
+
 def param_names(cell, input_dim: int) -> set[str]:
     """The names (last path keys) of ``cell``'s parameters, from their shapes alone."""
     shapes = jax.eval_shape(lambda key: cell.init(key, input_dim), jax.random.PRNGKey(0))
-    return {getattr(p[-1], "key", None) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    return {_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
 
 
 def cell_lr_factors(config, cell, input_dim: int) -> dict[str, float]:
     """The config's learning-rate factors for the parameters ``cell`` has."""
     names = param_names(cell, input_dim)
     return {k: v for k, v in parse_lr_factors(config.lr_factors).items() if k in names}
+
+
+def make_optimizer(
+    name: str, learning_rate: float, lr_factors: dict[str, float] | None = None
+) -> optax.GradientTransformation:
+    """The sweep's optimiser: ``"adam"`` (``optax.adam``, default betas) or ``"rmsprop"`` (the
+    Keras 3 defaults of :func:`rnn_jax.train.rmsprop`) at ``learning_rate``.
+
+    ``lr_factors``: ``{param name: factor}``: every parameter whose name (the last key of its
+    path, e.g. ``"nu_log"``) is listed learns at ``factor × learning_rate``, its optimiser
+    update scaled by ``factor`` (with Adam exactly a smaller learning rate); the rest at
+    ``learning_rate``. An ``optax.multi_transform`` labels each parameter with its factor.
+    """
+    if name not in ("adam", "rmsprop"):
+        raise ValueError(f"optimizer={name!r} must be 'adam' or 'rmsprop'")
+    base = optax.adam(learning_rate) if name == "adam" else rmsprop(learning_rate)
+    factors = dict(lr_factors or {})
+    if not factors:
+        return base
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: repr(factors.get(_name(path), 1.0)), params
+        )
+
+    scaled = {
+        repr(f): base if f == 1.0 else optax.chain(base, optax.scale(f))
+        for f in {*factors.values(), 1.0}
+    }
+    return optax.multi_transform(scaled, labels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,19 +259,20 @@ def prepare(task, cell, config: Config, steps: int | None = None, eval_every: in
     ``steps`` and ``eval_every`` default to the config's.
 
     Returns:
-      ``(model, train, params, keys, test)``: :func:`rnn_jax.train.make_task_trainer`'s model
+      ``(model, train, params, keys, test)``: :func:`rnn_jax.sweep.make_task_trainer`'s model
       and pure ``train``, the initial params and the batch keys of every seed (leading axis
       ``seeds``) and the fixed test set ``(xs, targets)``.
     """
+    optimizer = make_optimizer(
+        config.optimizer, config.learning_rate, cell_lr_factors(config, cell, task.input_dim)
+    )
     model, train = make_task_trainer(
         cell,
         task,
+        optimizer=optimizer,
         num_steps=config.steps if steps is None else steps,
         eval_every=config.eval_every if eval_every is None else eval_every,
         batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        optimizer=config.optimizer,
-        lr_factors=cell_lr_factors(config, cell, task.input_dim),
     )
     k_init, k_data, k_test = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     params = jax.vmap(model.init)(jax.random.split(k_init, config.seeds))
@@ -256,7 +295,7 @@ def train_seeds(task, cell, config: Config, steps: int | None = None, timings=No
 
     Returns:
       ``(params, curves)`` with leading axes ``(len(config.clip_norms()), seeds)``:
-      :class:`rnn_jax.train.TrainCurves`.
+      :class:`rnn_jax.sweep.TrainCurves`.
     """
     _, train, params, keys, (test_xs, test_targets) = prepare(task, cell, config, steps)
     # The trainer's clip_norm is an array, inf for no clipping.
@@ -586,11 +625,18 @@ def comparison_table(workdirs, seconds: bool = False, labels: dict[str, str] | N
 
 def run(config: Config, workdir: str, out=print) -> list[dict]:
     """Trains every (cell, T); prints the table; writes results.json, results.csv, a PNG and
-    every (cell, T)'s trained params (:func:`params_path`).
+    every (cell, T)'s trained params (:func:`params_path`). A workdir that holds another
+    experiment's or configuration's results is refused (:func:`rnn_jax.rundir.open_run`).
 
     Returns:
       The table's rows, one per (T, cell, clip setting), in that order.
     """
+    meta = {"experiment": "long_range", "config": cli.resume_key(config, ())}
+    with open_run(workdir, meta, checkpoints=False, files=("results.json", "results.csv")) as run:
+        return _sweep(config, workdir, run, out)
+
+
+def _sweep(config: Config, workdir: str, run, out) -> list[dict]:
     os.makedirs(os.path.join(workdir, "params"), exist_ok=True)
     clip_norms = config.clip_norms()
     longest = TASKS[config.task](max(config.lengths))
@@ -641,8 +687,8 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
                 }
             )
             # Written after every (cell, T): a long sweep can be read while it runs.
-            with open(os.path.join(workdir, "results.json"), "w") as f:
-                json.dump({"config": dataclasses.asdict(config), "results": results}, f)
+            record = {"config": dataclasses.asdict(config), "results": results}
+            run.write("results.json", json.dumps(record).encode())
     out(format_table(rows))
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, [name for name, _ in _COLUMNS])

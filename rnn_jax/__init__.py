@@ -1,5 +1,6 @@
 """rnn_jax: SimpleRNN, LSTM and GRU as pure JAX functions, the Keras char-RNN tutorial, BPTT."""
 
+from rnn_jax.batches import Batches, generated, in_order, shuffled_epoch, with_replacement
 from rnn_jax.cells import (
     CELLS,
     Activations,
@@ -19,6 +20,7 @@ from rnn_jax.cells import (
 )
 from rnn_jax.checkpoint import (
     CheckpointError,
+    Checkpoints,
     DamagedCheckpointError,
     latest_step,
     newest_intact,
@@ -75,9 +77,11 @@ from rnn_jax.models import (
     stacked,
 )
 from rnn_jax.parallel import make_mesh, shard_batch
+from rnn_jax.rundir import Interrupted, Position, RunDir, open_run, read_history
 from rnn_jax.sample import make_sampler, make_stateful_sampler
-from rnn_jax.scan import unroll
+from rnn_jax.scan import ScanType, unroll
 from rnn_jax.seq2seq import SequenceGenerator, encoder_decoder, one_to_many
+from rnn_jax.sweep import TrainCurves, make_task_trainer
 from rnn_jax.synthetic import (
     Task,
     adding_baseline,
@@ -88,24 +92,19 @@ from rnn_jax.synthetic import (
     copy_task,
 )
 from rnn_jax.train import (
-    Batches,
     NonFiniteLossError,
-    TrainCurves,
+    Sums,
+    Trainer,
     TrainState,
     apply_update,
     clip_by_global_norm,
+    clipped,
     create_train_state,
     fit,
-    generated,
-    in_order,
     make_evaluate,
-    make_task_trainer,
     make_train_step,
-    make_train_steps,
-    read_history,
+    make_trainer,
     rmsprop,
-    shuffled_epoch,
-    train_steps,
-    with_replacement,
+    scan_updates,
 )
 from rnn_jax.workdir import WorkdirBusy, WorkdirError, lock_workdir, read_log

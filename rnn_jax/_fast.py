@@ -1,10 +1,12 @@
 """The fast path of :func:`rnn_jax.unroll` and of the dense layers: same arithmetic, faster.
 
-:func:`rnn_jax.unroll` runs the readable step-by-step scan of ``cell.recur``. For cells whose
-``recur`` is a :class:`rnn_jax.cells.Recurrence` it takes :func:`unroll_recurrence` instead
-(flax keeps ``OptimizedLSTMCell`` beside ``LSTMCell`` the same way), and :func:`matmul` gives
-every input projection and dense head a reverse mode that XLA's CPU backend runs faster.
-tests/test_fast.py pins both to the readable forms, values and derivatives.
+:func:`rnn_jax.unroll` runs the readable step-by-step scan of ``cell.recur``
+(``ScanType.SEQUENTIAL``). For cells whose ``recur`` is a :class:`rnn_jax.cells.Recurrence` it
+takes :func:`unroll_recurrence` instead (``ScanType.FUSED``; flax keeps ``OptimizedLSTMCell``
+beside ``LSTMCell`` the same way), and :func:`matmul` gives every input projection and dense
+head a reverse mode that XLA's CPU backend runs faster. :func:`step_from_zero` is the first
+step from a zero carry, here and in the sampler. tests/test_fast.py pins them to the readable
+forms, values and derivatives.
 """
 
 import jax
@@ -51,11 +53,28 @@ def zero_initial_carry(cell) -> bool:
             return False
 
 
+def step_from_zero(rec, zeros, zx: jax.Array, b_h: jax.Array | None = None):
+    """The carry after one step of the :class:`rnn_jax.cells.Recurrence` ``rec`` from the
+    all-zero carry ``zeros``, without the product ``0 @ U``: the recurrent input is the
+    recurrent bias ``b_h`` (zero without one).
+
+    Args:
+      rec: the cell's ``recur``.
+      zeros: the cell's initial carry, all zeros (:func:`zero_initial_carry`).
+      zx: the step's projected input ``(batch, k·units)``.
+      b_h: ``rec.recurrent_bias(prepared)`` ``(k·units,)``, or None when ``rec`` has none.
+    """
+    if b_h is None:
+        return rec.gate(zeros, zx) if rec.additive else rec.gate(zeros, zx, jnp.zeros_like(zx))
+    u = jnp.broadcast_to(b_h.astype(zx.dtype), zx.shape)
+    return rec.gate(zeros, zx + u) if rec.additive else rec.gate(zeros, zx, u)
+
+
 def unroll_recurrence(cell, params, zs, carry, reverse: bool, return_sequences: bool, unroll):
     """:func:`unroll` for a :class:`Recurrence`, time-major, without lengths.
 
     The arithmetic of the step-by-step scan, arranged for speed. With a zero initial carry
-    (``carry`` None) the first step's product ``0 @ U`` is skipped. Differentiation goes
+    (``carry`` None) the first step is :func:`step_from_zero`. Differentiation goes
     through a custom JVP: the forward scan keeps each step's gate linearisation, and the
     tangent of ``u_t = h_{t-1} U`` splits into ``dh_{t-1} U`` (inside the tangent scan) and
     ``h_{t-1} dU`` for all steps at once, so reverse mode (its transpose) forms ``dU`` as ONE
@@ -84,26 +103,20 @@ def unroll_recurrence(cell, params, zs, carry, reverse: bool, return_sequences: 
     def with_first(first, rest):
         return jnp.concatenate([rest, first[None]] if reverse else [first[None], rest])
 
-    def start_inputs(zx, b_h):
-        # u = 0 @ U + b_h: no product with the zero carry.
-        if b_h is None:
-            return (zx,) if rec.additive else (zx, jnp.zeros_like(zx))
-        return gate_inputs(zx, jnp.broadcast_to(b_h.astype(zx.dtype), zx.shape))
-
     def forward(kernel, b_h, zs, carry, keep):
         """The recurrence; with ``keep``, also every ``h_{t-1}`` and each step's ``jax.vjp``."""
         start_vjp = start_y = None
         rest = zs
         if zero_start:
             zx, rest = first_and_rest(zs)
-            inputs = start_inputs(zx, b_h)
+            bias = () if b_h is None else (b_h,)
             # Made here, not closed over: a custom_jvp function may not capture tracers.
             zeros = jax.tree.map(lambda c: c.astype(zs.dtype), cell.initial_carry(batch))
-            start = lambda *inputs: rec.gate(zeros, *inputs)
+            start = lambda zx, *bias: step_from_zero(rec, zeros, zx, *bias)
             if keep:
-                carry, start_vjp = jax.vjp(start, *inputs)
+                carry, start_vjp = jax.vjp(start, zx, *bias)
             else:
-                carry = start(*inputs)
+                carry = start(zx, *bias)
             start_y = rec.hidden(carry)
 
         def body(carry, zx):
@@ -157,7 +170,8 @@ def unroll_recurrence(cell, params, zs, carry, reverse: bool, return_sequences: 
         d_rest = d_zs
         if zero_start:
             d_zx, d_rest = first_and_rest(d_zs)
-            d_carry = tangent_of(start_vjp)(*start_inputs(d_zx, d_b_h))
+            d_bias = () if b_h is None else (jnp.zeros_like(b_h) if d_b_h is None else d_b_h,)
+            d_carry = tangent_of(start_vjp)(d_zx, *d_bias)
             d_start_y = rec.hidden(d_carry)
 
         # A fusion barrier on the tangent carry. The elementwise ops that carry LSTM's c (GRU's

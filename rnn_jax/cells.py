@@ -35,6 +35,13 @@ class Cell(NamedTuple):
         is the row gather ``W[i]``).
       recur: ``(prepared, carry, projected) -> (carry, y)`` with ``prepared = prepare(params)``.
       units: the width of ``y``.
+      hidden: ``carry -> h``, the hidden state: the real array ``(batch, ·)`` of the carry that
+        is each step's output, ``y_t = hidden(carry_t)``, as the gradient probes
+        (:mod:`rnn_jax.gradients`) and the sampler's first step read it. The carry itself for
+        one-array carries, ``carry.h`` for :class:`LSTMCarry`; for LRU the modulus ``|h|`` of
+        its complex state (a :class:`rnn_jax.LinearRecurrence` with a ``readout`` computes its
+        output itself, and the probes read that). Applied to a carry-shaped pytree of per-part
+        norms (:func:`rnn_jax.carry_gradient_norms`) it gives the norm over ``h``.
       activations: ``(prepared, carry, projected) -> {"gates": {...}, "tanh": {...}}``: the
         step's bounded nonlinearities by name, sigmoid gates (saturated near 0 and 1) and tanh
         units (near ±1), computed by the same code as ``recur``; what
@@ -43,7 +50,8 @@ class Cell(NamedTuple):
         and ``activations`` read; every tool calls it once per sequence (outside its scan).
 
     Write a cell of your own with :func:`custom_cell` from ``init``, ``initial_carry`` and
-    ``step`` alone; every tool of the library accepts it.
+    ``step`` alone (and ``hidden`` when the carry has several parts); every tool of the library
+    accepts it.
     """
 
     init: Callable[[jax.Array, int], Params]
@@ -52,6 +60,7 @@ class Cell(NamedTuple):
     project: Callable[[Params, jax.Array], jax.Array]
     recur: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
     units: int
+    hidden: Callable[[Carry], jax.Array]
     activations: Callable[[Params, Carry, jax.Array], Activations] | None = None
     prepare: Callable[[Params], Params] = lambda params: params
 
@@ -61,6 +70,25 @@ class LSTMCarry(NamedTuple):
 
     h: jax.Array
     c: jax.Array
+
+
+def _itself(carry: Carry) -> Carry:
+    return carry
+
+
+def _lstm_hidden(carry: LSTMCarry) -> jax.Array:
+    return carry.h
+
+
+def norm(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Euclidean norm along ``axis``, scaled so that squares of tiny entries do not underflow.
+
+    A float32 gradient of 1e-20 has squares below the smallest normal float (XLA on CPU flushes
+    those to zero), so ``jnp.linalg.norm`` would report 0 for a gradient that is not.
+    """
+    scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return jnp.squeeze(scale, axis) * jnp.sqrt(jnp.sum(jnp.square(x / safe), axis=axis))
 
 
 def glorot_uniform(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
@@ -130,14 +158,15 @@ class Recurrence:
     Attributes:
       gate: ``(carry, z)`` (``additive``) or ``(carry, zx, u)`` ``-> (new carry, activations)``;
         elementwise. The activations (:data:`Activations`) are the gate's own intermediates.
-      hidden: ``carry -> h (batch, units)``, the part multiplied by the recurrent kernel.
+      hidden: ``carry -> h (batch, units)``, the part multiplied by the recurrent kernel (the
+        cell's :attr:`Cell.hidden`).
       recurrent_bias: ``params -> (k·units,)`` added to ``u``, or None.
       additive: the gate reads ``zx`` and ``u`` only through their sum.
     """
 
     __slots__ = ("additive", "gate_and_activations", "hidden", "recurrent_bias")
 
-    def __init__(self, gate, hidden=lambda carry: carry, recurrent_bias=None, additive=True):
+    def __init__(self, gate, hidden=_itself, recurrent_bias=None, additive=True):
         self.gate_and_activations, self.hidden = gate, hidden
         self.recurrent_bias, self.additive = recurrent_bias, additive
 
@@ -163,7 +192,9 @@ class Recurrence:
         return self.gate_and_activations(carry, *self._inputs(params, carry, zx))[1]
 
 
-def _make_cell(init, initial_carry, project, recur, units, activations=None, prepare=None) -> Cell:
+def _make_cell(
+    init, initial_carry, project, recur, units, hidden, activations=None, prepare=None
+) -> Cell:
     if prepare is None:
         prepare = Cell._field_defaults["prepare"]
 
@@ -172,7 +203,7 @@ def _make_cell(init, initial_carry, project, recur, units, activations=None, pre
 
     if activations is None and isinstance(recur, Recurrence):
         activations = recur.activations
-    return Cell(init, initial_carry, step, project, recur, units, activations, prepare)
+    return Cell(init, initial_carry, step, project, recur, units, hidden, activations, prepare)
 
 
 def custom_cell(
@@ -180,6 +211,7 @@ def custom_cell(
     initial_carry: Callable[[int], Carry],
     step: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]],
     *,
+    hidden: Callable[[Carry], jax.Array] | None = None,
     activations: Callable[[Params, Carry, jax.Array], Activations] | None = None,
     units: int | None = None,
 ) -> Cell:
@@ -194,18 +226,30 @@ def custom_cell(
       initial_carry: ``(batch) -> carry`` (any pytree of ``(batch, ·)`` arrays).
       step: ``(params, carry, x) -> (carry, y)`` for a batch: ``x (batch, input_dim)`` or
         ``(batch,)`` int tokens, ``y (batch, units)``.
+      hidden: ``carry -> h (batch, units)``, the hidden state (:attr:`Cell.hidden`); write
+        ``step`` so that ``y = hidden(new carry)``: the gradient probes differentiate with
+        respect to the carry and read each step's output through ``hidden``. Optional when the
+        carry is one array (then ``h`` is the carry), required when it has several parts.
       activations: optional ``(params, carry, x) -> {"gates": {...}, "tanh": {...}}``, for
         :func:`rnn_jax.gradients.saturation`.
-      units: the width of ``y``; by default the last axis of the carry's first leaf.
+      units: the width of ``y``; by default the last axis of ``hidden`` of the carry.
 
-    The gradient probes (:mod:`rnn_jax.gradients`) differentiate with respect to the carry and
-    read the step's output as ``carry.h`` when the carry has an ``h``, else the carry itself
-    (only a :class:`rnn_jax.LinearRecurrence` says otherwise, through its ``readout``): write
-    ``step`` so that ``y`` is that.
+    Raises:
+      ValueError: the carry is not one array (a tuple, NamedTuple, dict) and ``hidden`` is
+        not given: which part is the hidden state is not guessed.
     """
+    carry = jax.eval_shape(lambda: initial_carry(1))
+    if hidden is None:
+        if not isinstance(carry, jax.ShapeDtypeStruct):
+            raise ValueError(
+                f"custom_cell: the carry is a {type(carry).__name__}, not one array, so which "
+                "part is the hidden state must be said: pass hidden=, a function carry -> "
+                "(batch, units) array (the part each step outputs)"
+            )
+        hidden = _itself
     if units is None:
-        units = jax.tree.leaves(jax.eval_shape(lambda: initial_carry(1)))[0].shape[-1]
-    return Cell(init, initial_carry, step, lambda params, x: x, step, units, activations)
+        units = jax.eval_shape(hidden, carry).shape[-1]
+    return Cell(init, initial_carry, step, lambda params, x: x, step, units, hidden, activations)
 
 
 _ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
@@ -243,8 +287,9 @@ def simple_rnn(
         h = act(z)
         return h, {"gates": {}, "tanh": {"tanh": h} if activation == "tanh" else {}}
 
-    recur = Recurrence(gate)
-    return _make_cell(init, lambda batch: jnp.zeros((batch, units)), project, recur, units)
+    recur = Recurrence(gate, hidden=_itself)
+    initial_carry = lambda batch: jnp.zeros((batch, units))
+    return _make_cell(init, initial_carry, project, recur, units, _itself)
 
 
 def lstm(
@@ -316,8 +361,8 @@ def lstm(
         def project(params, x):
             return _project(params, x, params["bias"])
 
-        recur = Recurrence(lambda carry, z: _lstm_update(carry, z), hidden=lambda carry: carry.h)
-        return _make_cell(init, initial_carry, project, recur, units)
+        recur = Recurrence(lambda carry, z: _lstm_update(carry, z), hidden=_lstm_hidden)
+        return _make_cell(init, initial_carry, project, recur, units, _lstm_hidden)
 
     def project_ln(params, x):
         zx = _layer_norm(_project(params, x, None), params, "input", 4)
@@ -334,7 +379,7 @@ def lstm(
     def activations(params, carry, zx):
         return parts(params, carry, zx)[1]
 
-    return _make_cell(init, initial_carry, project_ln, recur_ln, units, activations)
+    return _make_cell(init, initial_carry, project_ln, recur_ln, units, _lstm_hidden, activations)
 
 
 def _lstm_update(carry: LSTMCarry, z: jax.Array, normalise_cell=None):
@@ -459,12 +504,14 @@ def gru(
         return step_before(params, h, zx)[1]
 
     if reset_after:
-        recur = Recurrence(gate_after, recurrent_bias=lambda p: p["bias"][1], additive=False)
+        recur = Recurrence(
+            gate_after, hidden=_itself, recurrent_bias=lambda p: p["bias"][1], additive=False
+        )
         activations = None
     else:
         recur, activations = recur_before, activations_before
     initial_carry = lambda batch: jnp.zeros((batch, units))
-    return _make_cell(init, initial_carry, project, recur, units, activations)
+    return _make_cell(init, initial_carry, project, recur, units, _itself, activations)
 
 
 def indrnn(units: int, max_length: int | None = None, recurrent_max: float | None = None) -> Cell:
@@ -536,7 +583,7 @@ def indrnn(units: int, max_length: int | None = None, recurrent_max: float | Non
         return {"gates": {}, "tanh": {}}
 
     initial_carry = lambda batch: jnp.zeros((batch, units))
-    return _make_cell(init, initial_carry, project, recur, units, activations, prepare)
+    return _make_cell(init, initial_carry, project, recur, units, _itself, activations, prepare)
 
 
 def modrelu(z: jax.Array, bias: jax.Array) -> jax.Array:
@@ -592,7 +639,7 @@ def exp_rnn(units: int) -> Cell:
         return {"gates": {}, "tanh": {}}
 
     initial_carry = lambda batch: jnp.zeros((batch, units))
-    return _make_cell(init, initial_carry, project, recur, units, activations, prepare)
+    return _make_cell(init, initial_carry, project, recur, units, _itself, activations, prepare)
 
 
 CELLS: dict[str, Callable[..., Cell]] = {"simple_rnn": simple_rnn, "lstm": lstm, "gru": gru}

@@ -5,6 +5,7 @@ truecasing labels of the synced topology experiment."""
 import dataclasses
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -23,6 +24,9 @@ from absl import logging
 class TextError(ValueError):
     """A text file that cannot be used as a corpus; the message says what to do."""
 
+
+# The largest text file read: a corpus is read into memory whole, and its tokens with it.
+MAX_TEXT_BYTES = 8 * 2**30
 
 # clean_text works through the text in pieces of about this many bytes, cut at line ends, so
 # that the per-line Python objects of a 100 MB corpus never exist all at once.
@@ -124,6 +128,20 @@ def load_text(
         raise TextError(f"{name}={path!r} does not exist; pass an existing text file")
     if os.path.isdir(path):
         raise TextError(f"{name}={path!r} is a directory; pass a text file")
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise TextError(f"{name}={path!r} cannot be read ({e.strerror}); pass another file") from e
+    if not stat.S_ISREG(info.st_mode):  # a device or a FIFO would be read forever, or wait
+        raise TextError(
+            f"{name}={path!r} is not a regular file (a device, FIFO or socket); pass a text file"
+        )
+    if info.st_size > MAX_TEXT_BYTES:
+        raise TextError(
+            f"{name}={path!r} has {info.st_size / 2**30:.1f} GiB, more than the "
+            f"{MAX_TEXT_BYTES / 2**30:.0f} GiB a corpus may have (it is read into memory "
+            "whole); pass a smaller file"
+        )
     try:
         with open(path, "rb") as f:
             raw = f.read()

@@ -1,9 +1,10 @@
 """BPTT probes: per-step gradient norms, step Jacobians and their products, gate saturation.
 
 A probe reads a step's output ``y_t`` from the step's new carry (the one it perturbs) and its
-projected input: through ``cell.recur.readout(prepared, carry, z)`` when the recur has a
-``readout`` (:class:`rnn_jax.LinearRecurrence` does: LRU's ``y_t = Re(h_t C) + x_t D``), else
-as :func:`hidden` of the carry, which is what the cells of :mod:`rnn_jax.cells` emit.
+projected input: through ``cell.recur.readout(prepared, carry, z)`` for a
+:class:`rnn_jax.LinearRecurrence` (LRU's ``y_t = Re(h_t C) + x_t D``; the carry itself for
+minGRU and minLSTM), else as ``cell.hidden(carry)`` (:attr:`rnn_jax.Cell.hidden`), the hidden
+state each cell names.
 """
 
 from collections.abc import Callable
@@ -12,45 +13,20 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from rnn_jax.cells import Carry, Cell, Params
-from rnn_jax.linear import LRUCarry
+from rnn_jax.cells import Carry, Cell, Params, norm
+from rnn_jax.linear import LinearRecurrence
+from rnn_jax.scan import prologue
 
 # loss_fn(ys) -> per-example losses (batch,) or a scalar; ys is (batch, units) (the last output)
 # or (batch, time, units) (every output, with return_sequences=True).
 OutputLoss = Callable[[jax.Array], jax.Array]
 
 
-def hidden(carry: Carry) -> jax.Array:
-    """The hidden state ``h`` of a carry, one real array: ``carry.h`` for :class:`LSTMCarry`,
-    the modulus ``|h| = sqrt(re² + im²)`` (elementwise) for LRU's :class:`rnn_jax.LRUCarry`,
-    else the carry itself.
-
-    Applied to what :func:`carry_gradient_norms` returns, the same rule gives ``‖∂L/∂h_t‖``: for
-    LSTM the norm over ``h`` (``c``'s is ``norms.c``); for LRU, whose norms are
-    ``LRUCarry(‖∂L/∂Re h_t‖, ‖∂L/∂Im h_t‖)``, ``sqrt(‖∂L/∂Re h‖² + ‖∂L/∂Im h‖²)``: the norm
-    over the whole complex state (as ``2·state_size`` reals). The modulus is taken like
-    :func:`norm`, scaled, so it neither overflows nor underflows.
-    """
-    if isinstance(carry, LRUCarry):
-        return norm(jnp.stack([carry.re, carry.im], axis=-1), axis=-1)
-    return carry.h if hasattr(carry, "h") else carry
-
-
 def _readout(cell: Cell) -> Callable[[Params, Carry, jax.Array], jax.Array]:
     """``(prepared, carry, z) -> y``: a step's output from its new carry and projected input."""
-    readout = getattr(cell.recur, "readout", None)
-    return readout if readout is not None else (lambda params, carry, z: hidden(carry))
-
-
-def norm(x: jax.Array, axis: int = -1) -> jax.Array:
-    """Euclidean norm along ``axis``, scaled so that squares of tiny entries do not underflow.
-
-    A float32 gradient of 1e-20 has squares below the smallest normal float (XLA on CPU flushes
-    those to zero), so ``jnp.linalg.norm`` would report 0 for a gradient that is not.
-    """
-    scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-    safe = jnp.where(scale > 0, scale, 1.0)
-    return jnp.squeeze(scale, axis) * jnp.sqrt(jnp.sum(jnp.square(x / safe), axis=axis))
+    if isinstance(cell.recur, LinearRecurrence):
+        return cell.recur.readout
+    return lambda params, carry, z: cell.hidden(carry)
 
 
 def global_norm(tree) -> jax.Array:
@@ -68,19 +44,6 @@ def global_norm(tree) -> jax.Array:
     dtype = jnp.result_type(*leaves)
     per_leaf = [norm(jnp.ravel(x).astype(dtype), axis=0) for x in leaves]
     return norm(jnp.stack(per_leaf), axis=0)
-
-
-def _time_major(cell: Cell, params: Params, xs: jax.Array, carry: Carry | None):
-    """Projected inputs ``(time, batch, k·units)``, the initial carry in their dtype and the
-    prepared parameters (:attr:`rnn_jax.Cell.prepare`) that ``recur`` reads."""
-    zs = cell.project(params, jnp.swapaxes(xs, 0, 1))
-    if carry is None:
-        carry = cell.initial_carry(xs.shape[0])
-    # Zeros come out in the default float dtype; match the projection so float64 params (under
-    # jax.enable_x64(True)) give a float64 recursion throughout.
-    dtype = zs.dtype if jnp.issubdtype(zs.dtype, jnp.inexact) else jnp.result_type(float)
-    carry = jax.tree.map(lambda c: c.astype(dtype), carry)
-    return zs, carry, cell.prepare(params)
 
 
 def _carries(cell: Cell, params: Params, zs: jax.Array, carry: Carry):
@@ -109,7 +72,7 @@ def carry_gradients(
     and ``L`` is differentiated with respect to the stacked ``δ``: ``∂L/∂δ_t = ∂L/∂h_t``, the
     total derivative through every later step (and through ``y_t`` when the loss reads every
     output). The output ``y_t`` is read from the perturbed carry (and the step's projected
-    input) as the module docstring says: :func:`hidden` of the carry for the cells of
+    input) as the module docstring says: ``cell.hidden`` of the carry for the cells of
     :mod:`rnn_jax.cells`, ``cell.recur.readout`` for a :class:`rnn_jax.LinearRecurrence`.
 
     Args:
@@ -129,7 +92,7 @@ def carry_gradients(
       after reading ``xs[:, t]`` (for LSTM, :class:`LSTMCarry` of ``∂L/∂h_t`` and ``∂L/∂c_t``;
       for LRU, :class:`rnn_jax.LRUCarry` of the real and imaginary parts).
     """
-    zs, carry, params = _time_major(cell, params, xs, carry)
+    zs, carry, params = prologue(cell, params, xs, carry)
     time = zs.shape[0]
     readout = _readout(cell)
     deltas = jax.tree.map(lambda c: jnp.zeros((time,) + c.shape, c.dtype), carry)
@@ -162,8 +125,10 @@ def carry_gradient_norms(
     """Per-step gradient norms ``‖∂L/∂h_t‖`` (and ``‖∂L/∂c_t‖`` for LSTM), one backward pass.
 
     Same arguments as :func:`carry_gradients`. Returns ``(loss, norms)`` with ``norms`` a
-    carry-shaped pytree of ``(batch, time)`` Euclidean norms over the units, per example.
-    Vanishing gradients show as ``norms[:, 0] / norms[:, -1] → 0`` as ``time`` grows.
+    carry-shaped pytree of ``(batch, time)`` Euclidean norms over the units, per example;
+    ``cell.hidden(norms)`` is ``‖∂L/∂h_t‖`` (for LSTM ``norms.h``, ``norms.c`` being
+    ``‖∂L/∂c_t‖``; for LRU the norm over the whole complex state). Vanishing gradients show as
+    ``norms[:, 0] / norms[:, -1] → 0`` as ``time`` grows.
     """
     loss, grads = carry_gradients(
         cell, params, xs, loss_fn, carry, return_sequences=return_sequences
@@ -206,7 +171,7 @@ def step_jacobians(
       ``(batch, time, n, n)``: ``J[b, t, i, j] = ∂h_t[i]/∂h_{t-1}[j]`` (``h_{-1}`` the initial
       carry), forward-mode (``jax.jacfwd``).
     """
-    zs, carry, params = _time_major(cell, params, xs, carry)
+    zs, carry, params = prologue(cell, params, xs, carry)
     before = _carries(cell, params, zs, carry)
     jac = jax.vmap(lambda c, z: _jacobian_rows(cell, params, c, z))(before, zs)
     return jnp.swapaxes(jac, 0, 1)
@@ -242,7 +207,7 @@ def jacobian_norms(
       is exactly zero), and with ``spectrum`` ``"singular_values": (batch, time, n)``,
       descending ``}``.
     """
-    zs, carry, params = _time_major(cell, params, xs, carry)
+    zs, carry, params = prologue(cell, params, xs, carry)
     before = _carries(cell, params, zs, carry)
     batch = zs.shape[1]
     n = ravel_pytree(jax.tree.map(lambda c: c[0], carry))[0].shape[0]
@@ -301,7 +266,7 @@ def saturation(
             "cell.activations is None: this cell does not say which units saturate; build it "
             "with rnn_jax.custom_cell(..., activations=...)"
         )
-    zs, carry, params = _time_major(cell, params, xs, carry)
+    zs, carry, params = prologue(cell, params, xs, carry)
 
     def fractions(acts: dict[str, jax.Array], saturated) -> tuple[dict, list]:
         flags = {name: saturated(a) for name, a in acts.items()}

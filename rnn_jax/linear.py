@@ -8,13 +8,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rnn_jax.cells import Activations, Carry, Cell, Params, _make_cell, _project, glorot_uniform
+from rnn_jax.cells import (
+    Activations,
+    Carry,
+    Cell,
+    Params,
+    _itself,
+    _make_cell,
+    _project,
+    glorot_uniform,
+    norm,
+)
 
 _NO_ACTIVATIONS: Activations = {"gates": {}, "tanh": {}}
-
-
-def _same(x):
-    return x
 
 
 class LinearRecurrence:
@@ -23,9 +29,9 @@ class LinearRecurrence:
     ``(a_t, b_t)`` come from the step's projected input ``z_t`` and the prepared params alone,
     never from the carry. So the steps compose associatively, ``(a_i, b_i) ∘ (a_j, b_j) =
     (a_j ⊙ a_i, a_j ⊙ b_i + b_j)`` for step ``i`` before ``j``, and :func:`rnn_jax.unroll` can
-    run them with ``jax.lax.associative_scan`` (``parallel=True``, :func:`associative_unroll`)
-    as well as step by step; ``unroll`` recognises this class by ``isinstance``, as it does
-    :class:`rnn_jax.cells.Recurrence`.
+    run them with ``jax.lax.associative_scan`` (``scan=ScanType.ASSOCIATIVE``,
+    :func:`associative_unroll`) as well as step by step; ``unroll`` recognises this class by
+    ``isinstance``, as it does :class:`rnn_jax.cells.Recurrence`.
 
     The output of a step need not be the carry (LRU's is ``Re(h_t C) + x_t D``): ``readout``
     says what it is, and :mod:`rnn_jax.gradients` reads it through :meth:`readout` from the
@@ -58,8 +64,8 @@ class LinearRecurrence:
     ):
         self.coefficients_and_activations = coefficients
         self.output = readout
-        self.to_state = _same if to_state is None else to_state
-        self.to_carry = _same if to_carry is None else to_carry
+        self.to_state = _itself if to_state is None else to_state
+        self.to_carry = _itself if to_carry is None else to_carry
 
     def coefficients(self, prepared: Params, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(a, b)`` of the step(s) whose projected inputs are ``z``."""
@@ -166,7 +172,7 @@ def min_gru(units: int) -> Cell:
     ``h_t = (1 − z_t) ⊙ h_{t-1} + z_t ⊙ h̃_t``, output ``y_t = h_t``: a GRU whose gate and
     candidate read the input alone, so the recurrence is linear in the carry
     (:class:`LinearRecurrence` with ``a_t = 1 − z_t``, ``b_t = z_t ⊙ h̃_t``) and runs as a
-    parallel scan (:func:`rnn_jax.unroll` with ``parallel=True``).
+    parallel scan (:func:`rnn_jax.unroll` with ``scan=ScanType.ASSOCIATIVE``).
 
     Params: ``kernel (input_dim, 2u)`` glorot-uniform and ``bias (2u,)`` zeros, blocks in the
     order z, h. Carry: ``h (batch, units)``. Activations: gate ``update_gate`` (z).
@@ -190,7 +196,7 @@ def min_gru(units: int) -> Cell:
         return 1.0 - update, update * candidate, {"gates": {"update_gate": update}, "tanh": {}}
 
     recur = LinearRecurrence(coefficients)
-    return _make_cell(init, _zeros(units), project, recur, units, recur.activations)
+    return _make_cell(init, _zeros(units), project, recur, units, _itself, recur.activations)
 
 
 def min_lstm(units: int) -> Cell:
@@ -226,7 +232,7 @@ def min_lstm(units: int) -> Cell:
         return forget, keep_in * candidate, {"gates": gates, "tanh": {}}
 
     recur = LinearRecurrence(coefficients)
-    return _make_cell(init, _zeros(units), project, recur, units, recur.activations)
+    return _make_cell(init, _zeros(units), project, recur, units, _itself, recur.activations)
 
 
 class LRUCarry(NamedTuple):
@@ -234,6 +240,17 @@ class LRUCarry(NamedTuple):
 
     re: jax.Array
     im: jax.Array
+
+
+def _modulus(carry: LRUCarry) -> jax.Array:
+    """``|h| = sqrt(re² + im²)``, elementwise: LRU's hidden state (:attr:`rnn_jax.Cell.hidden`).
+
+    Taken like :func:`rnn_jax.cells.norm`, scaled, so that it neither overflows nor underflows.
+    Applied to the per-part gradient norms ``LRUCarry(‖∂L/∂Re h_t‖, ‖∂L/∂Im h_t‖)`` it gives
+    ``sqrt(‖∂L/∂Re h‖² + ‖∂L/∂Im h‖²)``, the norm over the whole complex state (as
+    ``2·state_size`` reals).
+    """
+    return norm(jnp.stack([carry.re, carry.im], axis=-1), axis=-1)
 
 
 # exp(θ) overflows float32 past θ ≈ 88. Phases beyond e^40 ≈ 2e17 rad keep no digit below 2π
@@ -296,6 +313,7 @@ def lru(
     as one product (or one row gather for tokens); ``nu_log (state_size,)``, ``theta_log
     (state_size,)``; ``output_kernel (2·state_size, units)`` = ``[Re C; Im C]`` (rows), so
     ``Re(h C) = Re h · Re C − Im h · Im C``. Carry: :class:`LRUCarry` ``(re, im)``, real, each
+    ``(batch, state_size)``; its hidden state (:attr:`rnn_jax.Cell.hidden`) the modulus ``|h|``
     ``(batch, state_size)``. Activations: none (nothing saturates).
 
     Args:
@@ -352,4 +370,6 @@ def lru(
     def initial_carry(batch):
         return LRUCarry(jnp.zeros((batch, n)), jnp.zeros((batch, n)))
 
-    return _make_cell(init, initial_carry, project, recur, units, recur.activations, prepare)
+    return _make_cell(
+        init, initial_carry, project, recur, units, _modulus, recur.activations, prepare
+    )

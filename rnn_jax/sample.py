@@ -6,7 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from rnn_jax._fast import zero_initial_carry
+from rnn_jax._fast import step_from_zero, zero_initial_carry
 from rnn_jax.cells import Cell, Recurrence
 from rnn_jax.models import Model, dense
 
@@ -67,21 +67,17 @@ def _argmax(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
 
-def _start_step(cell: Cell, params):
-    """``z (1, k·units) -> (carry, y)``: a step from the initial carry, ``0 @ U`` skipped."""
+def _start_step(cell: Cell, prepared):
+    """``z (1, k·units) -> (carry, y)``: a step from the initial carry; from a zero one of a
+    :class:`Recurrence`, :func:`rnn_jax._fast.step_from_zero` (``0 @ U`` skipped)."""
     rec = cell.recur
     if not (isinstance(rec, Recurrence) and zero_initial_carry(cell)):
-        return lambda z: cell.recur(params, cell.initial_carry(1), z)
+        return lambda z: cell.recur(prepared, cell.initial_carry(1), z)
+    b_h = None if rec.recurrent_bias is None else rec.recurrent_bias(prepared)
 
     def start(z):
-        zeros = cell.initial_carry(1)
-        if rec.recurrent_bias is None:
-            u = jnp.zeros_like(z)
-            carry = rec.gate(zeros, z) if rec.additive else rec.gate(zeros, z, u)
-        else:
-            u = jnp.broadcast_to(rec.recurrent_bias(params).astype(z.dtype), z.shape)
-            carry = rec.gate(zeros, z + u) if rec.additive else rec.gate(zeros, z, u)
-        return carry, rec.hidden(carry)
+        carry = step_from_zero(rec, cell.initial_carry(1), z, b_h)
+        return carry, cell.hidden(carry)
 
     return start
 

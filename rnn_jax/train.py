@@ -1,9 +1,7 @@
-"""TrainState, the Keras-default RMSprop, the one update engine (a jitted scan of steps), fit."""
+"""TrainState, the Keras-default RMSprop, clipping, the one update engine (a jitted scan of
+updates, its metric sums), fit."""
 
-import contextlib
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -16,19 +14,11 @@ from absl import logging
 from jax.sharding import Mesh
 
 from rnn_jax import parallel
-from rnn_jax.checkpoint import (
-    CheckpointError,
-    newest_intact,
-    restore_checkpoint,
-    restore_meta,
-    save_checkpoint,
-)
+from rnn_jax.batches import Batches
 from rnn_jax.gradients import global_norm
-from rnn_jax.models import sequence_classifier, sequence_tagger
-from rnn_jax.workdir import append_log, lock_workdir, read_log, rewrite_log
+from rnn_jax.rundir import Interrupted, Position, RunDir
 
 Params = Any
-Batch = Any
 Carry = Any
 # loss_fn(params, batch) -> (per-example loss (B,), {name: per-example value (B,)}); a stateful
 # loss (TrainState.carry set) also takes and returns the carry:
@@ -58,7 +48,8 @@ def create_train_state(
 
     With a ``carry`` (e.g. ``cell.initial_carry(batch_size)``) training is stateful: each
     update's loss starts from the carry the previous update ended with, and the carry is reset
-    to zeros at the start of every pass (see :func:`apply_update`, :func:`in_order`).
+    to zeros at the start of every pass (see :func:`apply_update`,
+    :func:`rnn_jax.batches.in_order`).
     """
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key, carry)
 
@@ -79,11 +70,26 @@ def rmsprop(
     ``rmsprop`` default ``eps=1e-8`` differs from Keras's ``1e-7``.
     """
     opt = optax.rmsprop(learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=eps_in_sqrt)
+    return clipped(opt, clip_norm)
+
+
+def clipped(
+    transformation: optax.GradientTransformation, clip_norm: float | jax.Array | None
+) -> optax.GradientTransformation:
+    """``transformation`` after :func:`clip_by_global_norm` at ``clip_norm``: every optimiser
+    with clipping here is built by this function.
+
+    Args:
+      transformation: the optimiser, e.g. ``optax.adam(1e-3)`` or :func:`rmsprop`.
+      clip_norm: None: no clipping, ``transformation`` alone. A Python number must be finite
+        and > 0. An array is used as is, so it may be traced (vmapped over clipping settings);
+        ``inf`` then passes every finite gradient unchanged.
+    """
     if clip_norm is None:
-        return opt
-    if not (clip_norm > 0 and math.isfinite(clip_norm)):
+        return transformation
+    if isinstance(clip_norm, (int, float)) and not (clip_norm > 0 and math.isfinite(clip_norm)):
         raise ValueError(f"clip_norm={clip_norm} must be finite and > 0 (None: no clipping)")
-    return optax.chain(clip_by_global_norm(clip_norm), opt)
+    return optax.chain(clip_by_global_norm(clip_norm), transformation)
 
 
 def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransformation:
@@ -179,7 +185,8 @@ def _replicated(tree, mesh: Mesh | None):
 def make_train_step(
     loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None
 ):
-    """A jitted ``step(state, batch, weights=None) -> (state, metrics)`` on one batch.
+    """A jitted ``step(state, batch, weights=None) -> (state, metrics)``: one update, on one
+    batch (:func:`make_trainer` compiles a scan of many).
 
     The loss is the ``weights``-weighted mean of ``loss_fn``'s per-example losses (weights 0
     mark padding); ``metrics`` holds that mean, the means of ``loss_fn``'s statistics,
@@ -207,216 +214,112 @@ def make_train_step(
     return lambda state, batch, weights=None: step(parallel.replicate(state, mesh), batch, weights)
 
 
-# Up to this many examples an epoch's shuffle is jax.random.permutation, an exact uniform
-# shuffle. Beyond, XLA's CPU sort behind it costs seconds and several times the index array in
-# memory (measured here: 1e7 examples 10 s and 0.6 GB, 1e8 examples 110 s and 5 GB), so each
-# batch's indices come from _index_shuffle instead, computed on the fly: no array of size N.
-_PERMUTATION_MAX = 1 << 20
+class Sums(NamedTuple):
+    """What a run of updates reports, as sums that add up over consecutive runs of one pass.
 
-
-def _mix32(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser: every output bit depends on every input bit."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def _index_shuffle(key, positions: jax.Array, num_examples: int, rounds: int = 6) -> jax.Array:
-    """Entries ``positions`` of a keyed pseudo-random permutation of ``0 .. num_examples - 1``.
-
-    A balanced Feistel network is a bijection of ``[0, 4**half)`` whatever its round function;
-    re-applying it while the value is ``>= num_examples`` ("cycle walking", Black & Rogaway,
-    2002) restricts it to a bijection of ``[0, num_examples)``, in fewer than 4 walks on average.
-    O(len(positions)) work and memory, whatever ``num_examples``.
-    """
-    half = max(1, -(-(num_examples - 1).bit_length() // 2))
-    mask = jnp.uint32((1 << half) - 1)
-    round_keys = jax.random.bits(key, (rounds,), jnp.uint32)
-
-    def permute(x):
-        left, right = x >> half, x & mask
-        for i in range(rounds):
-            left, right = right, left ^ (_mix32(right ^ round_keys[i]) & mask)
-        return (left << half) | right
-
-    n = jnp.uint32(num_examples)
-    x = permute(positions.astype(jnp.uint32))
-    x = jax.lax.while_loop(lambda x: jnp.any(x >= n), lambda x: jnp.where(x >= n, permute(x), x), x)
-    return x.astype(jnp.int32)
-
-
-def _epoch_order(key, num_examples: int) -> Callable[[jax.Array], jax.Array]:
-    """``order(positions) -> example indices``: one epoch's shuffle (see _PERMUTATION_MAX)."""
-    if num_examples <= _PERMUTATION_MAX:
-        permutation = jax.random.permutation(key, num_examples)
-        return lambda positions: permutation[positions]
-    return lambda positions: _index_shuffle(key, positions, num_examples)
-
-
-def _batch_at(order, b, num_examples: int, batch_size: int, size: int):
-    """Batch ``b``'s ``(indices (size,), weights (size,))`` in an epoch of ``order``.
-
-    Rows ``j >= batch_size`` (padding to a multiple of the device count) and positions past
-    the data (the last partial batch) get example 0 and weight 0.
-    """
-    j = jnp.arange(size)
-    positions = b * batch_size + j
-    valid = (j < batch_size) & (positions < num_examples)
-    indices = jnp.where(valid, order(jnp.minimum(positions, num_examples - 1)), 0)
-    return indices, valid.astype(jnp.float32)
-
-
-def _gather(get_batch, data, indices, weights, mesh: Mesh | None):
-    if mesh is None:
-        return get_batch(data, indices), weights
-    indices, weights = parallel.constrain_batch(indices, weights, mesh)
-    return parallel.constrain_batch(get_batch(data, indices), weights, mesh)
-
-
-class Batches(NamedTuple):
-    """Where a scan of steps (:func:`train_steps`) gets its batches.
+    The one home of a run's metrics: :func:`scan_updates` reports its :meth:`means`,
+    :meth:`Trainer.run` the sums themselves, which :func:`fit` joins (:meth:`merge`) across
+    the calls of an epoch and stores in mid-epoch checkpoints (:meth:`as_dict`). A pytree:
+    ``jit`` returns it, ``vmap`` maps it, ``jax.device_get`` fetches it.
 
     Attributes:
-      plan: ``(key, data) -> plan``, once per call: the epoch's shuffle, the draws with
-        replacement, the keys of generated batches. ``key`` is split from ``state.key``.
-      take: ``(plan, data, i) -> (batch, weights)`` for step ``i``; ``weights (size,)`` are 1
-        for real examples and 0 for padding.
-      num_steps: steps per call.
+      totals: ``{name: sum}``: ``loss`` and each statistic of the loss function, weighted sums
+        over the examples seen.
+      examples: the sum of the weights (the examples seen).
+      grad_norm_max: the largest pre-clip global gradient norm.
+      nonfinite_step: ``state.step`` after the first update whose loss or gradient was NaN or
+        infinite; -1 when all were finite.
+      nonfinite_loss: that update's loss was NaN or infinite (False when all were finite).
+      nonfinite_gradient: that update's gradient was.
+      step_loss: with ``trace`` only (else None): ``(steps,)``, each step's mean loss over
+        its real examples, before its update.
+      step_grad_norm: with ``trace`` only: ``(steps,)``, each step's pre-clip gradient norm.
     """
 
-    plan: Callable[[jax.Array, Any], Any]
-    take: Callable[[Any, Any, jax.Array], tuple[Batch, jax.Array]]
-    num_steps: int
+    totals: dict[str, jax.Array]
+    examples: jax.Array
+    grad_norm_max: jax.Array
+    nonfinite_step: jax.Array
+    nonfinite_loss: jax.Array
+    nonfinite_gradient: jax.Array
+    step_loss: jax.Array | None = None
+    step_grad_norm: jax.Array | None = None
 
+    # The entries of means() that say whether the run stayed finite; fit reports the others.
+    STATUS = ("finite", "nonfinite_step", "nonfinite_loss", "nonfinite_gradient")
 
-def shuffled_epoch(
-    get_batch: Callable[[Any, jax.Array], Batch],
-    num_examples: int,
-    batch_size: int,
-    *,
-    shuffle: bool = True,
-    num_batches: int | None = None,
-    mesh: Mesh | None = None,
-) -> Batches:
-    """One pass over ``num_examples`` examples in batches (Keras ``fit`` for one epoch).
-
-    Args:
-      get_batch: ``(data, indices (size,)) -> batch``, gathering examples on device.
-      num_examples: how many examples ``data`` holds (indices ``0 .. num_examples - 1``).
-      batch_size: examples per update; the last partial batch is kept and its loss averaged
-        over its real examples only, as Keras does.
-      shuffle: a new order every call (False: in order, for evaluation). Up to ``2**20``
-        examples the shuffle is ``jax.random.permutation``; beyond, a keyed pseudo-random
-        permutation computed batch by batch, so that memory does not grow with the data.
-      num_batches: only the first ``num_batches`` batches of each pass (Keras's
-        ``steps_per_epoch``; benchmarks); default all.
-      mesh: each batch is padded with weight-0 rows to a multiple of the devices along its
-        'data' axis and split over them (:mod:`rnn_jax.parallel`).
-    """
-    if num_examples < 1:
-        raise ValueError(f"num_examples={num_examples}: the data holds no examples")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be positive")
-    total = math.ceil(num_examples / batch_size)
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches={num_batches} must be positive or None")
-    num_batches = total if num_batches is None else min(num_batches, total)
-    size = parallel.padded_size(batch_size, mesh)
-
-    def plan(key, data):
-        del data
-        return _epoch_order(key, num_examples) if shuffle else (lambda positions: positions)
-
-    def take(order, data, b):
-        indices, weights = _batch_at(order, b, num_examples, batch_size, size)
-        return _gather(get_batch, data, indices, weights, mesh)
-
-    return Batches(plan, take, num_batches)
-
-
-def with_replacement(
-    get_batch: Callable[[Any, jax.Array], Batch],
-    num_examples: int,
-    batch_size: int,
-    num_steps: int,
-) -> Batches:
-    """``num_steps`` batches of examples drawn uniformly with replacement."""
-    if num_examples < 1 or batch_size < 1 or num_steps < 1:
-        raise ValueError(
-            f"num_examples={num_examples}, batch_size={batch_size} and num_steps={num_steps} "
-            "must be positive"
+    @classmethod
+    def of_updates(cls, per_step: dict, first_step, trace: bool) -> "Sums":
+        """The sums of a scan of :func:`apply_update`, whose per-step sums are ``per_step``
+        (leading axis: the steps) and whose state started at step ``first_step``."""
+        totals = dict(per_step)
+        grad_norms, examples = totals.pop("grad_norm"), totals.pop("examples")
+        loss_ok, grad_ok = jnp.isfinite(totals["loss"]), jnp.isfinite(grad_norms)
+        bad = jnp.argmin(loss_ok & grad_ok)  # the first False; 0 when there is none
+        return cls(
+            totals={k: jnp.sum(v) for k, v in totals.items()},
+            examples=jnp.sum(examples),
+            grad_norm_max=jnp.max(grad_norms),
+            nonfinite_step=jnp.where(jnp.all(loss_ok & grad_ok), -1, first_step + bad + 1),
+            nonfinite_loss=~loss_ok[bad],
+            nonfinite_gradient=~grad_ok[bad],
+            step_loss=totals["loss"] / jnp.maximum(examples, 1.0) if trace else None,
+            step_grad_norm=grad_norms if trace else None,
         )
 
-    def plan(key, data):
-        del data
-        return jax.random.randint(key, (num_steps, batch_size), 0, num_examples)
+    @property
+    def finite(self):
+        """False when a loss or gradient was NaN or infinite."""
+        return self.nonfinite_step < 0
 
-    def take(indices, data, i):
-        return get_batch(data, indices[i]), jnp.ones((batch_size,))
+    def merge(self, later: "Sums") -> "Sums":
+        """These sums followed by ``later``'s, the next run of the same pass (host NumPy
+        values; float32 sums are added in float32). The first non-finite step is kept."""
 
-    return Batches(plan, take, num_steps)
+        def add(a, b):
+            return np.add(a, b, dtype=np.asarray(b).dtype)
 
+        bad = later if self.finite else self
+        traced = later.step_loss is not None
+        return Sums(
+            totals={k: add(self.totals[k], v) for k, v in later.totals.items()},
+            examples=add(self.examples, later.examples),
+            grad_norm_max=np.maximum(self.grad_norm_max, later.grad_norm_max),
+            nonfinite_step=bad.nonfinite_step,
+            nonfinite_loss=bad.nonfinite_loss,
+            nonfinite_gradient=bad.nonfinite_gradient,
+            step_loss=np.concatenate([self.step_loss, later.step_loss]) if traced else None,
+            step_grad_norm=(
+                np.concatenate([self.step_grad_norm, later.step_grad_norm]) if traced else None
+            ),
+        )
 
-def in_order(
-    get_batch: Callable[[Any, jax.Array], tuple[Batch, jax.Array]],
-    num_steps: int,
-    *,
-    mesh: Mesh | None = None,
-    with_keys: bool = False,
-) -> Batches:
-    """Batches ``0 .. num_steps - 1`` in order, the same every pass: stateful training's
-    windows of contiguous streams (``get_batch = partial(rnn_jax.data.stream_batch,
-    bptt=...)``), where batch ``k + 1`` continues batch ``k`` row by row.
+    def means(self) -> dict:
+        """The metrics: each total as a mean over the examples seen, ``grad_norm_max``, the
+        :attr:`STATUS` entries and, with ``trace``, ``step_loss`` and ``step_grad_norm``.
+        Sorted by name, the order ``jit`` returns a dict in, wherever it is computed (inside
+        ``jit`` or on host values)."""
+        metrics = {**self.as_dict(), **{k: v / self.examples for k, v in self.totals.items()}}
+        del metrics["examples"]
+        return dict(sorted(metrics.items()))
 
-    Args:
-      get_batch: ``(data, k) -> (batch, weights (size,))``; ``k`` is traced.
-      num_steps: batches per pass.
-      mesh: each batch (and the carry) is split along the 'data' axis; a batch size that is
-        not a multiple of the device count is padded with weight-0 rows, and the carry with
-        zero rows, within each step (the state's carry keeps one row per stream).
-      with_keys: the loss gets ``(batch, key)``, ``key`` folded from the pass's key (drawn
-        from ``state.key``) with ``k``: per-step randomness such as dropout, the same in a
-        pass run as several calls and in a resumed run.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps={num_steps} must be positive")
+    def as_dict(self) -> dict:
+        """``{name: value}``, the totals beside the other fields and ``finite``: the form a
+        mid-epoch checkpoint's meta holds (:meth:`from_dict` reads it back)."""
+        rest = {k: v for k, v in self._asdict().items() if k != "totals" and v is not None}
+        return {**self.totals, **rest, "finite": self.finite}
 
-    def plan(key, data):
-        del data
-        return key
-
-    def take(pass_key, data, k):
-        batch, weights = get_batch(data, k)
-        if mesh is not None:
-            batch, weights = parallel.constrain_batch(batch, weights, mesh)
-        if with_keys:
-            batch = (batch, jax.random.fold_in(pass_key, k))
-        return batch, weights
-
-    return Batches(plan, take, num_steps)
-
-
-def generated(
-    sample: Callable[[jax.Array, int], Batch], batch_size: int, num_steps: int
-) -> Batches:
-    """``num_steps`` fresh batches of ``sample(key, batch_size)`` (synthetic tasks); no data."""
-    if batch_size < 1 or num_steps < 1:
-        raise ValueError(f"batch_size={batch_size} and num_steps={num_steps} must be positive")
-
-    def plan(key, data):
-        del data
-        return jax.random.split(key, num_steps)
-
-    def take(keys, data, i):
-        del data
-        return sample(keys[i], batch_size), jnp.ones((batch_size,))
-
-    return Batches(plan, take, num_steps)
+    @classmethod
+    def from_dict(cls, flat: dict) -> "Sums":
+        """The sums of :meth:`as_dict`'s form (``finite`` is read from ``nonfinite_step``)."""
+        named = set(cls._fields) | {"finite"}
+        return cls(
+            totals={k: v for k, v in flat.items() if k not in named},
+            **{k: flat.get(k) for k in cls._fields if k != "totals"},
+        )
 
 
-def _run_steps(
+def _scan_part(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     batches: Batches,
@@ -426,7 +329,7 @@ def _run_steps(
     count: int,
     mesh: Mesh | None,
     trace: bool,
-) -> tuple[TrainState, dict[str, jax.Array]]:
+) -> tuple[TrainState, Sums]:
     """Steps ``first .. first + count - 1`` of the pass keyed by ``state.key``, and their sums.
 
     The pass's plan (its shuffle, its draws) comes from ``state.key`` alone, so a pass run as
@@ -464,63 +367,10 @@ def _run_steps(
         state = state._replace(key=key)
     elif not isinstance(first, int):
         state = state._replace(key=jnp.where(first + count >= batches.num_steps, key, state.key))
-    grad_norms, examples = per_step.pop("grad_norm"), per_step.pop("examples")
-    sums = {k: jnp.sum(v) for k, v in per_step.items()}
-    sums["examples"] = jnp.sum(examples)
-    sums["grad_norm_max"] = jnp.max(grad_norms)
-    loss_ok, grad_ok = jnp.isfinite(per_step["loss"]), jnp.isfinite(grad_norms)
-    sums["finite"] = jnp.all(loss_ok & grad_ok)
-    bad = jnp.argmin(loss_ok & grad_ok)  # the first False; 0 when there is none
-    sums["nonfinite_step"] = jnp.where(sums["finite"], -1, first_step + bad + 1)
-    sums["nonfinite_loss"] = ~loss_ok[bad]
-    sums["nonfinite_gradient"] = ~grad_ok[bad]
-    if trace:
-        sums["step_loss"] = per_step["loss"] / jnp.maximum(examples, 1.0)
-        sums["step_grad_norm"] = grad_norms
-    return _replicated(state, mesh), sums
+    return _replicated(state, mesh), Sums.of_updates(per_step, first_step, trace)
 
 
-# Entries of a run of steps' sums that are not per-example sums (see summarize).
-_NOT_SUMMED = (
-    "examples",
-    "grad_norm_max",
-    "finite",
-    "nonfinite_step",
-    "nonfinite_loss",
-    "nonfinite_gradient",
-    "step_loss",
-    "step_grad_norm",
-)
-
-
-def summarize(sums: dict) -> dict:
-    """The metrics of a run of steps from its sums: per-example sums become means over the
-    examples seen; the rest (``grad_norm_max``, ``finite``, ``nonfinite_*``, traces) is kept.
-    Works on device arrays (inside ``jit``) and on NumPy values."""
-    seen = sums["examples"]
-    return {k: (v if k in _NOT_SUMMED else v / seen) for k, v in sums.items() if k != "examples"}
-
-
-def merge_sums(before: dict | None, after: dict) -> dict:
-    """The sums of two consecutive runs of steps of one pass (host NumPy values), in order."""
-    if before is None:
-        return dict(after)
-    merged = {}
-    for k, v in after.items():
-        if k == "grad_norm_max":
-            merged[k] = np.maximum(before[k], v)
-        elif k == "finite":
-            merged[k] = np.logical_and(before[k], v)
-        elif k.startswith("nonfinite_"):
-            merged[k] = before[k] if not before["finite"] else v
-        elif k in ("step_loss", "step_grad_norm"):
-            merged[k] = np.concatenate([before[k], v])
-        else:
-            merged[k] = np.add(before[k], v, dtype=np.asarray(v).dtype)
-    return merged
-
-
-def train_steps(
+def scan_updates(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     batches: Batches,
@@ -530,33 +380,31 @@ def train_steps(
     mesh: Mesh | None = None,
     trace: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """``batches.num_steps`` updates (:func:`apply_update`) as one ``lax.scan``: pure, so it
-    jits (:func:`make_train_steps`) and vmaps (over seeds, or a traced clipping norm).
+    """``batches.num_steps`` updates (:func:`apply_update`) as one ``lax.scan``: the pure
+    function the compiled calls run (:func:`make_trainer`); it vmaps (over seeds, or a traced
+    clipping norm: :func:`rnn_jax.sweep.make_task_trainer`).
 
     Returns:
-      ``(state, metrics)``: ``loss`` and every statistic of ``loss_fn`` as means over the
-      examples seen, ``grad_norm_max`` (the largest pre-clip global gradient norm),
-      ``finite`` (false when a loss or gradient was NaN or infinite) and, for the first step
-      where one was, ``nonfinite_step`` (its ``state.step`` after the update; -1 when all were
-      finite), ``nonfinite_loss`` and ``nonfinite_gradient`` (which was); with ``trace`` also
-      ``step_loss`` and ``step_grad_norm``, ``(num_steps,)`` each (the loss of each step's
-      batch, before its update).
+      ``(state, metrics)``, the :meth:`Sums.means` of the updates: ``loss`` and every statistic
+      of ``loss_fn`` as means over the examples seen, ``grad_norm_max``, ``finite`` and the
+      first non-finite step's ``nonfinite_*`` entries; with ``trace`` also ``step_loss`` and
+      ``step_grad_norm``, ``(num_steps,)`` each (see :class:`Sums`).
     """
-    state, sums = _run_steps(
+    state, sums = _scan_part(
         loss_fn, optimizer, batches, state, data, 0, batches.num_steps, mesh, trace
     )
-    return state, summarize(sums)
+    return state, sums.means()
 
 
-class TrainSteps:
-    """Jitted runs of :func:`train_steps`' updates; what :func:`make_train_steps` returns.
+class Trainer:
+    """Compiled calls of :func:`scan_updates`' updates; what :func:`make_trainer` returns.
 
-    ``steps(state, data) -> (state, metrics)`` runs one whole pass (an epoch) as one compiled
-    call. :func:`fit` instead runs a pass as several calls of at most ``steps_per_call`` steps
-    (:meth:`run`), to report progress and checkpoint inside long epochs; the updates are the
-    same either way (the pass's batches come from ``state.key``, tests/test_train.py pins the
-    states bit-identical). :meth:`compile` compiles ahead of the first call, so that its time
-    is reported apart from training time.
+    ``trainer(state, data) -> (state, metrics)`` runs one whole pass (an epoch) as one
+    compiled call. :func:`fit` instead runs a pass as several calls of at most
+    ``steps_per_call`` steps (:meth:`run`), to report progress and checkpoint inside long
+    epochs; the updates are the same either way (the pass's batches come from ``state.key``,
+    tests/test_train.py pins the states bit-identical). :meth:`compile` compiles ahead of the
+    first call, so that its time is reported apart from training time.
 
     Attributes:
       num_steps: updates per pass.
@@ -567,10 +415,10 @@ class TrainSteps:
         self._mesh = mesh
 
         def run(state, data, first, count):
-            return _run_steps(loss_fn, optimizer, batches, state, data, first, count, mesh, trace)
+            return _scan_part(loss_fn, optimizer, batches, state, data, first, count, mesh, trace)
 
         def whole(state, data):
-            return train_steps(loss_fn, optimizer, batches, state, data, mesh=mesh, trace=trace)
+            return scan_updates(loss_fn, optimizer, batches, state, data, mesh=mesh, trace=trace)
 
         self._run = jax.jit(run, static_argnums=3)
         self._whole = _on_mesh(jax.jit(whole), mesh)
@@ -593,9 +441,9 @@ class TrainSteps:
             self._compiled[count] = self._run.lower(state, data, first, count).compile()
         return time.perf_counter() - tic
 
-    def run(self, state: TrainState, data, first: int, count: int):
+    def run(self, state: TrainState, data, first: int, count: int) -> tuple[TrainState, Sums]:
         """Steps ``first .. first + count - 1`` of the pass keyed by ``state.key``:
-        ``(state, sums)`` (per-example sums; :func:`summarize`, :func:`merge_sums`)."""
+        ``(state, sums)``, the :class:`Sums` of these steps."""
         state, data = self._placed(state, data)
         first = jnp.asarray(first, jnp.int32)
         compiled = self._compiled.get(count)
@@ -604,23 +452,23 @@ class TrainSteps:
         return self._run(state, data, first, count)
 
 
-def make_train_steps(
+def make_trainer(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     batches: Batches,
     *,
     mesh: Mesh | None = None,
     trace: bool = False,
-) -> TrainSteps:
-    """Jitted ``run(state, data) -> (state, metrics)``: :func:`train_steps` as one compiled call.
+) -> Trainer:
+    """``trainer(state, data) -> (state, metrics)``: :func:`scan_updates` as one compiled call.
 
-    With :func:`shuffled_epoch` batches, one call is an epoch, fused on device. With a ``mesh``
-    (:func:`rnn_jax.parallel.make_mesh`; give the batches the same mesh) params, optimiser
-    state and ``data`` are replicated and each batch is split over the devices: the same
-    updates as on one device, up to the order of float32 sums. The result is a
-    :class:`TrainSteps`, which :func:`fit` also runs in parts of an epoch.
+    With :func:`rnn_jax.batches.shuffled_epoch` batches, one call is an epoch, fused on
+    device. With a ``mesh`` (:func:`rnn_jax.parallel.make_mesh`; give the batches the same
+    mesh) params, optimiser state and ``data`` are replicated and each batch is split over the
+    devices: the same updates as on one device, up to the order of float32 sums. The result is
+    a :class:`Trainer`, which :func:`fit` also runs in parts of an epoch.
     """
-    return TrainSteps(loss_fn, optimizer, batches, mesh, trace)
+    return Trainer(loss_fn, optimizer, batches, mesh, trace)
 
 
 def make_evaluate(
@@ -628,11 +476,12 @@ def make_evaluate(
 ):
     """Jitted ``evaluate(params, data) -> metrics``: example-weighted means, one call.
 
-    ``batches`` is usually ``shuffled_epoch(..., shuffle=False)``: every example once, in
-    order. With a ``mesh`` the batches are split over its devices as in training. With a
-    ``carry`` (the initial one, e.g. zeros) the loss is stateful, as in training, and the
-    carry is passed from each batch to the next: :func:`in_order` windows of one held-out
-    stream are then scored as one long sequence.
+    ``batches`` is usually ``rnn_jax.batches.shuffled_epoch(..., shuffle=False)``: every
+    example once, in order. With a ``mesh`` the batches are split over its devices as in
+    training. With a ``carry`` (the initial one, e.g. zeros) the loss is stateful, as in
+    training, and the carry is passed from each batch to the next:
+    :func:`rnn_jax.batches.in_order` windows of one held-out stream are then scored as one
+    long sequence.
     """
 
     @jax.jit
@@ -652,216 +501,147 @@ def make_evaluate(
     return _on_mesh(evaluate, mesh)
 
 
-class TrainCurves(NamedTuple):
-    """What :func:`make_task_trainer`'s ``train`` records.
-
-    Attributes:
-      train_loss: ``(num_steps,)`` mean loss of each step's batch (before its update).
-      grad_norm: ``(num_steps,)`` global gradient norm before clipping.
-      test_loss: ``(num_evals + 1,)`` mean test loss at steps ``0, eval_every, 2·eval_every, …``.
-    """
-
-    train_loss: jax.Array
-    grad_norm: jax.Array
-    test_loss: jax.Array
-
-
-def make_task_trainer(
-    cell,
-    task,
-    *,
-    num_steps: int,
-    eval_every: int,
-    batch_size: int,
-    learning_rate: float = 1e-3,
-    optimizer: str = "adam",
-    lr_factors: dict[str, float] | None = None,
-):
-    """A model for a synthetic ``task`` and a pure, vmappable ``train`` on generated batches.
-
-    The model is ``cell`` with a ``Dense(task.output_dim)`` head on its last output
-    (:func:`rnn_jax.sequence_classifier`) or, for sequence tasks, on every output
-    (:func:`rnn_jax.sequence_tagger`). The whole run is one ``lax.scan`` of
-    :func:`train_steps` calls (``eval_every`` steps of fresh ``task.sample`` batches, then a
-    test evaluation), so ``jax.vmap`` over ``params`` and ``key`` trains many seeds in one
-    compiled program, and over ``clip_norm`` several clipping settings at once.
-
-    Args:
-      cell: the recurrence.
-      task: a :class:`rnn_jax.synthetic.Task`.
-      num_steps: updates; a multiple of ``eval_every``.
-      eval_every: steps between test evaluations.
-      batch_size: examples per update.
-      learning_rate: of the optimiser.
-      optimizer: ``"adam"`` (``optax.adam``, default betas) or ``"rmsprop"`` (the Keras 3
-        defaults of :func:`rmsprop`).
-      lr_factors: ``{param name: factor}``: every parameter whose own name (the last key of
-        its path, e.g. ``"nu_log"``) is listed learns at ``factor × learning_rate`` (its
-        optimiser update is scaled, after clipping and the optimiser: with Adam exactly a
-        smaller learning rate); the rest at ``learning_rate``. The LRU paper trains ``ν, θ``
-        at 0.5×. A name that no parameter has raises ``ValueError`` (at the first ``train``).
-        The clip still sees the whole, unscaled gradient.
-
-    Returns:
-      ``(model, train)``. ``train(params, key, clip_norm, test_xs, test_targets)`` starts from
-      ``params = model.init(...)``, draws the batches from ``key``, clips the global gradient
-      norm to ``clip_norm`` (a float scalar, may be traced; ``jnp.inf`` for no clipping) and
-      returns the final params and :class:`TrainCurves`.
-    """
-    if num_steps < 1 or eval_every < 1 or num_steps % eval_every:
-        raise ValueError(
-            f"num_steps={num_steps} must be a positive multiple of eval_every={eval_every}"
-        )
-    if optimizer not in ("adam", "rmsprop"):
-        raise ValueError(f"optimizer={optimizer!r} must be 'adam' or 'rmsprop'")
-    factors = dict(lr_factors or {})
-    for name, factor in factors.items():
-        if not (math.isfinite(factor) and factor >= 0):
-            raise ValueError(f"lr_factors={factors!r}: {name}'s factor must be finite and >= 0")
-    head = sequence_tagger if task.return_sequences else sequence_classifier
-    model = head(cell, task.input_dim, task.output_dim)
-    batches = generated(task.sample, batch_size, eval_every)
-
-    def loss_fn(params, batch):
-        xs, targets = batch
-        return task.loss(model.apply(params, xs), targets), {}
-
-    def test_loss(params, test_xs, test_targets):
-        return jnp.mean(task.loss(model.apply(params, test_xs), test_targets))
-
-    def factor_of(path) -> float:
-        last = path[-1]
-        return factors.get(getattr(last, "key", getattr(last, "name", None)), 1.0)
-
-    def scale_by_name() -> optax.GradientTransformation:
-        """Multiplies each update by its parameter's factor (static: a Python float)."""
-
-        def init_fn(params):
-            names = {
-                getattr(p[-1], "key", getattr(p[-1], "name", None))
-                for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-            }
-            unknown = sorted(set(factors) - names)
-            if unknown:
-                raise ValueError(
-                    f"lr_factors={factors!r}: no parameter is called {unknown[0]!r} "
-                    f"(the params have {', '.join(sorted(map(str, names)))})"
-                )
-            return optax.EmptyState()
-
-        def update_fn(updates, state, params=None):
-            del params
-            scaled = jax.tree_util.tree_map_with_path(
-                lambda p, u: u if factor_of(p) == 1.0 else (u * factor_of(p)).astype(u.dtype),
-                updates,
-            )
-            return scaled, state
-
-        return optax.GradientTransformation(init_fn, update_fn)
-
-    def train(params, key, clip_norm, test_xs, test_targets):
-        base = optax.adam(learning_rate) if optimizer == "adam" else rmsprop(learning_rate)
-        opt = optax.chain(clip_by_global_norm(clip_norm), base)
-        if factors:
-            opt = optax.chain(opt, scale_by_name())
-        state = create_train_state(params, opt, key)
-
-        def chunk(state, _):
-            state, m = train_steps(loss_fn, opt, batches, state, None, trace=True)
-            test = test_loss(state.params, test_xs, test_targets)
-            return state, (m["step_loss"], m["step_grad_norm"], test)
-
-        first = test_loss(params, test_xs, test_targets)
-        state, (losses, norms, tests) = jax.lax.scan(
-            chunk, state, None, length=num_steps // eval_every
-        )
-        curves = TrainCurves(
-            losses.reshape(-1), norms.reshape(-1), jnp.concatenate([first[None], tests])
-        )
-        return state.params, curves
-
-    return model, train
-
-
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss or gradient; the last good checkpoint is kept."""
 
 
-def _check_resumable(directory: str, step: int, meta: dict) -> dict:
-    """The saved meta of checkpoint ``step``, once every entry of ``meta`` matches it."""
-    saved = restore_meta(directory, step)
-    problems = []
-    for key, value in meta.items():
-        if key not in saved:
-            problems.append(f"{key}: missing in the checkpoint")
-        elif key == "config":
-            for name in sorted(set(value) | set(saved[key])):
-                old, new = saved[key].get(name), value.get(name)
-                if isinstance(old, dict) and isinstance(new, dict):
-                    # Compared entry by entry; an entry the checkpoint lacks (written before
-                    # it existed) is not held against it.
-                    problems += [
-                        f"{name}=...: {k} {new[k]!r} differs from the checkpoint's {old[k]!r}"
-                        for k in sorted(set(old) & set(new))
-                        if old[k] != new[k]
-                    ]
-                    problems += [
-                        f"{name}=...: {k} missing in this run" for k in sorted(set(old) - set(new))
-                    ]
-                elif old != new:
-                    problems.append(f"{name}={new!r} differs from the checkpoint's {old!r}")
-        elif saved[key] != value:
-            problems.append(f"{key}: the checkpoint has {saved[key]!r}, this run {value!r}")
-    if problems:
-        raise CheckpointError(
-            f"the checkpoint in {directory!r} (step {step}) was written by a different run: "
-            + "; ".join(problems)
-            + ". Resume it with the configuration it was written with, or use a new workdir."
-        )
-    return saved
+def fit(
+    state: TrainState,
+    trainer: Trainer,
+    data: Any,
+    run: RunDir,
+    *,
+    iterations: int,
+    epochs_per_iteration: int = 1,
+    on_iteration: Callable[[int, TrainState, dict], dict] | None = None,
+    stop: Callable[[dict], bool] | None = None,
+    steps_per_call: int | None = None,
+    checkpoint_every: int | None = None,
+    progress_seconds: float | None = None,
+    interrupted: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[TrainState, list[dict]]:
+    """The training loop over an opened run directory: resume, train, report, save.
+
+    ``run`` (:func:`rnn_jax.rundir.open_run`) holds the lock, the resumed checkpoint and the
+    metrics so far. Each iteration runs ``epochs_per_iteration`` epochs of ``trainer``
+    (:func:`make_trainer`) as compiled calls of at most ``steps_per_call`` updates, then
+    ``on_iteration(iteration, state, metrics)`` (evaluation, samples), whose dict joins the
+    iteration's metrics; the row is logged and the state checkpointed (indexed by
+    ``state.step``). Everything random is drawn from ``state.key``, so a resumed run ends
+    bit-identical to an uninterrupted one.
+
+    Between calls inside an epoch: a progress line (steps, examples/s, loss so far, ETA) once
+    ``progress_seconds`` have passed since the last; a checkpoint of the position inside the
+    epoch (with its metric sums so far) once ``checkpoint_every`` updates have passed since
+    the last checkpoint; and, once ``interrupted()`` is true, a checkpoint and
+    :class:`~rnn_jax.rundir.Interrupted`. The calls are compiled first
+    (:meth:`Trainer.compile`): the first row gets ``compile_seconds``, and its ``seconds`` are
+    training alone. An iteration whose updates left every parameter as it was (each update
+    underflowed in float32) is said so in a line.
+
+    Args:
+      stop: ``metrics -> bool``, asked after every iteration (and of the last one a resumed
+        run finds): true ends training there, e.g. once a target is met.
+      steps_per_call: the most updates per compiled call (None: a whole epoch per call).
+      checkpoint_every: updates between checkpoints inside an epoch (None: at iteration ends
+        only), counted at call boundaries.
+      progress_seconds: seconds between progress lines inside an epoch (None: none).
+      interrupted: asked at every call boundary (e.g. the command line's Ctrl-C and SIGTERM).
+      log: where the resume, compile, progress and warning lines go (default absl logging).
+
+    Raises:
+      NonFiniteLossError: a loss or gradient was NaN or infinite; nothing after the last
+        checkpoint is saved, so the last good checkpoint stays the latest.
+      Interrupted: ``interrupted()`` became true; the position is checkpointed.
+
+    Returns:
+      ``(state, history)``: the final state and one dict per iteration, those of an earlier
+      run that this one resumed included.
+    """
+    for name, value in (("steps_per_call", steps_per_call), ("checkpoint_every", checkpoint_every)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be a positive number of steps, or None")
+    log = logging.info if log is None else log
+    asked = interrupted or (lambda: False)
+    state, position = run.restore(state), run.position
+    if run.history and stop is not None and stop(run.history[-1]):
+        log(f"the stop condition holds at iteration {position.iteration}: nothing to do")
+        return state, run.history
+    if position.iteration >= iterations:
+        if run.resumed is not None:
+            log(
+                f"all {iterations} iterations are done (the checkpoint in {run.checkpoint_dir} "
+                f"is at iteration {position.iteration}): nothing to do; raise iterations to "
+                "train further"
+            )
+        return state, run.history
+    epoch_steps = trainer.num_steps
+    call = min(steps_per_call or epoch_steps, epoch_steps)
+    if run.resumed is not None:
+        log(_resume_line(position, run, epoch_steps, iterations))
+    counts = {call, epoch_steps % call or call, min(call, epoch_steps - position.steps)}
+    compile_seconds = trainer.compile(state, data, counts)
+    log(f"compiled the training steps in {compile_seconds:.1f} s")
+
+    for iteration in range(position.iteration + 1, iterations + 1):
+        before = state.params
+        for epoch in range(position.epoch, epochs_per_iteration):
+            sums = None if position.sums is None else Sums.from_dict(position.sums)
+            done, seconds, last_line = position.steps, position.seconds, time.perf_counter()
+            while done < epoch_steps:
+                count = min(call, epoch_steps - done)
+                tic = time.perf_counter()
+                state, part = trainer.run(state, data, done, count)
+                part = jax.device_get(part)
+                seconds += time.perf_counter() - tic
+                if not part.finite:
+                    raise NonFiniteLossError(_nonfinite_message(iteration, part, run))
+                sums, done = part if sums is None else sums.merge(part), done + count
+                if done == epoch_steps:
+                    break
+                position = Position(iteration - 1, epoch, done, sums.as_dict(), seconds)
+                if asked() or (
+                    checkpoint_every is not None
+                    and int(state.step) - (run.last_saved or 0) >= checkpoint_every
+                ):
+                    run.save(state, position)
+                if asked():
+                    raise Interrupted(run.last_saved if run.path is not None else None)
+                if progress_seconds is not None and time.perf_counter() - last_line >= (
+                    progress_seconds
+                ):
+                    log(_progress_line(position, sums, epoch_steps, epochs_per_iteration))
+                    last_line = time.perf_counter()
+            position = Position(iteration - 1, epoch + 1)
+        metrics = {k: v.tolist() for k, v in sums.means().items() if k not in Sums.STATUS}
+        metrics = {"iteration": iteration, "step": int(state.step), **metrics, "seconds": seconds}
+        if compile_seconds is not None:
+            metrics["compile_seconds"], compile_seconds = compile_seconds, None
+        if _unchanged(before, state.params):
+            updates = epochs_per_iteration * epoch_steps
+            log(
+                f"iteration {iteration}: no parameter changed in its {updates} updates: each "
+                "update underflowed in float32 (a learning rate or clip_norm too small for "
+                "float32?)"
+            )
+        if on_iteration is not None:
+            metrics.update(on_iteration(iteration, state, metrics))
+        row = run.log(metrics)
+        position = Position(iteration)
+        run.save(state, position)
+        if stop is not None and stop(row):
+            break
+        if asked() and iteration < iterations:
+            raise Interrupted(run.last_saved if run.path is not None else None)
+    return state, run.history
 
 
-def read_history(workdir: str) -> list[dict]:
-    """The rows of ``workdir/metrics.jsonl`` that :func:`fit` wrote, one per iteration (read
-    only: a torn last line is left out, not repaired; :func:`fit` repairs it under its lock)."""
-    return read_log(os.path.join(workdir, "metrics.jsonl"), repair=False)
-
-
-class _Position(NamedTuple):
-    """Where a run stands: ``iteration`` iterations done, then ``epoch`` epochs and ``steps``
-    steps of the next, with that epoch's ``sums`` so far (host values) and ``seconds``."""
-
-    iteration: int
-    epoch: int = 0
-    steps: int = 0
-    sums: dict | None = None
-    seconds: float = 0.0
-
-
-PROGRESS_KEY = "_progress"
-
-
-def _progress_meta(position: _Position) -> dict:
-    """The position as JSON, exactly: float32 sums are exact as Python floats."""
-    sums = None
-    if position.sums is not None:
-        sums = {
-            k: {"dtype": str(np.asarray(v).dtype), "value": np.asarray(v).tolist()}
-            for k, v in position.sums.items()
-        }
-    return {**position._asdict(), "sums": sums}
-
-
-def _position_from_meta(saved: dict, step: int) -> _Position:
-    progress = saved.get(PROGRESS_KEY)
-    if progress is None:  # written before mid-epoch checkpoints: indexed by iteration
-        return _Position(iteration=step)
-    sums = progress.get("sums")
-    if sums is not None:
-        sums = {k: np.asarray(v["value"], dtype=v["dtype"]) for k, v in sums.items()}
-    return _Position(
-        progress["iteration"], progress["epoch"], progress["steps"], sums, progress["seconds"]
-    )
+@jax.jit
+def _unchanged(before, after) -> jax.Array:
+    """True when no entry of any array differs."""
+    same = [jnp.all(a == b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+    return jnp.all(jnp.stack(same))
 
 
 def _duration(seconds: float) -> str:
@@ -873,251 +653,41 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def fit(
-    state: TrainState,
-    train_fn: Callable,
-    data: Any,
-    *,
-    iterations: int,
-    epochs_per_iteration: int = 1,
-    workdir: str | None = None,
-    meta: dict | None = None,
-    on_iteration: Callable[[int, TrainState, dict], dict] | None = None,
-    stop: Callable[[dict], bool] | None = None,
-    max_to_keep: int = 3,
-    steps_per_call: int | None = None,
-    checkpoint_every: int | None = None,
-    progress_seconds: float | None = None,
-    log: Callable[[str], None] | None = None,
-) -> tuple[TrainState, list[dict]]:
-    """The training loop: compiled runs of steps, a checkpoint and a metrics line per iteration.
-
-    Each iteration runs ``epochs_per_iteration`` epochs of ``train_fn`` (a
-    :class:`TrainSteps` from :func:`make_train_steps`; or any ``(state, data) -> (state,
-    metrics)``, run whole), then ``on_iteration(iteration, state, metrics)`` (evaluation,
-    samples), whose dict is merged into the iteration's metrics; the metrics are appended to
-    ``workdir/metrics.jsonl`` and an orbax checkpoint of ``state`` with ``meta`` is written to
-    ``workdir/checkpoints``, indexed by ``state.step``. With an existing checkpoint in
-    ``workdir`` the loop resumes from it, once ``meta`` is checked against the saved one (a
-    mismatch raises a :class:`~rnn_jax.checkpoint.CheckpointError` naming what differs).
-    Everything random is drawn from ``state.key``, so a resumed run ends bit-identical to an
-    uninterrupted one.
-
-    Long epochs: a :class:`TrainSteps` epoch runs as calls of at most ``steps_per_call``
-    steps; between calls, a progress line (steps, examples/s, loss so far, ETA) is logged
-    once ``progress_seconds`` have passed since the last, and a checkpoint of the position
-    inside the epoch (with the epoch's metric sums so far) is written once
-    ``checkpoint_every`` steps have passed since the last checkpoint. A run resumed from it
-    ends bit-identical to an uninterrupted one, metrics included. The calls are compiled
-    before the first (:meth:`TrainSteps.compile`): the first iteration's row gets
-    ``compile_seconds``, and its ``seconds`` are training alone.
-
-    Only one run at a time may use a ``workdir``: :func:`rnn_jax.workdir.lock_workdir` is
-    held for the whole call (a second run is refused at once, naming the holder's PID; the
-    lock of a killed run is taken over). A torn last line of ``metrics.jsonl`` (a kill during
-    its write) is repaired. Every checkpoint carries a digest: a damaged newest step is named
-    (absl warning) and the run resumes from the newest intact one.
-
-    Args:
-      stop: ``metrics -> bool``, asked after every iteration (and of the last one a resumed
-        run finds): true ends training there, e.g. once a target is met.
-      steps_per_call: the most steps per compiled call (None: a whole epoch per call).
-      checkpoint_every: steps between checkpoints inside an epoch (None: at iteration ends
-        only). Counted at call boundaries.
-      progress_seconds: seconds between progress lines inside an epoch (None: none).
-      log: where the resume, compile and progress lines go (default ``absl.logging.info``).
-
-    Raises:
-      NonFiniteLossError: a loss or gradient was NaN or infinite; nothing after the last
-        checkpoint is saved, so the last good checkpoint stays the latest.
-
-    Returns:
-      ``(state, history)``: the final state and one dict per iteration, those of an earlier
-      run that this one resumed included.
-    """
-    if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise CheckpointError(
-            f"workdir={workdir!r} is a file, not a directory; pass a directory (created if missing)"
-        )
-    for name, value in (("steps_per_call", steps_per_call), ("checkpoint_every", checkpoint_every)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name}={value} must be a positive number of steps, or None")
-    log = logging.info if log is None else log
-
-    primary = jax.process_index() == 0  # multi-host: one process writes the shared log
-    meta = dict(meta or {})
-    # One run per workdir: the lock comes before anything is read or written there.
-    holding = workdir is not None and primary
-    with lock_workdir(workdir) if holding else contextlib.nullcontext():
-        position, ckpt_dir, log_path, history, found = _Position(0), None, None, [], None
-        if workdir is not None:
-            ckpt_dir = os.path.join(workdir, "checkpoints")
-            log_path = os.path.join(workdir, "metrics.jsonl")
-            # The newest step that reads back and matches its digest; damaged newer ones are named.
-            intact = newest_intact(ckpt_dir)
-            if intact.step is None and intact.skipped:
-                raise CheckpointError(
-                    f"no intact checkpoint in {ckpt_dir!r}: all {len(intact.skipped)} are damaged, "
-                    f"the newest as follows: {intact.skipped[0]}. Delete them to start afresh, or "
-                    "use a new workdir"
-                )
-            for line in intact.skipped:
-                logging.warning(line)
-            found = intact.step
-            if found is not None:
-                saved = _check_resumable(ckpt_dir, found, meta)
-                state, _ = restore_checkpoint(ckpt_dir, found, state)
-                position = _position_from_meta(saved, found)
-                if position.iteration < iterations:
-                    log(_resume_line(position, found, ckpt_dir, train_fn, iterations))
-            # The last row of each iteration up to the checkpoint's: rows of iterations that were
-            # logged but not checkpointed are trained again.
-            rows = read_log(log_path, repair=primary)
-            history = sorted(
-                {
-                    row["iteration"]: row for row in rows if row["iteration"] <= position.iteration
-                }.values(),
-                key=lambda row: row["iteration"],
-            )
-            if primary and rows != history:
-                rewrite_log(log_path, history)
-        if history and stop is not None and stop(history[-1]):
-            log(f"the stop condition holds at iteration {position.iteration}: nothing to do")
-            return state, history
-        if position.iteration >= iterations:
-            if found is not None:
-                log(
-                    f"all {iterations} iterations are done (the checkpoint in {ckpt_dir} is at "
-                    f"iteration {position.iteration}): nothing to do; raise iterations to "
-                    "train further"
-                )
-            return state, history
-
-        chunked = isinstance(train_fn, TrainSteps)
-        epoch_steps = train_fn.num_steps if chunked else None
-        call = min(steps_per_call or epoch_steps, epoch_steps) if chunked else None
-        compile_seconds = None
-        if chunked:
-            counts = {call} | ({epoch_steps % call} if epoch_steps % call else set())
-            counts |= {min(call, epoch_steps - position.steps)} if position.steps else set()
-            compile_seconds = train_fn.compile(state, data, counts)
-            log(f"compiled the training steps in {compile_seconds:.1f} s")
-        last_saved = int(state.step) if found is not None else None
-
-        def save(step_position: _Position):
-            nonlocal last_saved
-            if workdir is not None:
-                saved_meta = {**meta, PROGRESS_KEY: _progress_meta(step_position)}
-                last_saved = int(state.step)
-                save_checkpoint(ckpt_dir, last_saved, state, saved_meta, max_to_keep)
-
-        def failed(iteration, metrics):
-            return NonFiniteLossError(_nonfinite_message(iteration, metrics, ckpt_dir, last_saved))
-
-        for iteration in range(position.iteration + 1, iterations + 1):
-            for epoch in range(position.epoch, epochs_per_iteration):
-                if not chunked:
-                    tic = time.perf_counter()
-                    state, metrics = train_fn(state, data)
-                    metrics = {k: v.tolist() for k, v in jax.device_get(metrics).items()}
-                    seconds = time.perf_counter() - tic
-                    if not metrics.pop("finite"):
-                        raise failed(iteration, metrics)
-                else:
-                    done, sums, seconds = position.steps, position.sums, position.seconds
-                    last_line = time.perf_counter()
-                    while done < epoch_steps:
-                        count = min(call, epoch_steps - done)
-                        tic = time.perf_counter()
-                        state, part = train_fn.run(state, data, done, count)
-                        part = jax.device_get(part)
-                        seconds += time.perf_counter() - tic
-                        if not part["finite"]:
-                            raise failed(iteration, {k: v.tolist() for k, v in part.items()})
-                        sums, done = merge_sums(sums, part), done + count
-                        if done == epoch_steps:
-                            break
-                        position = _Position(iteration - 1, epoch, done, sums, seconds)
-                        if (
-                            checkpoint_every is not None
-                            and int(state.step) - (last_saved or 0) >= checkpoint_every
-                        ):
-                            save(position)
-                        now = time.perf_counter()
-                        if progress_seconds is not None and now - last_line >= progress_seconds:
-                            log(_progress_line(position, epoch_steps, epochs_per_iteration))
-                            last_line = now
-                    metrics = {k: v.tolist() for k, v in summarize(sums).items()}
-                    metrics.pop("finite")
-                for name in _NONFINITE_KEYS:
-                    metrics.pop(name, None)
-                position = _Position(iteration - 1, epoch + 1)
-            metrics = {
-                "iteration": iteration,
-                "step": int(state.step),
-                **metrics,
-                "seconds": seconds,
-            }
-            if compile_seconds is not None:
-                metrics["compile_seconds"], compile_seconds = compile_seconds, None
-            if on_iteration is not None:
-                metrics.update(on_iteration(iteration, state, metrics))
-            # The form a resumed run reads back from metrics.jsonl: string keys, lists.
-            metrics = json.loads(json.dumps(metrics))
-            history.append(metrics)
-            position = _Position(iteration)
-            if workdir is not None:
-                if primary:
-                    append_log(log_path, metrics)
-                save(position)
-            if stop is not None and stop(metrics):
-                break
-        return state, history
-
-
-def _resume_line(position: _Position, step: int, ckpt_dir: str, train_fn, iterations: int) -> str:
+def _resume_line(position: Position, run: RunDir, epoch_steps: int, iterations: int) -> str:
     where = f"iteration {position.iteration} done"
     if position.steps:
-        of = f" of {train_fn.num_steps}" if isinstance(train_fn, TrainSteps) else ""
-        where += f", {position.steps}{of} steps into the next epoch"
+        where += f", {position.steps} of {epoch_steps} steps into the next epoch"
     return (
-        f"resuming from step {step} in {ckpt_dir} ({where}); training up to iteration {iterations}"
+        f"resuming from step {run.resumed} in {run.checkpoint_dir} ({where}); training up to "
+        f"iteration {iterations}"
     )
 
 
-def _progress_line(position: _Position, epoch_steps: int, epochs_per_iteration: int) -> str:
-    sums, seconds = position.sums, position.seconds
-    rate = float(sums["examples"]) / max(seconds, 1e-9)
-    left = (epoch_steps - position.steps) * seconds / max(position.steps, 1)
-    epoch = (
-        f", epoch {position.epoch + 1}/{epochs_per_iteration}" if epochs_per_iteration > 1 else ""
-    )
+def _progress_line(position: Position, sums: Sums, epoch_steps: int, epochs: int) -> str:
+    rate = float(sums.examples) / max(position.seconds, 1e-9)
+    left = (epoch_steps - position.steps) * position.seconds / max(position.steps, 1)
+    epoch = f", epoch {position.epoch + 1}/{epochs}" if epochs > 1 else ""
     return (
         f"iteration {position.iteration + 1}{epoch}: {position.steps}/{epoch_steps} steps "
         f"({100 * position.steps / epoch_steps:.0f}%), {rate:.0f} examples/s, loss so far "
-        f"{float(sums['loss']) / float(sums['examples']):.4f}, epoch ETA {_duration(left)}"
+        f"{float(sums.totals['loss']) / float(sums.examples):.4f}, epoch ETA {_duration(left)}"
     )
 
 
-_NONFINITE_KEYS = ("nonfinite_step", "nonfinite_loss", "nonfinite_gradient")
-
-
-def _nonfinite_message(
-    iteration: int, metrics: dict, ckpt_dir: str | None, saved: int | None
-) -> str:
+def _nonfinite_message(iteration: int, sums: Sums, run: RunDir) -> str:
     """What happened (which quantity, which step), what is kept, and what helps."""
-    step = metrics.get("nonfinite_step", -1)
+    step = int(sums.nonfinite_step)
     at = f"at step {step}" if step >= 0 else "in this epoch"
-    if metrics.get("nonfinite_loss", True):
+    if bool(sums.nonfinite_loss):
         what = f"the loss became NaN or infinite {at} (the parameters diverged)"
         advice = "lower the learning rate"
     else:
         what = f"the gradient became NaN or infinite {at} while the loss was finite"
         advice = "clip the gradient norm (clip_norm), or lower the learning rate"
-    if ckpt_dir is None:
+    if run.path is None:
         kept = "nothing is saved without a workdir"
-    elif saved is not None:
-        kept = f"the last good checkpoint, step {saved} in {ckpt_dir}, is kept"
+    elif run.last_saved is not None:
+        kept = f"the last good checkpoint, step {run.last_saved} in {run.checkpoint_dir}, is kept"
     else:
         kept = "no checkpoint had been written yet"
     return (

@@ -124,7 +124,13 @@ def lock_workdir(workdir: str) -> Iterator[str]:
         raise WorkdirError(
             f"workdir={workdir!r} is a file, not a directory; pass a directory (created if missing)"
         )
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(
+            f"workdir={workdir!r} cannot be created ({storage_problem(e) or e.strerror or e}); "
+            "pass a directory you can write to"
+        ) from None
     path = os.path.join(workdir, LOCK_NAME)
     stat = os.stat(workdir)
     key = (stat.st_dev, stat.st_ino)
@@ -287,6 +293,28 @@ def append_log(path: str, row: dict):
             _fsync_dir(os.path.dirname(path))
     except OSError as e:  # a part-written line is repaired by the next read_log
         raise _storage_error(path, "append to", e) from e
+
+
+def append_text(path: str, text: str):
+    """Appends ``text`` (UTF-8) to ``path`` and makes it durable before returning."""
+    new = not os.path.exists(path)
+    try:
+        with open(path, "ab") as f:
+            f.write(text.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            _fsync_dir(os.path.dirname(path))
+    except OSError as e:
+        raise _storage_error(path, "append to", e) from e
+
+
+def replace_file(path: str, data: bytes):
+    """Replaces ``path`` with ``data`` atomically: a kill leaves the old file or the new one."""
+    try:
+        _replace(path, data)
+    except OSError as e:
+        raise _storage_error(path, "write", e) from e
 
 
 def rewrite_log(path: str, rows: list[dict]):

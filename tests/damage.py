@@ -60,5 +60,5 @@ FAULTS = {
     "zeroed": (zero, "cannot read its arrays"),
     "no_array_metadata": (delete_array_metadata, "its array metadata is missing"),
     "no_arrays": (delete_arrays, "its array directory"),
-    "garbage_meta": (garbage_meta, "/3/meta/metadata': UnicodeDecodeError"),
+    "garbage_meta": (garbage_meta, "cannot read its meta: UnicodeDecodeError"),
 }

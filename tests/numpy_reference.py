@@ -260,10 +260,15 @@ def ln_lstm_step(p, carry, x):
     return carry, carry[0]
 
 
-def indrnn_step(p, h, x, bound=None):
-    """Li et al. (2018): ``h_t = relu(x W + u ⊙ h + b)``, ``u`` clipped to ``[-bound, bound]``."""
+def indrnn_pre_activation(p, h, x, bound=None):
+    """Li et al. (2018): ``x W + u ⊙ h + b``, ``u`` clipped to ``[-bound, bound]``."""
     u = p["recurrent_kernel"] if bound is None else np.clip(p["recurrent_kernel"], -bound, bound)
-    h = np.maximum(x @ p["kernel"] + u * h + p["bias"], 0.0)
+    return x @ p["kernel"] + u * h + p["bias"]
+
+
+def indrnn_step(p, h, x, bound=None):
+    """``h_t = relu(x W + u ⊙ h + b)``."""
+    h = np.maximum(indrnn_pre_activation(p, h, x, bound), 0.0)
     return h, h
 
 
@@ -278,10 +283,15 @@ def modrelu(z, b):
     return np.sign(z) * np.maximum(np.abs(z) + b, 0.0)
 
 
-def exp_rnn_step(p, h, x):
-    """Lezcano-Casado & Martínez-Rubio (2019): ``h_t = modrelu(x W + h expm(A - Aᵀ))``."""
+def exp_rnn_pre_activation(p, h, x):
+    """Lezcano-Casado & Martínez-Rubio (2019): ``x W + h expm(A - Aᵀ)``, modReLU's input."""
     a = p["recurrent_skew"]
-    h = modrelu(x @ p["kernel"] + h @ expm_skew(a - a.T), p["bias"])
+    return x @ p["kernel"] + h @ expm_skew(a - a.T)
+
+
+def exp_rnn_step(p, h, x):
+    """``h_t = modrelu(x W + h expm(A - Aᵀ))``."""
+    h = modrelu(exp_rnn_pre_activation(p, h, x), p["bias"])
     return h, h
 
 

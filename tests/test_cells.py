@@ -7,7 +7,7 @@ import numpy_reference as ref
 import pytest
 
 from rnn_jax import cells
-from rnn_jax.scan import unroll
+from rnn_jax.scan import ScanType, unroll
 
 # (name, factory kwargs, reference kind, reference options)
 VARIANTS = {
@@ -67,10 +67,10 @@ def test_cell_matches_numpy_float64(variant):
         @jax.jit
         def ours(params, carry0, xs):
             # The cell's step in a loop from a given carry; the scan from the cell's own zero
-            # carry, fast path and readable scan.
+            # carry, the default (the fused path where the cell has one) and the readable scan.
             return ours_loop(cell, params, carry0, xs), [
-                unroll(cell, params, xs, return_sequences=True, fast=fast)[1]
-                for fast in (True, False)
+                unroll(cell, params, xs, return_sequences=True, scan=scan)[1]
+                for scan in (ScanType.AUTO, ScanType.SEQUENTIAL)
             ]
 
         jcarry0 = cells.LSTMCarry(*to_jax(carry0)) if kind == "lstm" else to_jax(carry0)
@@ -80,6 +80,8 @@ def test_cell_matches_numpy_float64(variant):
         np.testing.assert_allclose(
             jax.tree.leaves(carry), jax.tree.leaves(want_carry), rtol=1e-12, atol=1e-12
         )
+        # The hidden state the probes and the sampler read is the step's output h_t.
+        np.testing.assert_allclose(cell.hidden(carry), want_ys[:, -1], rtol=1e-12, atol=1e-12)
         for ys_scan in scans:
             assert ys_scan.dtype == jnp.float64
             np.testing.assert_allclose(ys_scan, want_zero, rtol=1e-12, atol=1e-12)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from experiments import char_lm, cli
-from rnn_jax import checkpoint, train
+from rnn_jax import checkpoint, rundir, train
 from rnn_jax.data import TextError, clean_text, read_corpus
+from rnn_jax.workdir import WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The project's reference facts, in the repository (docs/DESIGN.md); the copy beside the
@@ -223,7 +224,7 @@ def test_run_end_to_end(tiny_run):
         assert f'Generating from seed: "{r["seed"]}"' in lines
         assert r["seed"] + r["generated"] in lines  # the tutorial's print: seed then generation
     assert history[1]["loss"] < history[0]["loss"] < math.log(vocab.size)
-    assert train.read_history(workdir) == history
+    assert rundir.read_history(workdir) == history
     with open(os.path.join(workdir, "samples.txt")) as f:
         assert f.read() == "".join(
             f"iteration {r['iteration']}  loss {r['loss']:.4f}\n{r['seed']}|{r['generated']}\n\n"
@@ -260,7 +261,7 @@ def _refused(tiny_run, tmp_path, config):
     workdir = str(tmp_path / "run")
     shutil.copytree(tiny_run[0], workdir)
     before = _snapshot(workdir)
-    with pytest.raises(checkpoint.CheckpointError) as e:
+    with pytest.raises(WorkdirError) as e:  # its run.json records another configuration
         char_lm.run(config, workdir, out=_quiet)
     assert _snapshot(workdir) == before, "the refused run changed the existing workdir"
     return cli.as_flags(str(e.value), [f.name for f in dataclasses.fields(char_lm.Config)])
@@ -269,7 +270,7 @@ def _refused(tiny_run, tmp_path, config):
 def test_checkpoint_with_other_config_is_refused(tiny_run, text_path, tmp_path):
     config = char_lm.Config(text=text_path, iterations=3, **{**TINY, "units": 16})
     message = _refused(tiny_run, tmp_path, config)
-    assert "--units=16 differs from the checkpoint's 8" in message and "workdir" in message
+    assert "--units=16 differs from the earlier 8" in message and "workdir" in message
 
 
 def test_checkpoint_with_other_vocabulary_is_refused(tiny_run, tmp_path):
@@ -326,7 +327,7 @@ def test_seed_text_is_lower_cased_as_the_corpus(text_path):
 def test_workdir_that_is_a_file(text_path, tmp_path):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("my notes")
-    with pytest.raises(checkpoint.CheckpointError, match=r"^workdir=.* is a file"):
+    with pytest.raises(WorkdirError, match=r"^workdir=.* is a file"):
         char_lm.run(char_lm.Config(text=text_path, **TINY), str(a_file), out=_quiet)
     assert a_file.read_text() == "my notes"
 
@@ -334,26 +335,28 @@ def test_workdir_that_is_a_file(text_path, tmp_path):
 def test_nan_keeps_last_good_checkpoint_and_resume_recovers(
     reference, text_path, tmp_path, monkeypatch
 ):
-    real = train.make_train_steps
+    real = train.make_trainer
 
     def poisoned(*args, **kwargs):
-        epoch, calls = real(*args, **kwargs), []
+        trainer, calls = real(*args, **kwargs), []
+        run_part = trainer.run
 
-        def run(state, data):
+        def run(state, data, first, count):
             calls.append(1)
-            if len(calls) == 3:  # a parameter goes bad during iteration 3
+            if len(calls) == 3:  # a parameter goes bad during iteration 3 (one call an epoch)
                 params = jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(np.nan), state.params)
                 state = state._replace(params=params)
-            return epoch(state, data)
+            return run_part(state, data, first, count)
 
-        return run
+        trainer.run = run
+        return trainer
 
     workdir = str(tmp_path)
     config = char_lm.Config(text=text_path, iterations=3, **TINY)
-    monkeypatch.setattr(train, "make_train_steps", poisoned)
+    monkeypatch.setattr(train, "make_trainer", poisoned)
     with pytest.raises(train.NonFiniteLossError, match=r"iteration 3.*last good checkpoint"):
         char_lm.run(config, workdir, out=_quiet)
-    monkeypatch.setattr(train, "make_train_steps", real)
+    monkeypatch.setattr(train, "make_trainer", real)
 
     ckpt = os.path.join(workdir, "checkpoints")
     step_2 = 2 * int(reference.state.step) // 3  # the end of iteration 2
@@ -362,7 +365,7 @@ def test_nan_keeps_last_good_checkpoint_and_resume_recovers(
     assert int(restored.step) == step_2
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(restored.params))
     assert meta["config"]["units"] == 8 and "text" in meta["config"]
-    assert [r["iteration"] for r in train.read_history(workdir)] == [1, 2]
+    assert [r["iteration"] for r in rundir.read_history(workdir)] == [1, 2]
 
     state, history, _ = char_lm.run(config, workdir, out=_quiet)
     assert [h["iteration"] for h in history] == [1, 2, 3]

@@ -4,7 +4,8 @@ every tool accepts it: unroll, the gradient probes, the sampler, the trainer, th
 
 Two cells written here as a user would: an Elman cell that reads float features or integer
 tokens in its own step (its numbers must be the built-in ``simple_rnn``'s, given the same
-params), and a cell whose carry has two parts (a fast state and a slow memory).
+params), and a cell whose carry has two parts (a slow memory and a fast state, the hidden state
+it names with ``hidden=``: not the carry's first part, not called ``h``).
 """
 
 from typing import NamedTuple
@@ -12,12 +13,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
 import rnn_jax
 from rnn_jax.linen import RNN
 
 UNITS, V, TIME = 5, 7, 6
+SEQUENTIAL = rnn_jax.ScanType.SEQUENTIAL
 
 
 def elman(units):
@@ -51,15 +54,15 @@ def elman(units):
 
 
 class Memory(NamedTuple):
-    """A fast state ``h`` (the output) and a slow memory ``s``."""
+    """A slow memory ``s`` and a fast state ``h`` (the output, the hidden state)."""
 
-    h: jax.Array
-    s: jax.Array
+    slow: jax.Array
+    fast: jax.Array
 
 
 def leaky_memory(units):
     """``a = σ(x W_a + h U_a + b_a)``, ``s_t = (1 - a) ⊙ s + a ⊙ h``,
-    ``h_t = tanh(x W_h + s_t U_h + b_h)``; the output is ``h_t``."""
+    ``h_t = tanh(x W_h + s_t U_h + b_h)``; the output is ``h_t``, the carry ``Memory(s, h)``."""
 
     def init(key, input_dim):
         k_w, k_u = jax.random.split(key)
@@ -73,21 +76,37 @@ def leaky_memory(units):
         w_a, w_h = jnp.split(params["kernel"], 2, axis=-1)
         u_a, u_h = jnp.split(params["recurrent_kernel"], 2, axis=-1)
         b_a, b_h = jnp.split(params["bias"], 2)
-        rate = jax.nn.sigmoid(x @ w_a + carry.h @ u_a + b_a[None, :])
-        s = (1.0 - rate) * carry.s + rate * carry.h
+        rate = jax.nn.sigmoid(x @ w_a + carry.fast @ u_a + b_a[None, :])
+        s = (1.0 - rate) * carry.slow + rate * carry.fast
         h = jnp.tanh(x @ w_h + s @ u_h + b_h[None, :])
-        return Memory(h, s), {"gates": {"rate": rate}, "tanh": {"fast": h}}
+        return Memory(s, h), {"gates": {"rate": rate}, "tanh": {"fast": h}}
 
     def step(params, carry, x):
         carry, _ = parts(params, carry, x)
-        return carry, carry.h
+        return carry, carry.fast
 
     def initial_carry(batch):
         return Memory(jnp.zeros((batch, units)), jnp.zeros((batch, units)))
 
     return rnn_jax.custom_cell(
-        init, initial_carry, step, activations=lambda p, c, x: parts(p, c, x)[1]
+        init,
+        initial_carry,
+        step,
+        hidden=lambda carry: carry.fast,
+        activations=lambda p, c, x: parts(p, c, x)[1],
     )
+
+
+def numpy_leaky_memory(p, carry, x):
+    """:func:`leaky_memory`'s step in float64 NumPy, from its equations: ``carry = (s, h)``."""
+    s, h = carry
+    w_a, w_h = np.split(p["kernel"], 2, axis=-1)
+    u_a, u_h = np.split(p["recurrent_kernel"], 2, axis=-1)
+    b_a, b_h = np.split(p["bias"], 2)
+    rate = ref.sigmoid(x @ w_a + h @ u_a + b_a)
+    s = (1.0 - rate) * s + rate * h
+    h = np.tanh(x @ w_h + s @ u_h + b_h)
+    return (s, h), h
 
 
 def _random(tree, rng, scale=0.6):
@@ -126,16 +145,87 @@ def _inputs(kind, batch=3, seed=1):
 
 def test_custom_cell_fields():
     """The user's three functions fill a Cell: ``project`` passes ``x`` through, ``recur`` is
-    ``step``, ``units`` is read from the carry unless given."""
+    ``step``, ``hidden`` is the user's (the carry itself for a one-array carry), ``units`` is
+    read from the hidden state unless given."""
     cell = leaky_memory(UNITS)
     assert isinstance(cell, rnn_jax.Cell)
-    assert cell.units == UNITS and elman(4).units == 4  # from the carry's first leaf
-    assert rnn_jax.custom_cell(cell.init, cell.initial_carry, cell.step, units=9).units == 9
+    assert cell.units == UNITS and elman(4).units == 4
+    wide = rnn_jax.custom_cell(
+        cell.init,
+        lambda batch: Memory(jnp.zeros((batch, 3)), jnp.zeros((batch, 8))),
+        cell.step,
+        hidden=lambda carry: carry.fast,
+    )
+    assert wide.units == 8  # the hidden part's width, not the first part's
+    given = rnn_jax.custom_cell(
+        cell.init, cell.initial_carry, cell.step, hidden=cell.hidden, units=9
+    )
+    assert given.units == 9
     params = _params(cell, 3)
     carry = _random(jax.eval_shape(lambda: cell.initial_carry(2)), np.random.default_rng(3))
     x = _inputs("features", batch=2)[:, 0, :3]
     assert cell.project(params, x) is x
     _close(cell.recur(params, carry, x), cell.step(params, carry, x), 0.0)
+    assert cell.hidden(carry) is carry.fast and elman(4).hidden(x) is x
+
+
+@pytest.mark.parametrize(
+    "carry",
+    [
+        lambda batch: Memory(jnp.zeros((batch, UNITS)), jnp.zeros((batch, UNITS))),
+        lambda batch: (jnp.zeros((batch, UNITS)), jnp.zeros((batch, UNITS))),
+        lambda batch: {"state": jnp.zeros((batch, UNITS))},
+    ],
+    ids=["NamedTuple", "tuple", "dict"],
+)
+def test_a_structured_carry_needs_hidden(carry):
+    """Which part of a structured carry is the hidden state is never guessed: without
+    ``hidden=`` the cell is refused when it is built."""
+    cell = leaky_memory(UNITS)
+    with pytest.raises(ValueError, match=r"not one array.*pass hidden="):
+        rnn_jax.custom_cell(cell.init, carry, cell.step)
+
+
+def test_probes_read_the_named_hidden_state():
+    """``carry_gradients`` of the two-part carry (hidden part ``fast``, second, not ``h``)
+    against central differences of the float64 NumPy cell: the loss reads every output
+    ``y_t = h_t``, the derivative with respect to each part of every step's carry."""
+    cell, rng = leaky_memory(UNITS), np.random.default_rng(11)
+    batch, time, eps = 2, 4, 1e-6
+    params = jax.tree.map(np.asarray, _params(cell, V, seed=12))
+    params = jax.tree.map(lambda a: a.astype(np.float64), params)
+    xs = rng.standard_normal((batch, time, V))
+    weights = rng.standard_normal((time, UNITS))
+
+    def numpy_losses(perturb_at=None, part=None, unit=None, sign=0.0):
+        """Per-example ``Σ_t sin(y_t) · w_t``, the carry after step ``perturb_at`` moved."""
+        carry, total = (np.zeros((batch, UNITS)), np.zeros((batch, UNITS))), np.zeros(batch)
+        for t in range(time):
+            carry, _ = numpy_leaky_memory(params, carry, xs[:, t])
+            if t == perturb_at:
+                carry = list(carry)
+                carry[part] = carry[part] + sign * eps * np.eye(UNITS)[unit]
+                carry = tuple(carry)
+            total = total + np.sin(carry[1]) @ weights[t]
+        return total
+
+    want = np.zeros((2, batch, time, UNITS))  # (part, batch, time, unit)
+    for t in range(time):
+        for part in range(2):
+            for unit in range(UNITS):
+                up, down = (numpy_losses(t, part, unit, sign) for sign in (1.0, -1.0))
+                want[part, :, t, unit] = (up - down) / (2 * eps)
+
+    with jax.enable_x64(True):
+        loss_fn = lambda ys: jnp.sum(jnp.sin(ys) * weights[None], axis=(1, 2))
+        losses, grads = jax.jit(
+            lambda p, x: rnn_jax.carry_gradients(cell, p, x, loss_fn, return_sequences=True)
+        )(jax.tree.map(jnp.asarray, params), jnp.asarray(xs))
+    assert isinstance(grads, Memory)
+    np.testing.assert_allclose(losses, numpy_losses(), rtol=1e-12)
+    np.testing.assert_allclose(grads.slow, want[0], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(grads.fast, want[1], rtol=1e-6, atol=1e-8)
+    assert np.all(np.abs(want[0, :, :-1]) > 1e-6)  # the slow part matters, but for the last step
 
 
 @pytest.mark.parametrize(
@@ -187,8 +277,9 @@ def test_unroll_equals_python_loop_over_step(name, kind):
 
 
 def test_elman_equals_builtin_simple_rnn():
-    """Same params, same numbers as ``rnn_jax.simple_rnn`` (its fast path and its readable scan),
-    tokens and features, values and gradients; under ``vmap`` over parameter sets."""
+    """Same params, same numbers as ``rnn_jax.simple_rnn`` (its default, the fused path without
+    lengths, and its readable scan), tokens and features, values and gradients; under ``vmap``
+    over parameter sets."""
     mine, builtin = elman(UNITS), rnn_jax.simple_rnn(UNITS)
     params = _params(builtin, V)
     tokens, features = _inputs("tokens"), _inputs("features")
@@ -202,7 +293,7 @@ def test_elman_equals_builtin_simple_rnn():
         out = []
         for xs in (tokens, features):
             for kwargs in ({}, {"reverse": True, "lengths": jnp.array([TIME, 2, 4])}):
-                for cell, options in ((mine, {}), (builtin, {}), (builtin, {"fast": False})):
+                for cell, options in ((mine, {}), (builtin, {}), (builtin, {"scan": SEQUENTIAL})):
                     grad = jax.value_and_grad(
                         lambda p, c=cell, k={**kwargs, **options}: loss(c, p, xs, **k)
                     )
@@ -253,7 +344,7 @@ def test_probes_equal_builtin_simple_rnn():
 
 def test_probes_on_a_two_part_carry():
     """The probes read a pytree carry: norms per part, Jacobians over the flattened carry
-    (``h`` then ``s``; checked against ``jax.jacfwd`` of the user's step), the user's named
+    (``slow`` then ``fast``; checked against ``jax.jacfwd`` of the user's step), the user's named
     activations."""
     cell = leaky_memory(UNITS)
     params, xs = _params(cell, V, seed=5), _inputs("features", batch=2)
@@ -267,7 +358,7 @@ def test_probes_on_a_two_part_carry():
             new, _ = cell.step(
                 params, Memory(vec[None, :UNITS], vec[None, UNITS:]), xs[b : b + 1, t]
             )
-            return jnp.concatenate([new.h[0], new.s[0]])
+            return jnp.concatenate([new.slow[0], new.fast[0]])
 
         return (
             rnn_jax.carry_gradient_norms(cell, params, xs, lambda h: jnp.sum(h**2, axis=-1)),
@@ -275,12 +366,13 @@ def test_probes_on_a_two_part_carry():
             rnn_jax.jacobian_norms(cell, params, xs),
             rnn_jax.saturation(cell, params, xs),
             _loop(cell, params, xs, cell.initial_carry(2))[1],
-            jax.jacfwd(flat_step)(jnp.concatenate([carry.h[0], carry.s[0]])),
+            jax.jacfwd(flat_step)(jnp.concatenate([carry.slow[0], carry.fast[0]])),
         )
 
     (loss, norms), jacobians, jac_norms, sat, hs, want = probes(params, xs)
-    assert isinstance(norms, Memory) and norms.s.shape == (2, TIME)
-    assert np.all(np.asarray(norms.h[:, -1]) > 0) and np.all(np.asarray(norms.s[:, -1]) == 0)
+    assert isinstance(norms, Memory) and norms.slow.shape == (2, TIME)
+    assert np.all(np.asarray(norms.fast[:, -1]) > 0)
+    assert np.all(np.asarray(norms.slow[:, -1]) == 0)
     np.testing.assert_allclose(loss, np.sum(np.asarray(hs[:, -1]) ** 2, axis=-1), rtol=1e-6)
     assert sorted(sat) == ["fast", "gates", "rate", "tanh_units"]
     np.testing.assert_array_equal(sat["gates"], sat["rate"])
@@ -308,7 +400,7 @@ def test_sampler_gives_the_builtin_tokens():
 
 
 def test_trainer_moves_every_param():
-    """One ``make_train_steps(shuffled_epoch)`` epoch of a token classifier on the user's cell
+    """One ``make_trainer(shuffled_epoch)`` epoch of a token classifier on the user's cell
     (its gradients are the built-in's: test_elman_equals_builtin_simple_rnn)."""
     rng = np.random.default_rng(9)
     data = (
@@ -327,7 +419,7 @@ def test_trainer_moves_every_param():
         return rnn_jax.softmax_cross_entropy(model.apply(params, xs), labels), {}
 
     opt = rnn_jax.rmsprop(1e-2)
-    run = rnn_jax.make_train_steps(loss_fn, opt, rnn_jax.shuffled_epoch(get_batch, 10, 4))
+    run = rnn_jax.make_trainer(loss_fn, opt, rnn_jax.shuffled_epoch(get_batch, 10, 4))
     params = model.init(jax.random.PRNGKey(0))
     state, metrics = run(rnn_jax.create_train_state(params, opt, jax.random.PRNGKey(1)), data)
     assert bool(metrics["finite"]) and int(state.step) == 3
@@ -382,7 +474,7 @@ def test_jit_vmap_grad_compose():
 
     def loss(params):
         final, ys = rnn_jax.unroll(cell, params, xs, reverse=True, return_sequences=True)
-        return jnp.sum(jnp.sin(ys)) + jnp.sum(final.s**2)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(final.slow**2)
 
     @jax.jit
     def run(params, direction):

@@ -87,3 +87,17 @@ def test_compilation_cache_on_off_and_empty(tmp_path):
     finally:
         for name, value in saved.items():
             jax.config.update(name, value)
+
+
+def test_docstrings_survive_absl_help(modules):
+    """absl prints a script's module docstring in --help after ``doc % ((argv[0],) * n)``
+    (absl/app.py, ``usage``): a ``% s`` (as in ``10-90 % spread``) would come out as the
+    program's path."""
+    for name, module in modules.items():
+        doc = module.__doc__ or ""
+        specifiers = doc.count("%") - 2 * doc.count("%%")
+        try:
+            shown = doc % (("<PROGRAM>",) * specifiers)
+        except (OverflowError, TypeError, ValueError):
+            shown = doc  # absl shows it as it is
+        assert "<PROGRAM>" not in shown, f"experiments.{name}"

@@ -1,11 +1,13 @@
 """The fast path (rnn_jax._fast) against the readable scan: values and every derivative.
 
-``unroll(..., fast=True)`` (the default) runs a :class:`rnn_jax.cells.Recurrence` through
-``_fast.unroll_recurrence``: the zero first step peeled, a custom JVP whose transpose forms the
-recurrent kernel's gradient as one product. ``fast=False`` is the readable step-by-step scan
-that JAX differentiates by itself. For every built-in cell and every unroll option the two must
-agree in float32: outputs, reverse mode (params, inputs, carry), forward mode, second order and
-``vmap``. The GRU in its reset-before form is not a Recurrence; ``fast`` must not change it.
+``unroll(..., scan=ScanType.FUSED)`` (what ``AUTO``, the default, picks for it) runs a
+:class:`rnn_jax.cells.Recurrence` through ``_fast.unroll_recurrence``: the zero first step peeled
+(``_fast.step_from_zero``, the sampler's first step too), a custom JVP whose transpose forms the
+recurrent kernel's gradient as one product. ``ScanType.SEQUENTIAL`` is the readable step-by-step
+scan that JAX differentiates by itself. For every built-in cell and every unroll option the two
+must agree in float32: outputs, reverse mode (params, inputs, carry), forward mode, second order
+and ``vmap``. The GRU in its reset-before form is not a Recurrence: ``AUTO`` runs its readable
+scan and ``FUSED`` is refused.
 """
 
 import jax
@@ -14,10 +16,12 @@ import numpy as np
 import pytest
 
 from rnn_jax import cells
-from rnn_jax._fast import matmul, zero_initial_carry
+from rnn_jax._fast import matmul, step_from_zero, zero_initial_carry
 from rnn_jax.cells import Recurrence, _rows
 from rnn_jax.models import dense
-from rnn_jax.scan import unroll
+from rnn_jax.scan import ScanType, unroll
+
+FUSED, SEQUENTIAL = ScanType.FUSED, ScanType.SEQUENTIAL
 
 VARIANTS = {
     "simple_rnn": lambda units: cells.simple_rnn(units),
@@ -69,12 +73,12 @@ def _setup(variant, units=4, input_dim=3, batch=2, seed=0):
     return cell, params, xs, carry, tangents
 
 
-def _derivatives(cell, case, fast, second_order, vmap, primals, tangents):
-    """Outputs and derivatives of one unroll configuration, for one value of ``fast``."""
+def _derivatives(cell, case, scan, second_order, vmap, primals, tangents):
+    """Outputs and derivatives of one unroll configuration, for one ``scan``."""
     given, options = case
 
     def run(params, xs, carry):
-        return unroll(cell, params, xs, carry if given else None, fast=fast, **options)
+        return unroll(cell, params, xs, carry if given else None, scan=scan, **options)
 
     def loss(params, xs, carry):
         final, ys = run(params, xs, carry)
@@ -116,9 +120,9 @@ def test_fast_path_equals_readable_scan(variant):
         return [
             [
                 _derivatives(
-                    cell, case, fast, i == second_order, vmap and i == 0, primals, tangents
+                    cell, case, scan, i == second_order, vmap and i == 0, primals, tangents
                 )
-                for fast in (True, False)
+                for scan in (FUSED, SEQUENTIAL)
             ]
             for i, case in enumerate(cases)
         ]
@@ -129,28 +133,56 @@ def test_fast_path_equals_readable_scan(variant):
             where = f"{variant}, {key}, carry={'given' if given else 'zeros'}, {options}"
             _assert_close(fast[key], plain[key], TOL, where)
 
-    # Two different programs: fast=True adds the recurrence's custom JVP to the projection's.
-    def custom_jvps(fast):
-        jaxpr = jax.make_jaxpr(lambda p: unroll(cell, p, xs, fast=fast))(params)
-        return str(jaxpr).count("custom_jvp_call")
+    # Two different programs: FUSED adds the recurrence's custom JVP to the projection's, and
+    # AUTO (the default) is FUSED, the same program; with lengths AUTO is SEQUENTIAL.
+    def program(lengths=None, **scan):
+        run = lambda p: unroll(cell, p, xs, lengths=lengths, **scan)
+        return str(jax.make_jaxpr(run)(params))
 
-    assert custom_jvps(True) > custom_jvps(False)
+    assert program(scan=FUSED).count("custom_jvp_call") > program(scan=SEQUENTIAL).count(
+        "custom_jvp_call"
+    )
+    assert program() == program(scan=FUSED) != program(scan=SEQUENTIAL)
+    lengths = jnp.array([TIME, 1])
+    assert program(lengths) == program(lengths, scan=SEQUENTIAL)
+    with pytest.raises(ValueError, match=r"scan=ScanType.FUSED needs.*no lengths.*lengths are"):
+        unroll(cell, params, xs, lengths=lengths, scan=FUSED)
 
 
-def test_fast_leaves_other_cells_alone():
+def test_fused_refuses_other_cells():
     """A ``recur`` that is not a Recurrence (GRU reset-before, a plain function) runs the
-    readable scan whatever ``fast`` says: the same program."""
+    readable scan by default (the same program as SEQUENTIAL); FUSED is refused with the
+    scans that are available."""
     cell, params, xs, carry, _ = _setup("gru_reset_before")
     assert not isinstance(cell.recur, Recurrence)
     for given, options in CASES:
 
-        def program(fast, given=given, options=options):
+        def program(given=given, options=options, **scan):
             def run(params, xs, carry):
-                return unroll(cell, params, xs, carry if given else None, fast=fast, **options)
+                return unroll(cell, params, xs, carry if given else None, **scan, **options)
 
             return str(jax.make_jaxpr(run)(params, xs, carry))
 
-        assert program(True) == program(False)
+        assert program() == program(scan=SEQUENTIAL)
+    message = (
+        r"scan=ScanType.FUSED needs a cell whose recur is a rnn_jax.cells.Recurrence.*"
+        r"available here ScanType.AUTO, ScanType.SEQUENTIAL$"
+    )
+    with pytest.raises(ValueError, match=message):
+        unroll(cell, params, xs, scan=FUSED)
+
+
+@pytest.mark.parametrize("variant", sorted(PLAN))
+def test_step_from_zero_is_the_readable_step_from_zeros(variant):
+    """The first step of the fused path and of the sampler, without ``0 @ U``, is ``recur``
+    from the zero initial carry (with its product), the carry and the hidden state."""
+    cell, params, xs, _, _ = _setup(variant)
+    rec, zeros, zx = cell.recur, cell.initial_carry(2), cell.project(params, xs[:, 0])
+    b_h = None if rec.recurrent_bias is None else rec.recurrent_bias(params)
+    got = step_from_zero(rec, zeros, zx, b_h)
+    want, y = rec(params, zeros, zx)
+    _assert_close((got, cell.hidden(got)), (want, y), 1e-6, variant)
+    assert np.any(np.asarray(y) != 0)
 
 
 def test_nonzero_initial_carry_is_not_skipped():
@@ -161,17 +193,17 @@ def test_nonzero_initial_carry_is_not_skipped():
 
     @jax.jit
     def both(params, xs):
-        def loss(params, fast):
-            final, ys = unroll(shifted, params, xs, return_sequences=True, fast=fast)
+        def loss(params, scan):
+            final, ys = unroll(shifted, params, xs, return_sequences=True, scan=scan)
             return jnp.sum(jnp.sin(ys)) + jnp.sum(final**2)
 
-        return [jax.value_and_grad(loss)(params, fast) for fast in (True, False)]
+        return [jax.value_and_grad(loss)(params, scan) for scan in (FUSED, SEQUENTIAL)]
 
     fast, plain = both(params, xs)
     _assert_close(fast, plain, 1e-5, "shifted initial carry")
     # And the carry counts: from zeros the numbers differ.
-    zero = unroll(cell, params, xs, return_sequences=True, fast=False)[1]
-    got = unroll(shifted, params, xs, return_sequences=True, fast=False)[1]
+    zero = unroll(cell, params, xs, return_sequences=True, scan=SEQUENTIAL)[1]
+    got = unroll(shifted, params, xs, return_sequences=True, scan=SEQUENTIAL)[1]
     assert np.max(np.abs(np.asarray(got) - np.asarray(zero))) > 1e-3
 
 

@@ -15,11 +15,11 @@ import dataclasses
 import json
 import os
 import pathlib
-import random
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -29,7 +29,7 @@ import pytest
 from damage import delete_array_metadata, delete_arrays, flip, garbage_meta, truncate
 
 from experiments import char_lm
-from rnn_jax import checkpoint, train
+from rnn_jax import checkpoint, rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(units=8, batch_size=64, num_preds=12)
@@ -92,11 +92,12 @@ def _assert_bit_identical(a, b):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
+# The only fields of a metrics row that differ between a run and its rerun: wall times.
+WALL = ("seconds", "compile_seconds", "examples_per_second")
+
+
 def _rows(workdir: pathlib.Path) -> list[dict]:
-    timing = ("seconds", "compile_seconds", "examples_per_second")
-    return [
-        {k: v for k, v in row.items() if k not in timing} for row in train.read_history(workdir)
-    ]
+    return [{k: v for k, v in row.items() if k not in WALL} for row in rundir.read_history(workdir)]
 
 
 # --- The table ----------------------------------------------------------------------------------
@@ -113,6 +114,11 @@ class Fault:
     status: int
     says: str
     finished: bool = True
+    # Recovering rows: the run resumes from the newest step (0), or the one before it (1, the
+    # newest being damaged), or trains nothing (None).
+    resumes_from: int | None = None
+    # Recovering rows: metrics.jsonl ends as the finished run's (or stays absent).
+    whole_log: bool = True
 
 
 def _latest(workdir):
@@ -178,6 +184,42 @@ def _workdir_is_a_file(workdir, tmp):
     return {}
 
 
+def _directory(name):
+    def damage(workdir, tmp):
+        path = workdir / name
+        if path.exists():
+            path.unlink()
+        path.mkdir()
+        return {}
+
+    return damage
+
+
+def _read_only_workdir(workdir, tmp):
+    (tmp / "ro").mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(tmp / "ro")], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.decode().strip()})")
+    return {"workdir": tmp / "ro" / "new"}
+
+
+def _fifo(workdir, tmp):
+    os.mkfifo(tmp / "fifo")  # no writer: reading it would wait for ever
+    return {"text": tmp / "fifo"}
+
+
+def _cache_is_a_file(workdir, tmp):
+    (tmp / "cache").write_text("not a directory")
+    return {"compilation_cache": tmp / "cache"}
+
+
+def _no_metrics(workdir, tmp):
+    (workdir / "metrics.jsonl").unlink()
+    return {}
+
+
 FAULTS = [
     # A flip in raw array bytes fails the digest; one in the database's own records fails
     # the read: either way the step is named as damaged and skipped.
@@ -186,16 +228,32 @@ FAULTS = [
         _damaged_latest(flip, every=True),
         0,
         r"checkpoint \d+ in '.*' is damaged \((its arrays do not match their digest|cannot read)",
+        resumes_from=1,
     ),
     Fault(
         "truncated_arrays",
         _damaged_latest(truncate, every=True),
         0,
         r"is damaged \(cannot read its array",
+        resumes_from=1,
     ),
-    Fault("no_array_metadata", _damaged_latest(delete_array_metadata), 0, r"metadata is missing"),
-    Fault("no_state_dir", _damaged_latest(delete_arrays), 0, r"its array directory"),
-    Fault("garbage_meta", _damaged_latest(garbage_meta), 0, r"meta/metadata': UnicodeDecodeError"),
+    Fault(
+        "no_array_metadata",
+        _damaged_latest(delete_array_metadata),
+        0,
+        r"metadata is missing",
+        resumes_from=1,
+    ),
+    Fault(
+        "no_state_dir", _damaged_latest(delete_arrays), 0, r"its array directory", resumes_from=1
+    ),
+    Fault(
+        "garbage_meta",
+        _damaged_latest(garbage_meta),
+        0,
+        r"cannot read its meta: UnicodeDecodeError",
+        resumes_from=1,
+    ),
     Fault(
         "all_damaged", _all_damaged, 1, r"^error: no intact checkpoint in '.*': all 3 are damaged"
     ),
@@ -210,11 +268,10 @@ FAULTS = [
         "other_text_same_vocabulary",
         _other_text_same_vocabulary,
         1,
-        r"^error: the checkpoint in .* was written by a different run: .*--text=\.\.\.: sha256 ",
+        r"^error: --workdir='.*' holds the results of char_lm with another configuration \(.*"
+        r"--text=\.\.\.: sha256 ",
     ),
-    Fault(
-        "other_config", _other_config, 1, r"^error: .*--units=16 differs from the checkpoint's 8"
-    ),
+    Fault("other_config", _other_config, 1, r"^error: .*--units=16 differs from the earlier 8"),
     Fault("utf16_text", _utf16, 1, r"^error: --text='.*' is UTF-16 \(little-endian\) text.*iconv"),
     Fault("binary_text", _binary, 1, r"^error: --text='.*' looks like a binary file"),
     Fault("nan_temperature", _flag(temperature="nan"), 1, r"^error: --temperature=nan must be"),
@@ -225,6 +282,45 @@ FAULTS = [
     ),
     Fault("empty_workdir", _flag(workdir=""), 1, r"^error: --workdir='' is empty", finished=False),
     Fault("workdir_is_a_file", _workdir_is_a_file, 1, r"^error: --workdir='.*' is a file"),
+    Fault(
+        "metrics_is_a_directory", _directory("metrics.jsonl"), 1, r"metrics\.jsonl is a directory"
+    ),
+    Fault("samples_is_a_directory", _directory("samples.txt"), 1, r"samples\.txt is a directory"),
+    Fault(
+        "new_workdir_on_a_read_only_disk",
+        _read_only_workdir,
+        1,
+        r"^error: --workdir='.*/new' cannot be created \(the filesystem is read-only\)",
+        finished=False,
+    ),
+    Fault(
+        "new_workdir_under_proc",
+        _flag(workdir="/proc/rnn_jax_run"),
+        1,
+        r"^error: --workdir='/proc/rnn_jax_run' cannot be created",
+        finished=False,
+    ),
+    Fault("huge_seed", _flag(seed="99999999999999999999"), 1, r"^error: --seed=\d+ must be an"),
+    Fault(
+        "dev_zero_text", _flag(text="/dev/zero"), 1, r"^error: --text='/dev/zero' is not a regular"
+    ),
+    Fault("fifo_text", _fifo, 1, r"^error: --text='.*fifo' is not a regular file"),
+    Fault("tiny_clip_norm", _flag(clip_norm="1e-50"), 1, r"^error: --clip_norm=1e-50 is below"),
+    Fault("tiny_learning_rate", _flag(learning_rate="1e-50"), 1, r"^error: --learning_rate=1e-50"),
+    Fault("tiny_epsilon", _flag(epsilon="1e-50"), 1, r"^error: --epsilon=1e-50 is below"),
+    Fault(
+        "compilation_cache_is_a_file",
+        _cache_is_a_file,
+        0,
+        r"^warning: running without the compilation cache: '.*cache' cannot be written",
+    ),
+    Fault(
+        "rerun_without_metrics",
+        _no_metrics,
+        0,
+        r"^all 3 iterations are done .*: nothing to do",
+        whole_log=False,
+    ),
     Fault(
         "rerun_of_a_finished_run",
         _flag(),
@@ -247,15 +343,19 @@ def test_fault(fault, finished, corpus, tmp_path, launch):
     if workdir.is_file():
         before = workdir.read_bytes()
     proc = launch(_args(tmp_path / "corpus.txt", workdir, **flags))
-    stdout, stderr = proc.communicate(timeout=300)
+    try:
+        stdout, stderr = proc.communicate(timeout=900)  # a bound against a hang, not a timing
+    finally:
+        if os.path.ismount(tmp_path / "ro"):
+            subprocess.run(["umount", "-l", str(tmp_path / "ro")], capture_output=True)
     errors = [line for line in stderr.splitlines() if line.strip()]
     assert proc.returncode == fault.status, stderr
     if fault.status == 1:
-        # One line; before it at most the corpus's summary (printed once the text is read).
-        assert len(errors) == 1, stderr
+        # One error line, the last; before it on stdout at most the corpus's summary.
+        assert [e for e in errors if e.startswith("error:")] == errors[-1:], stderr
         summary = re.compile(r"^\d+ characters(, \d+ held out)?, vocabulary of ")
         assert all(summary.match(line) for line in stdout.splitlines()), stdout
-        assert _matches(fault.says, errors[0]), errors[0]
+        assert _matches(fault.says, errors[-1]), errors[-1]
         # Refused: the workdir is exactly as it was (or still absent).
         if before is None:
             assert not workdir.exists() or flags.get("workdir") == ""
@@ -266,6 +366,14 @@ def test_fault(fault, finished, corpus, tmp_path, launch):
         return
     lines = stdout.splitlines() + stderr.splitlines()
     assert any(_matches(fault.says, line) for line in lines), stdout + stderr
+    steps = _steps(finished_dir)
+    resumed = [line for line in lines if line.startswith("resuming from step ")]
+    if fault.resumes_from is None:
+        assert resumed == [], resumed
+    else:
+        assert len(resumed) == 1 and resumed[0].startswith(
+            f"resuming from step {steps[-1 - fault.resumes_from]} in "
+        ), resumed
     # Recovered: every file of the finished run is still there, unchanged or set aside
     # (a damaged step), and the run ends where the uninterrupted one did, bit for bit.
     after = _snapshot(workdir)
@@ -273,12 +381,19 @@ def test_fault(fault, finished, corpus, tmp_path, launch):
         if name == "metrics.jsonl":
             continue
         kept = after.get(name)
+        if name == "samples.txt":  # appended to, never rewritten
+            assert kept.startswith(content), name
+            continue
         if kept != content:
             step, rest = name.split("/", 2)[1], name.split("/", 2)[2:]
             aside = os.path.join("checkpoints", f"{step}.replaced", *rest)
             assert after.get(aside) == before.get(name), name
     _assert_bit_identical(_final_state(workdir, result.state), result.state)
-    assert _rows(workdir) == _rows(finished_dir)
+    if fault.whole_log:
+        assert _rows(workdir) == _rows(finished_dir)
+    else:  # nothing trained, nothing rebuilt: the log stays absent, samples.txt as it was
+        assert not (workdir / "metrics.jsonl").exists()
+        assert after["samples.txt"] == before_damage["samples.txt"]
 
 
 def _matches(pattern: str, line: str) -> bool:
@@ -320,36 +435,37 @@ def test_disk_full_then_freed_and_read_only(finished, corpus, tmp_path, launch):
         workdir = disk / "run"
         args = _args(corpus, workdir, iterations=5)
         proc = launch(args)
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=900)
         errors = [line for line in stderr.splitlines() if line.strip()]
-        assert proc.returncode == 1 and len(errors) == 1, stderr
+        assert proc.returncode == 1 and [e for e in errors if "error" in e] == errors[-1:], stderr
         found = re.match(
-            r"^error: cannot write checkpoint (\d+) in '.*': the disk is full; its partial files "
-            r"are removed and the previous checkpoints are intact \(newest: step (\d+)\)\. Free "
-            r"space .* rerun the same command to resume$",
-            errors[0],
+            r"^error: cannot write checkpoint (\d+) in '.*': the disk is full; the previous "
+            r"checkpoints are intact \(newest: step (\d+)\), and what the failed save left is "
+            r"removed when the run resumes\. Free space .* rerun the same command to resume$",
+            errors[-1],
         )
-        assert found, errors[0]
+        assert found, errors[-1]
         failed, newest = int(found.group(1)), int(found.group(2))
-        names = sorted(os.listdir(workdir / "checkpoints"), key=int)  # no partial step left
-        assert names[-1] == str(newest) and newest < failed, names
+        assert _steps(workdir)[-1] == newest < failed, _steps(workdir)
         kept = _snapshot(workdir)
 
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         proc = launch(args)
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=900)
         errors = [line for line in stderr.splitlines() if line.strip()]
-        assert proc.returncode == 1 and len(errors) == 1, stderr
-        assert "Read-only file system" in errors[0] and errors[0].startswith("error: --workdir=")
+        assert proc.returncode == 1 and [e for e in errors if "error" in e] == errors[-1:], stderr
+        assert "Read-only file system" in errors[-1] and errors[-1].startswith("error: --workdir=")
         assert _snapshot(workdir) == kept
 
         subprocess.run(["mount", "-o", "remount,rw,size=8m", str(disk)], check=True)
         proc = launch(args)
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr
-        assert "resuming from step " in stdout
-        resumed = train.read_history(str(workdir))
+        assert f"resuming from step {newest} " in stdout
+        resumed = rundir.read_history(str(workdir))
         assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5]
+        # What the failed save left is gone: the directory holds whole steps only.
+        assert all(name.isdigit() for name in os.listdir(workdir / "checkpoints"))
         digest = _state_digest(workdir)
 
     clean = tmp_path / "clean"
@@ -407,12 +523,33 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> list[s
 # --- kill -9 ------------------------------------------------------------------------------
 
 
+# The experiment in a child whose second checkpoint commit is killed: orbax has written the
+# step whole to its temporary directory and is about to rename it into place.
+_KILLED_AT_COMMIT = """
+import os, runpy, signal, sys
+real_rename, commits = os.rename, []
+
+def rename(src, dst, *args, **kwargs):
+    if os.path.basename(os.fspath(dst)).isdigit():
+        commits.append(dst)
+        if len(commits) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_rename(src, dst, *args, **kwargs)
+
+os.rename = rename
+sys.argv = ["char_lm", *sys.argv[1:]]
+runpy.run_module("experiments.char_lm", run_name="__main__")
+"""
+
+
 def test_kill_9_anywhere_resumes_bit_identically(corpus, tmp_path, launch):
     """The tiny corpus (30 steps per epoch) in calls of 5 steps, a checkpoint every 10 steps
-    and after every iteration: killed once while a checkpoint is being written (its temporary
-    directory seen), once in the middle of an epoch (after a progress line), then at a random
-    moment, each followed by a rerun; the last rerun finishes. The final state and
-    metrics.jsonl equal those of a run never stopped."""
+    and after every iteration: killed as a checkpoint is committed (the step written whole,
+    not yet renamed into place), in the middle of an epoch (after a progress line, its
+    mid-epoch checkpoint written) and after an iteration's line, each followed by a rerun;
+    the last rerun finishes. Every kill is placed by what the run has done, never by a clock.
+    The final state and metrics.jsonl equal those of a run never stopped, and the epoch
+    resumed mid-way keeps the training seconds counted before the kill."""
     text = corpus
     flags = dict(iterations=3, steps_per_call=5, checkpoint_every=10, progress_seconds=0.001)
     config = char_lm.Config(
@@ -421,39 +558,73 @@ def test_kill_9_anywhere_resumes_bit_identically(corpus, tmp_path, launch):
     reference = char_lm.run(config, str(tmp_path / "reference"), out=lambda *_: None)
     workdir = tmp_path / "run"
     args = _args(text, workdir, **flags)
-    ckpt = workdir / "checkpoints"
 
-    # 1. During a checkpoint write: kill as soon as orbax's temporary directory appears.
-    proc = launch(args)
-    deadline, hit = time.monotonic() + 300, False
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.is_dir() and any("orbax-checkpoint-tmp" in n for n in os.listdir(ckpt)):
-            proc.send_signal(signal.SIGKILL)
-            hit = True
-            break
-    proc.communicate()
-    assert hit, "the run ended before any checkpoint was written"
+    # 1. As a checkpoint is committed.
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_AT_COMMIT, *args],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert _steps(workdir) == [10]  # the first step; the second was not renamed into place
 
-    # 2. In the middle of an epoch: after a progress line.
+    # 2. In the middle of an epoch, after its mid-epoch checkpoint: a progress line follows it.
     proc = launch(args)
     _wait_for(proc, "steps (")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
+    newest = _steps(workdir)[-1]
+    progress = checkpoint.restore_meta(str(workdir / "checkpoints"), newest)[rundir.PROGRESS_KEY]
+    assert progress["steps"] > 0, progress  # inside an epoch
+    counted = (progress["iteration"] + 1, progress["seconds"])
 
-    # 3. At a random moment after start-up.
+    # 3. After iteration 2's line, before or after its checkpoint.
     proc = launch(args)
-    _wait_for(proc, "compiled the training steps")
-    time.sleep(random.Random(0).uniform(0.0, 1.0))
+    _wait_for(proc, "Iteration #: 2")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
 
     proc = launch(args)
-    _, stderr = proc.communicate(timeout=300)
+    _, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr
     _assert_bit_identical(_final_state(workdir, reference.state), reference.state)
-    rows = _rows(workdir)
-    assert [r["iteration"] for r in rows] == [1, 2, 3]
-    assert rows == [
+    rows = rundir.read_history(str(workdir))
+    assert [{k: v for k, v in r.items() if k not in WALL} for r in rows] == [
+        {k: v for k, v in r.items() if k not in WALL} for r in reference.history
+    ]
+    iteration, seconds = counted
+    assert rows[iteration - 1]["seconds"] >= seconds  # the clock went on from the checkpoint
+
+
+def test_ctrl_c_and_sigterm_checkpoint_and_say_how_to_resume(corpus, tmp_path, launch):
+    """SIGINT, then SIGTERM on the rerun: each stops at the next call boundary with a
+    checkpoint of that step, one line and exit status 130 / 143; the last rerun ends
+    bit-identical to a run never stopped."""
+    flags = dict(iterations=4, steps_per_call=5, progress_seconds=0.001)
+    config = char_lm.Config(text=str(corpus), **{**TINY, **flags, "progress_seconds": None})
+    reference = char_lm.run(config, str(tmp_path / "reference"), out=lambda *_: None)
+    workdir = tmp_path / "run"
+    args = _args(corpus, workdir, **flags)
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        proc = launch(args)
+        _wait_for(proc, "steps (")  # training, between two calls
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=900)
+        errors = [line for line in stderr.splitlines() if line.strip()]
+        assert proc.returncode == status, stderr
+        found = re.fullmatch(
+            r"interrupted at step (\d+); rerun the same command to resume", errors[-1]
+        )
+        assert found and "Traceback" not in stderr, stderr
+        assert _steps(workdir)[-1] == int(found.group(1))
+    proc = launch(args)
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr
+    _assert_bit_identical(_final_state(workdir, reference.state), reference.state)
+    assert _rows(workdir) == [
         {
             k: v
             for k, v in r.items()

@@ -16,8 +16,9 @@ from jax.flatten_util import ravel_pytree
 
 import rnn_jax
 from experiments import gradient_flow, long_range
-from rnn_jax import cells, gradients
+from rnn_jax import cells, gradients, registry
 from rnn_jax.synthetic import adding_problem, copy_batch
+from rnn_jax.workdir import WorkdirError
 
 CELLS = ["simple_rnn", "lstm", "gru"]
 BATCH, TIME, INPUT_DIM, UNITS = 2, 5, 2, 3
@@ -335,9 +336,6 @@ def _mgu_cell(with_activations=True):
         lambda batch: jnp.zeros((batch, UNITS)),
         _mgu_step,
         activations=(lambda p, h, x: _mgu(p, h, x)[1]) if with_activations else None,
-        # Given: custom_cell's default, read from jax.eval_shape(initial_carry, 1), traces the
-        # batch size and fails for initial_carry = lambda batch: jnp.zeros((batch, units)).
-        units=UNITS,
     )
 
 
@@ -463,6 +461,11 @@ def test_gradient_flow_probes_the_models_a_sweep_trained(tmp_path):
     config = dataclasses.replace(
         TINY_FLOW, configs=("lru",), trained_from=str(tmp_path / "sweep"), seeds=5
     )
+    # Probing into the sweep's own workdir is refused: its results are the sweep's.
+    sweep_results = (tmp_path / "sweep" / "results.json").read_bytes()
+    with pytest.raises(WorkdirError, match="holds the results of long_range, not of gradient_flow"):
+        gradient_flow.run(config, str(tmp_path / "sweep"), out=lambda line: None)
+    assert (tmp_path / "sweep" / "results.json").read_bytes() == sweep_results
     rows = gradient_flow.run(config, str(tmp_path / "flow"), out=lambda line: None)
     with open(tmp_path / "sweep" / "results.json") as f:
         test = np.asarray(json.load(f)["results"][0]["test_loss"][0])  # (seeds, evals)
@@ -699,14 +702,20 @@ def test_gradient_flow_bad_flag_is_one_line_and_exit_1(bad_flag):
     assert err.strip() == "error: --clip_norm=-1.0 must be finite and > 0", err
 
 
-def test_hidden_of_each_kind_of_carry():
-    """``h`` of an LSTM carry, the array itself for one-array carries (LRU's modulus is
-    tested against NumPy in tests/test_linear.py)."""
+def test_each_cell_names_its_hidden_state():
+    """``cell.hidden``: ``h`` of an LSTM carry (chrono and layer-normalised too), the array
+    itself for the one-array carries, the modulus for LRU's (tested against NumPy in
+    tests/test_linear.py), for every cell of the registry."""
     h, c = jnp.arange(6.0).reshape(2, 3), -jnp.ones((2, 3))
-    np.testing.assert_array_equal(gradients.hidden(cells.LSTMCarry(h, c)), h)
-    np.testing.assert_array_equal(gradients.hidden(h), h)
     lru_norms = rnn_jax.LRUCarry(jnp.array([[3.0, 0.0]]), jnp.array([[4.0, 2.0]]))
-    np.testing.assert_allclose(gradients.hidden(lru_norms), [[5.0, 2.0]])
+    for name in registry.NAMES:
+        cell = registry.named_cell(name, 3, 10)
+        if "lstm" in name and name != "min_lstm":
+            np.testing.assert_array_equal(cell.hidden(cells.LSTMCarry(h, c)), h, err_msg=name)
+        elif name == "lru":
+            np.testing.assert_allclose(cell.hidden(lru_norms), [[5.0, 2.0]])
+        else:
+            assert cell.hidden(h) is h, name
 
 
 def test_norm_does_not_underflow_in_float32():

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from rnn_jax import train
+from rnn_jax import batches, train
 
 MB = 10**6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,10 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_index_shuffle_is_a_permutation(n):
     """Sizes with 0, 1, 13 and 21 bits: 4097 walks the most (its Feistel domain is 4x larger)."""
     key = jax.random.PRNGKey(n)
-    got = np.asarray(train._index_shuffle(key, jnp.arange(n), n))
+    got = np.asarray(batches._index_shuffle(key, jnp.arange(n), n))
     np.testing.assert_array_equal(np.sort(got), np.arange(n))  # a bijection of 0..n-1
     if n >= 1000:  # and a shuffle: another key gives another order; no trace of the input order
-        other = np.asarray(train._index_shuffle(jax.random.PRNGKey(n + 1), jnp.arange(n), n))
+        other = np.asarray(batches._index_shuffle(jax.random.PRNGKey(n + 1), jnp.arange(n), n))
         assert np.mean(got == other) < 0.01
         assert abs(np.corrcoef(np.arange(n), got)[0, 1]) < 0.1
         assert np.mean(got == np.arange(n)) < 0.01
@@ -43,15 +43,15 @@ def test_large_epoch_visits_every_example_once(monkeypatch):
     loss = -w[i] per example under SGD(1) adds 1 / (real examples in its batch) to ``w[i]`` each
     time example ``i`` is drawn: 96 examples in batches of 16 get 1/16, the last 4 get 1/4.
     """
-    monkeypatch.setattr(train, "_PERMUTATION_MAX", 0)
+    monkeypatch.setattr(batches, "_PERMUTATION_MAX", 0)
     n, batch_size = 100, 16
 
     def loss_fn(params, idx):
         return -params["w"][idx], {"idx": idx.astype(jnp.float32)}
 
     opt = optax.sgd(1.0)
-    epoch = train.make_train_steps(
-        loss_fn, opt, train.shuffled_epoch(lambda d, idx: idx, n, batch_size)
+    epoch = train.make_trainer(
+        loss_fn, opt, batches.shuffled_epoch(lambda d, idx: idx, n, batch_size)
     )
     state = train.create_train_state({"w": jnp.zeros(n)}, opt, jax.random.PRNGKey(0))
     state, metrics = epoch(state, None)
@@ -102,13 +102,13 @@ def _measure(path: str, num_batches: int) -> dict:
     _, model = char_lm.make_model(config, vocab.size)
     opt = train.rmsprop()
     state = train.create_train_state(model.init(jax.random.PRNGKey(0)), opt, jax.random.PRNGKey(1))
-    batches = train.shuffled_epoch(
+    epoch_batches = batches.shuffled_epoch(
         lambda w, idx: data.get_window_batch(w, idx, 10),
         num_examples,
         128,
         num_batches=num_batches,
     )
-    epoch = train.make_train_steps(char_lm.make_loss(model), opt, batches)
+    epoch = train.make_trainer(char_lm.make_loss(model), opt, epoch_batches)
     before_epoch = rss()
     state, metrics = epoch(state, windows)
     state, metrics = epoch(state, windows)
@@ -154,5 +154,5 @@ def test_ten_megabyte_corpus_memory_is_bounded(tmp_path):
 
 
 if __name__ == "__main__":
-    train._PERMUTATION_MAX = 0  # the same program at every size: the index shuffle
+    batches._PERMUTATION_MAX = 0  # the same program at every size: the index shuffle
     print(json.dumps([_measure(path, num_batches=20) for path in sys.argv[1:]]))

@@ -13,6 +13,7 @@ from rnn_jax import gradients, linear
 
 NAMES = ["min_gru", "min_lstm", "lru"]
 BATCH, TIME, INPUT_DIM, UNITS, STATE = 3, 9, 4, 5, 6
+SEQUENTIAL, ASSOCIATIVE = rnn_jax.ScanType.SEQUENTIAL, rnn_jax.ScanType.ASSOCIATIVE
 
 
 def _cell(name):
@@ -106,15 +107,15 @@ def test_cells_match_numpy(name):
         @jax.jit
         def run(params, xs, carry0, tokens):
             out = {}
-            for parallel in (False, True):
-                kw = {"parallel": parallel, "return_sequences": True}
+            for scan in (SEQUENTIAL, ASSOCIATIVE):
+                kw = {"scan": scan, "return_sequences": True}
                 for reverse in (False, True):
-                    out[f"{parallel} {reverse}"] = rnn_jax.unroll(
+                    out[f"{scan} {reverse}"] = rnn_jax.unroll(
                         cell, params, xs, carry0, reverse=reverse, **kw
                     )
-                out[f"{parallel} zeros"] = rnn_jax.unroll(cell, params, xs, **kw)
-                out[f"{parallel} lengths"] = rnn_jax.unroll(cell, params, xs, lengths=lengths, **kw)
-                out[f"{parallel} tokens"] = (
+                out[f"{scan} zeros"] = rnn_jax.unroll(cell, params, xs, **kw)
+                out[f"{scan} lengths"] = rnn_jax.unroll(cell, params, xs, lengths=lengths, **kw)
+                out[f"{scan} tokens"] = (
                     rnn_jax.unroll(cell, params, tokens, **kw),
                     rnn_jax.unroll(cell, params, jax.nn.one_hot(tokens, INPUT_DIM), **kw),
                 )
@@ -125,19 +126,19 @@ def test_cells_match_numpy(name):
     step = lambda h, x: NP_STEPS[name](params, h, x)
     h0 = _np_carry(name, carry0)
     zero = np.zeros((BATCH, STATE if name == "lru" else UNITS))
-    for parallel in (False, True):
+    for scan in (SEQUENTIAL, ASSOCIATIVE):
         for reverse in (False, True):
             h, ys = ref.run(step, h0, xs, reverse=reverse)
-            _close(out[f"{parallel} {reverse}"], (_jax_carry(name, h), ys), 1e-10, f"{parallel}")
+            _close(out[f"{scan} {reverse}"], (_jax_carry(name, h), ys), 1e-10, f"{scan}")
         h, ys = ref.run(step, zero, xs)
-        _close(out[f"{parallel} zeros"], (_jax_carry(name, h), ys), 1e-10)
-        final, ys = out[f"{parallel} lengths"]
+        _close(out[f"{scan} zeros"], (_jax_carry(name, h), ys), 1e-10)
+        final, ys = out[f"{scan} lengths"]
         for b, n in enumerate(lengths):
             h, want = ref.run(step, zero[b : b + 1], xs[b : b + 1, :n])
             _close(jax.tree.map(lambda c, b=b: c[b : b + 1], final), _jax_carry(name, h), 1e-10)
             _close(ys[b : b + 1, :n], want, 1e-10)
             np.testing.assert_array_equal(ys[b, n:], 0.0)
-        _close(*out[f"{parallel} tokens"], 1e-12)
+        _close(*out[f"{scan} tokens"], 1e-12)
 
 
 def test_min_lstm_ratio_stays_finite_where_both_gates_underflow():
@@ -160,7 +161,7 @@ CONFIGS = [  # (reverse, lengths, return_sequences, given initial carry)
 
 
 @pytest.mark.parametrize("name", ["min_gru", "lru"])
-def test_parallel_equals_sequential(name):
+def test_associative_equals_sequential(name):
     """float32, to 1e-5: outputs and final carries of every configuration (lengths with an
     empty sequence, reverse, every/last output, given/zero carry) and the gradient of their
     summed losses with respect to params, inputs and the initial carry; ``jvp`` agrees with
@@ -172,7 +173,7 @@ def test_parallel_equals_sequential(name):
     lengths = jnp.array([TIME, 5, 0])
     weights = jnp.asarray(rng.standard_normal((len(CONFIGS), TIME, UNITS)), jnp.float32)
 
-    def loss(parallel, params, xs, carry0):
+    def loss(scan, params, xs, carry0):
         total, outputs = 0.0, []
         for (reverse, use_lengths, every, given), w in zip(CONFIGS, weights, strict=True):
             final, ys = rnn_jax.unroll(
@@ -183,7 +184,7 @@ def test_parallel_equals_sequential(name):
                 lengths=lengths if use_lengths else None,
                 reverse=reverse,
                 return_sequences=every,
-                parallel=parallel,
+                scan=scan,
             )
             read = ys * w[None] if every else ys * w[-1][None]
             total += jnp.sum(jnp.sin(read)) + sum(jnp.sum(c**2) for c in jax.tree.leaves(final))
@@ -193,58 +194,63 @@ def test_parallel_equals_sequential(name):
     @jax.jit
     def run(params, xs, carry0):
         both = [
-            jax.grad(lambda *a, p=p: loss(p, *a), argnums=(0, 1, 2), has_aux=True)(
+            jax.grad(lambda *a, s=s: loss(s, *a), argnums=(0, 1, 2), has_aux=True)(
                 params, xs, carry0
             )
-            for p in (False, True)
+            for s in (SEQUENTIAL, ASSOCIATIVE)
         ]
-        f = lambda p: loss(True, p, xs, carry0)[0]
+        f = lambda p: loss(ASSOCIATIVE, p, xs, carry0)[0]
         direction = jax.tree.map(jnp.cos, params)
         tangent = jax.jvp(f, (params,), (direction,))[1]
         leaves = zip(jax.tree.leaves(both[1][0][0]), jax.tree.leaves(direction), strict=True)
         dot = sum(jnp.vdot(g, d) for g, d in leaves)
-        one = lambda p: rnn_jax.unroll(cell, p, xs, return_sequences=True, parallel=True)[1]
+        one = lambda p: rnn_jax.unroll(cell, p, xs, return_sequences=True, scan=ASSOCIATIVE)[1]
         halved = jax.tree.map(lambda p: 0.5 * p, params)
         stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, halved)
         return both, (tangent, dot), (jax.vmap(one)(stacked), [one(params), one(halved)])
 
-    (sequential, parallel), (tangent, dot), (batched, singles) = run(params, xs, carry0)
-    for config, got, want in zip(CONFIGS, parallel[1], sequential[1], strict=True):
+    (sequential, associative), (tangent, dot), (batched, singles) = run(params, xs, carry0)
+    for config, got, want in zip(CONFIGS, associative[1], sequential[1], strict=True):
         _close(got, want, 1e-5, where=str(config))
-    _close(parallel[0], sequential[0], 1e-5, where="gradients")
+    _close(associative[0], sequential[0], 1e-5, where="gradients")
     assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(sequential[0]))
     np.testing.assert_allclose(tangent, dot, rtol=1e-5)
     _close(list(batched), singles, 1e-6)
 
 
-def test_parallel_runs_no_sequential_loop_and_none_picks_the_scan_on_cpu():
+def test_associative_runs_no_sequential_loop_and_auto_picks_the_scan_on_cpu():
     cell = linear.min_gru(UNITS)
     params = cell.init(jax.random.PRNGKey(0), INPUT_DIM)
     xs = jnp.ones((2, TIME, INPUT_DIM))
-    text = lambda parallel: str(
-        jax.make_jaxpr(lambda p: rnn_jax.unroll(cell, p, xs, parallel=parallel))(params)
-    )
-    assert "scan" not in text(True)
-    assert "scan[" in text(False)
-    assert text(None) == text(jax.default_backend() != "cpu")
+    text = lambda **scan: str(jax.make_jaxpr(lambda p: rnn_jax.unroll(cell, p, xs, **scan))(params))
+    assert "scan" not in text(scan=ASSOCIATIVE)
+    assert "scan[" in text(scan=SEQUENTIAL)
+    assert text() == text(scan=SEQUENTIAL if jax.default_backend() == "cpu" else ASSOCIATIVE)
+    assert rnn_jax.ScanType.FUSED not in rnn_jax.scan.available_scans(cell)
+    with pytest.raises(ValueError, match=r"scan=ScanType.FUSED needs.*available here"):
+        rnn_jax.unroll(cell, params, xs, scan=rnn_jax.ScanType.FUSED)
 
 
-def test_parallel_refuses_a_nonlinear_cell():
+def test_associative_refuses_a_nonlinear_cell():
     cell = rnn_jax.gru(UNITS)
     params = cell.init(jax.random.PRNGKey(0), INPUT_DIM)
-    with pytest.raises(ValueError, match=r"parallel=True.*LinearRecurrence.*parallel=None or"):
-        rnn_jax.unroll(cell, params, jnp.ones((2, 3, INPUT_DIM)), parallel=True)
+    message = (
+        r"scan=ScanType.ASSOCIATIVE needs.*LinearRecurrence.*this cell's recur is Recurrence: "
+        r"available here ScanType.AUTO, ScanType.SEQUENTIAL, ScanType.FUSED$"
+    )
+    with pytest.raises(ValueError, match=message):
+        rnn_jax.unroll(cell, params, jnp.ones((2, 3, INPUT_DIM)), scan=ASSOCIATIVE)
 
 
 def test_hidden_of_an_lru_carry_is_the_modulus_of_its_complex_state():
-    """``gradients.hidden`` of LRU's carry after a sequence is ``|h|`` of the float64 NumPy
-    LRU's complex state, unit by unit, and stays finite and exact at float32's extremes."""
+    """``cell.hidden`` of LRU's carry after a sequence is ``|h|`` of the float64 NumPy LRU's
+    complex state, unit by unit, and stays finite and exact at float32's extremes."""
     cell, rng = _cell("lru"), np.random.default_rng(5)
     with jax.enable_x64(True):
         params = _random_params(cell, rng, np.float64)
         xs = rng.standard_normal((BATCH, TIME, INPUT_DIM))
         carry, _ = jax.jit(lambda p, x: rnn_jax.unroll(cell, p, x))(params, xs)
-        got = np.asarray(gradients.hidden(carry))
+        got = np.asarray(cell.hidden(carry))
     h, _ = ref.run(lambda h, x: np_lru_step(params, h, x), np.zeros((BATCH, STATE)), xs)
     assert got.shape == (BATCH, STATE) and np.isrealobj(got)
     np.testing.assert_allclose(got, np.abs(h), rtol=1e-12)
@@ -254,7 +260,7 @@ def test_hidden_of_an_lru_carry_is_the_modulus_of_its_complex_state():
     re = jnp.array([3e30, 3e-30, 0.0, -3.0], jnp.float32)
     im = jnp.array([4e30, -4e-30, 0.0, 4.0], jnp.float32)
     np.testing.assert_allclose(
-        gradients.hidden(linear.LRUCarry(re, im)), [5e30, 5e-30, 0.0, 5.0], rtol=1e-6
+        cell.hidden(linear.LRUCarry(re, im)), [5e30, 5e-30, 0.0, 5.0], rtol=1e-6
     )
 
 
@@ -392,7 +398,7 @@ def test_probes(name):
     _close(norms, want_norms, 1e-10)
     # hidden of the per-part norms is ‖∂L/∂h_t‖ over the whole (complex, for LRU) state.
     with jax.enable_x64(True):
-        state_norms = np.asarray(gradients.hidden(norms))
+        state_norms = np.asarray(cell.hidden(norms))
     np.testing.assert_allclose(state_norms, np.linalg.norm(want_every, axis=-1), rtol=1e-10)
 
     modulus = np.abs(a)
@@ -493,7 +499,7 @@ def test_lru_gradients_against_finite_differences():
                 lengths=lengths,
                 reverse=True,
                 return_sequences=True,
-                parallel=True,
+                scan=ASSOCIATIVE,
             )
             return jnp.sum(jnp.sin(ys)) + jnp.sum(final.re * final.im)
 

@@ -2,8 +2,8 @@
 files, every registry cell through a tiny sweep, the budget's steps, the Config's validation,
 and one command line.
 
-The trainer itself (rnn_jax.train.make_task_trainer: vmapped over seeds and clip norms, against
-a hand-written clipped Adam loop) is tested in tests/test_train.py."""
+The trainer itself (rnn_jax.sweep.make_task_trainer: vmapped over seeds and clip norms, against
+a hand-written clipped RMSprop loop) is tested in tests/test_sweep.py."""
 
 import csv
 import dataclasses
@@ -19,8 +19,9 @@ import pytest
 
 from experiments import long_range
 from rnn_jax import cells, registry
+from rnn_jax.sweep import make_task_trainer
 from rnn_jax.synthetic import adding_problem
-from rnn_jax.train import make_task_trainer
+from rnn_jax.workdir import WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +49,15 @@ TINY = long_range.Config(
 def test_short_sweep_in_process(tmp_path):
     lines = []
     rows = long_range.run(TINY, str(tmp_path), out=lines.append)
+    # Another sweep in the same workdir is refused, naming both; the first one's results stay.
+    kept = {name: (tmp_path / name).read_bytes() for name in ("results.json", "results.csv")}
+    other = dataclasses.replace(TINY, cells=("gru",))
+    with pytest.raises(WorkdirError) as err:
+        long_range.run(other, str(tmp_path), out=lines.append)
+    message = str(err.value)
+    assert "holds the results of long_range with another configuration" in message
+    assert "cells=['gru'] differs from the earlier ['lstm']" in message and "\n" not in message
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
     table = lines[-1]
     assert "| adding | lstm | 4 | none | 4 | 0.1667 |" in table
     assert "| adding | lstm | 4 | 0.5 | 4 | 0.1667 |" in table
@@ -251,11 +261,10 @@ def test_lr_factors_scale_the_first_adam_step():
     model, train = make_task_trainer(
         registry.named_cell("lru", 4, task.length),
         task,
+        optimizer=long_range.make_optimizer("adam", lr, factors),
         num_steps=1,
         eval_every=1,
         batch_size=8,
-        learning_rate=lr,
-        lr_factors=factors,
     )
     params = model.init(jax.random.PRNGKey(0))
     test = task.sample(jax.random.PRNGKey(1), 8)

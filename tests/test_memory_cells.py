@@ -19,6 +19,7 @@ from rnn_jax.linen import RNN
 T_MAX = 50.0
 MAX_LENGTH = 20
 BOUND = 2.0 ** (1.0 / MAX_LENGTH)
+SEQUENTIAL = rnn_jax.ScanType.SEQUENTIAL
 
 
 def _gru_ref(reset_after):
@@ -84,9 +85,10 @@ def _close(got, want, tol, where=""):
 def test_unroll_matches_numpy_float64(variant):
     """``unroll`` against the float64 reference loop: every output and the final carry, from
     zeros and from a given carry, forwards and reversed, and with ``lengths`` (each sequence run
-    alone up to its length; outputs zero past it). ``fast=False`` gives the same numbers: on
-    every configuration without lengths for a :class:`Recurrence` (chrono LSTM/GRU take the fast
-    path), on one for the plain ``recur`` functions (the readable scan either way)."""
+    alone up to its length; outputs zero past it). ``ScanType.SEQUENTIAL`` gives the same
+    numbers as the default: on every configuration without lengths for a :class:`Recurrence`
+    (chrono LSTM/GRU take the fused path), on one for the plain ``recur`` functions (the
+    readable scan either way)."""
     factory, step, lstm_like = VARIANTS[variant]
     units, input_dim, batch, time = 4, 3, 3, 6
     cell = factory(units)
@@ -120,10 +122,8 @@ def test_unroll_matches_numpy_float64(variant):
 
         @jax.jit
         def ours(params, xs, carry0):
-            u = lambda *a, fast=True, **k: rnn_jax.unroll(
-                cell, params, xs, *a, fast=fast, return_sequences=True, **k
-            )
-            last = lambda fast=True: rnn_jax.unroll(cell, params, xs, carry0, fast=fast)[1]
+            u = lambda *a, **k: rnn_jax.unroll(cell, params, xs, *a, return_sequences=True, **k)
+            last = lambda **k: rnn_jax.unroll(cell, params, xs, carry0, **k)[1]
             out = {
                 "given": u(carry0),
                 "zeros, reverse": u(reverse=True),
@@ -132,11 +132,11 @@ def test_unroll_matches_numpy_float64(variant):
                 "lengths, reverse=False": u(lengths=jnp.asarray(lengths)),
                 "lengths, reverse=True": u(lengths=jnp.asarray(lengths), reverse=True),
             }
-            readable = {"given": u(carry0, fast=False)}
+            readable = {"given": u(carry0, scan=SEQUENTIAL)}
             if fast_path:
-                readable["zeros, reverse"] = u(reverse=True, fast=False)
-                readable["given, reverse"] = u(carry0, reverse=True, fast=False)
-                readable["last"] = last(fast=False)
+                readable["zeros, reverse"] = u(reverse=True, scan=SEQUENTIAL)
+                readable["given, reverse"] = u(carry0, reverse=True, scan=SEQUENTIAL)
+                readable["last"] = last(scan=SEQUENTIAL)
             return out, readable
 
         out, readable = ours(to_jax(params), to_jax(xs), _carry(lstm_like, to_jax(carry0)))
@@ -153,32 +153,97 @@ def test_unroll_matches_numpy_float64(variant):
             _close(ys[b : b + 1, :n], want_ys, 1e-10, where)
             np.testing.assert_array_equal(ys[b, n:], 0.0)
     for where, value in readable.items():
-        _close(value, out[where], 1e-12 if fast_path else 0.0, f"fast=False, {where}")
+        _close(value, out[where], 1e-12 if fast_path else 0.0, f"SEQUENTIAL, {where}")
 
 
-@pytest.mark.parametrize("variant", ["lstm_layer_norm", "indrnn", "exp_rnn"])
-def test_activations_match_numpy_float64(variant):
-    """``cell.activations`` on the prepared params: the layer-normalised LSTM's gates and tanh
-    units (``cell_tanh`` is ``tanh(LN(c_t))``); none for the non-saturating ReLU/modReLU cells."""
-    factory, _, lstm_like = VARIANTS[variant]
+def test_activations_match_numpy_float64():
+    """``cell.activations`` of the layer-normalised LSTM on the prepared params: its gates and
+    tanh units (``cell_tanh`` is ``tanh(LN(c_t))``)."""
+    factory, _, _ = VARIANTS["lstm_layer_norm"]
     units, input_dim, batch = 4, 3, 2
     cell = factory(units)
     rng = np.random.default_rng(5)
     params = random_params(cell, input_dim, rng, scale=1.0)
     x = rng.standard_normal((batch, input_dim))
     carry = (rng.standard_normal((batch, units)), rng.standard_normal((batch, units)))
-    carry = carry if lstm_like else carry[0]
-    if lstm_like:
-        want = ref.ln_lstm_parts(params, carry, x)[1]
-    else:
-        want = {"gates": {}, "tanh": {}}
+    want = ref.ln_lstm_parts(params, carry, x)[1]
     with jax.enable_x64(True):
         p = to_jax(params)
         got = cell.activations(
-            cell.prepare(p), _carry(lstm_like, to_jax(carry)), cell.project(p, to_jax(x))
+            cell.prepare(p), cells.LSTMCarry(*to_jax(carry)), cell.project(p, to_jax(x))
         )
     assert jax.tree.map(np.shape, got) == jax.tree.map(np.shape, want)
     _close(got, want, 1e-12)
+
+
+def _indrnn_twin(p):
+    u = np.clip(p["recurrent_kernel"], -BOUND, BOUND)
+    return {"kernel": p["kernel"], "recurrent_kernel": np.diag(u), "bias": p["bias"]}
+
+
+def _exp_rnn_twin(p):
+    a = p["recurrent_skew"]
+    recurrent = ref.expm_skew(a - a.T)
+    return {"kernel": p["kernel"], "recurrent_kernel": recurrent, "bias": np.zeros(len(a))}
+
+
+# name: (the pre-activation z (params, h, x), the step's h from z (params, z), the params of a
+# tanh SimpleRNN whose pre-activation is the same z), all float64 NumPy from the equations.
+UNBOUNDED = {
+    "indrnn": (
+        lambda p, h, x: ref.indrnn_pre_activation(p, h, x, BOUND),
+        lambda p, z: np.maximum(z, 0.0),
+        _indrnn_twin,
+    ),
+    "exp_rnn": (ref.exp_rnn_pre_activation, lambda p, z: ref.modrelu(z, p["bias"]), _exp_rnn_twin),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(UNBOUNDED))
+def test_unbounded_cells_report_no_saturation(variant):
+    """ReLU (IndRNN) and modReLU (expRNN) have no bound to saturate at: ``cell.activations``
+    names no gate and no tanh unit and ``saturation`` reports nothing, at pre-activations (float64
+    NumPy from the equations, checked against the cell's own step) large enough that most tanh
+    units would be saturated there. A tanh SimpleRNN with the very same pre-activations reports
+    its tanh units: their values, and per step the saturated fraction of the reference loop."""
+    factory, _, _ = VARIANTS[variant]
+    pre_activation, activate, twin_params = UNBOUNDED[variant]
+    units, input_dim, batch, time = 4, 3, 3, 5
+    cell, twin = factory(units), cells.simple_rnn(units)
+    rng = np.random.default_rng(7)
+    params = random_params(cell, input_dim, rng, scale=1.0)
+    x, h = 8.0 * rng.standard_normal((batch, input_dim)), rng.standard_normal((batch, units))
+    xs = 8.0 * rng.standard_normal((batch, time, input_dim))
+    z = pre_activation(params, h, x)
+    assert np.mean(np.abs(np.tanh(z)) > 0.9) > 0.5
+    tparams = twin_params(params)
+
+    with jax.enable_x64(True):
+
+        @jax.jit
+        def run(p, tp, h, x, xs):
+            prepared, zx = cell.prepare(p), cell.project(p, x)
+            return (
+                cell.recur(prepared, h, zx)[1],
+                cell.activations(prepared, h, zx),
+                twin.activations(tp, h, twin.project(tp, x)),
+                rnn_jax.saturation(cell, p, xs),
+                rnn_jax.saturation(twin, tp, xs),
+            )
+
+        step, acts, twin_acts, sat, twin_sat = run(
+            to_jax(params), to_jax(tparams), to_jax(h), to_jax(x), to_jax(xs)
+        )
+
+    _close(step, activate(params, z), 1e-12)  # z is the cell's pre-activation
+    assert acts == {"gates": {}, "tanh": {}}
+    assert sat == {}
+    assert jax.tree.map(np.shape, twin_acts) == {"gates": {}, "tanh": {"tanh": z.shape}}
+    _close(twin_acts["tanh"]["tanh"], np.tanh(z), 1e-12)
+    _, hs = ref.run(lambda c, x: ref.simple_rnn_step(tparams, c, x), np.zeros((batch, units)), xs)
+    want = np.mean(np.abs(hs) > 0.9, axis=-1)  # (batch, time)
+    assert sorted(twin_sat) == ["tanh", "tanh_units"] and 0.0 < want.mean() < 1.0
+    _close(twin_sat["tanh_units"], want, 1e-12)
 
 
 @pytest.mark.parametrize("variant", TOOLS)
@@ -266,14 +331,27 @@ def test_chrono_initialisation():
     np.testing.assert_array_equal(p["gru_before"]["bias"][units:], 0.0)
 
 
-def test_chrono_law_is_checked():
-    """The check above rejects a law that is not ``ln U[1, T_max - 1]``."""
-    rng = np.random.default_rng(0)
-    with pytest.raises(AssertionError):
-        _check_log_uniform(np.log(rng.uniform(1.0, 60.0, 2000)), 100.0)  # too narrow
-    with pytest.raises(AssertionError):
-        _check_log_uniform(np.log(1.0 + 98.0 * rng.beta(1.3, 1.3, 2000)), 100.0)  # not uniform
-    _check_log_uniform(np.log(rng.uniform(1.0, 99.0, 2000)), 100.0)
+def test_chrono_bias_follows_its_own_t_max():
+    """The forget biases ``chrono_t_max=T`` draws pass the check above for ``T`` and fail it
+    for any other ``T`` (too narrow, too wide), for LSTM and GRU: the law follows the argument
+    (and the check has the power to tell)."""
+    units, t_maxes = 2000, (20.0, 100.0, 500.0)
+    kw = {"recurrent_init": "identity"}
+
+    @jax.jit
+    def forget_biases(key):
+        out = {}
+        for t in t_maxes:
+            lstm = cells.lstm(units, chrono_t_max=t, **kw).init(key, 1)["bias"]
+            gru = cells.gru(units, chrono_t_max=t, **kw).init(key, 1)["bias"]
+            out[("lstm", t)], out[("gru", t)] = lstm[units : 2 * units], gru[0, :units]
+        return out
+
+    for (_, drawn_at), b in forget_biases(jax.random.PRNGKey(3)).items():
+        _check_log_uniform(b, drawn_at)
+        for checked_at in set(t_maxes) - {drawn_at}:
+            with pytest.raises(AssertionError):
+                _check_log_uniform(b, checked_at)
 
 
 @pytest.mark.parametrize("bad", [2, 2.0, 1.5, -5.0, float("nan"), float("inf"), "10", True])
@@ -504,7 +582,7 @@ def test_probes(variant):
     _close(by_tokens, by_rows, 1e-5)
     _, y = by_tokens
     np.testing.assert_allclose(loss, 0.5 * np.sum(np.asarray(y) ** 2, axis=-1), rtol=1e-5)
-    h_norms = norms.h if lstm_like else norms
+    h_norms = cell.hidden(norms)
     assert h_norms.shape == (3, TIME) and np.all(np.isfinite(np.asarray(h_norms)))
     np.testing.assert_allclose(h_norms[:, -1], np.linalg.norm(np.asarray(y), axis=-1), rtol=1e-5)
     # The carry flattened h then c, as jacobian_norms does.

@@ -15,6 +15,7 @@ import pytest
 
 from experiments import char_lm
 from rnn_jax import cells, parallel, train
+from rnn_jax.batches import shuffled_epoch
 from rnn_jax.losses import accuracy, softmax_cross_entropy
 from rnn_jax.models import recurrent, sequence_classifier
 
@@ -82,10 +83,8 @@ def test_eight_devices_epoch_equals_one_device():
         jax.debug.inspect_array_sharding(got[0], callback=seen.append)
         return got
 
-    one = train.make_train_steps(loss_fn, opt, train.shuffled_epoch(get_batch, 50, 12))
-    many = train.make_train_steps(
-        loss_fn, opt, train.shuffled_epoch(spy, 50, 12, mesh=mesh), mesh=mesh
-    )
+    one = train.make_trainer(loss_fn, opt, shuffled_epoch(get_batch, 50, 12))
+    many = train.make_trainer(loss_fn, opt, shuffled_epoch(spy, 50, 12, mesh=mesh), mesh=mesh)
     s1, s8 = state, state
     for _ in range(2):
         s1, m1 = one(s1, batch)

@@ -24,6 +24,7 @@ def _token_cell(recur, initial):
         project=project,
         recur=recur,
         units=V,
+        hidden=lambda carry: carry,
     )
 
 

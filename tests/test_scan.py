@@ -1,4 +1,5 @@
-"""unroll against a Python loop over step: a toy counter, real cells, reverse, unroll, lengths."""
+"""unroll against a Python loop over step: a toy counter, real cells, reverse, unroll, lengths;
+its prologue (shared with the probes) and the scan switch."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,9 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
+import rnn_jax
 from rnn_jax import cells
-from rnn_jax.scan import unroll
+from rnn_jax.scan import ScanType, unroll
 
 CELL_NAMES = ["simple_rnn", "lstm", "gru"]
 
@@ -205,3 +207,49 @@ def test_forward_mode_equals_reverse_mode_of_a_jitted_unroll():
         )
         assert np.any(np.asarray(jax.tree.leaves(grads)[0]) != 0)
         np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-5, err_msg=f"carry={carry}")
+
+
+def test_unroll_and_the_probes_cast_a_given_carry_to_the_inputs_dtype():
+    """Float64 params and inputs (under x64) with a float32 initial carry: ``unroll`` (fused
+    and sequential) and the probes, through their one prologue, run the recursion in float64
+    from the carry cast: every output and the final carry are the float64 NumPy loop's to
+    1e-12 (float32 arithmetic anywhere would leave errors near 1e-7)."""
+    units, batch, time, input_dim = 4, 2, 5, 3
+    cell = cells.lstm(units)
+    rng = np.random.default_rng(4)
+    shapes = jax.eval_shape(lambda key: cell.init(key, input_dim), jax.random.PRNGKey(0))
+    params = {k: 0.5 * rng.standard_normal(s.shape) for k, s in shapes.items()}
+    xs = rng.standard_normal((batch, time, input_dim))
+    carry32 = [rng.standard_normal((batch, units)).astype(np.float32) for _ in range(2)]
+    want_carry, want_ys = ref.run(
+        lambda c, x: ref.lstm_step(params, c, x), tuple(np.float64(c) for c in carry32), xs
+    )
+
+    with jax.enable_x64(True):
+
+        @jax.jit
+        def run(params, xs, carry):
+            unrolled = [
+                unroll(cell, params, xs, carry, return_sequences=True, scan=scan)
+                for scan in (ScanType.FUSED, ScanType.SEQUENTIAL)
+            ]
+            loss_fn = lambda ys: jnp.sum(ys, axis=(1, 2))
+            probed = rnn_jax.carry_gradients(
+                cell, params, xs, loss_fn, carry, return_sequences=True
+            )
+            return unrolled, probed[0]
+
+        carry = cells.LSTMCarry(*(jnp.asarray(c) for c in carry32))
+        unrolled, losses = run(jax.tree.map(jnp.asarray, params), jnp.asarray(xs), carry)
+
+    for final, ys in unrolled:
+        assert ys.dtype == jnp.float64 and final.c.dtype == jnp.float64
+        np.testing.assert_allclose(ys, want_ys, rtol=1e-12, atol=1e-12)
+        _close(final, want_carry, tol=1e-12)
+    np.testing.assert_allclose(losses, want_ys.sum(axis=(1, 2)), rtol=1e-12)
+
+
+def test_scan_must_be_a_scan_type():
+    cell, params, xs = _setup("gru")
+    with pytest.raises(ValueError, match=r"scan='fused' must be a rnn_jax.ScanType"):
+        unroll(cell, params, xs, scan="fused")

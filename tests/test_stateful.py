@@ -23,7 +23,8 @@ import optax
 import pytest
 
 from experiments import char_lm
-from rnn_jax import cells, checkpoint, parallel, train
+from rnn_jax import cells, checkpoint, parallel, rundir, train
+from rnn_jax.batches import in_order
 from rnn_jax.data import make_streams, stream_batch
 from rnn_jax.models import language_model, recurrent, stacked
 from rnn_jax.sample import make_stateful_sampler
@@ -301,8 +302,8 @@ def test_carry_resets_each_epoch_and_passes_within_it():
     assert num_windows == 4
     opt = optax.sgd(0.5)
     loss_fn = char_lm.make_stateful_loss(model)
-    steps = train.make_train_steps(
-        loss_fn, opt, train.in_order(lambda s, k: stream_batch(s, k, bptt), num_windows), trace=True
+    steps = train.make_trainer(
+        loss_fn, opt, in_order(lambda s, k: stream_batch(s, k, bptt), num_windows), trace=True
     )
     zeros = char_lm.zero_carry(model, params, batch)
     state = train.create_train_state(params, opt, jax.random.PRNGKey(0), carry=zeros)
@@ -392,10 +393,10 @@ def test_dropout_keys_come_from_the_state_key_per_window():
     opt = optax.sgd(0.1)
     loss_fn = char_lm.make_stateful_loss(model)
     get_batch = lambda s, k: stream_batch(s, k, bptt)
-    keyed = train.make_train_steps(
-        loss_fn, opt, train.in_order(get_batch, num_windows, with_keys=True), trace=True
+    keyed = train.make_trainer(
+        loss_fn, opt, in_order(get_batch, num_windows, with_keys=True), trace=True
     )
-    plain = train.make_train_steps(loss_fn, opt, train.in_order(get_batch, num_windows), trace=True)
+    plain = train.make_trainer(loss_fn, opt, in_order(get_batch, num_windows), trace=True)
     carry = char_lm.zero_carry(model, params, batch)
     state = train.create_train_state(params, opt, jax.random.PRNGKey(0), carry=carry)
     whole, m_keyed = keyed(state, streams)
@@ -472,14 +473,14 @@ def stateful_run(tmp_path_factory, text_path):
     ``saved`` maps each checkpointed step to the state written (host copies)."""
     workdir = str(tmp_path_factory.mktemp("stateful") / "run")
     saved, lines = {}, []
-    real = train.save_checkpoint
+    real = checkpoint.Checkpoints.save
 
-    def spy(directory, step, state, meta, max_to_keep=3):
+    def spy(self, step, state, meta):
         saved[step] = jax.device_get(state)
-        return real(directory, step, state, meta, max_to_keep)
+        return real(self, step, state, meta)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "save_checkpoint", spy)
+        mp.setattr(checkpoint.Checkpoints, "save", spy)
         result = char_lm.run(char_lm.Config(text=text_path, **STATEFUL), workdir, out=lines.append)
     return workdir, result, lines, saved
 
@@ -503,7 +504,7 @@ def test_stateful_mid_epoch_resume_is_bit_identical(stateful_run, text_path, tmp
         char_lm.run(config, workdir, out=interrupt)
     ckpt = os.path.join(workdir, "checkpoints")
     assert checkpoint.latest_step(ckpt) == 8
-    progress = checkpoint.restore_meta(ckpt, 8)[train.PROGRESS_KEY]
+    progress = checkpoint.restore_meta(ckpt, 8)[rundir.PROGRESS_KEY]
     assert (progress["iteration"], progress["epoch"], progress["steps"]) == (1, 0, 2)
 
     # The carry is in the checkpoint: nonzero, the uninterrupted run's at that step.
@@ -525,7 +526,7 @@ def test_stateful_mid_epoch_resume_is_bit_identical(stateful_run, text_path, tmp
     assert "Iteration #: 1" not in resumed_lines and "Iteration #: 2" in resumed_lines
     _assert_trees_equal(resumed.state, reference.state)  # params, opt_state, step, key, carry
     assert _strip_timing(resumed.history) == _strip_timing(reference.history)
-    assert _strip_timing(train.read_history(workdir)) == _strip_timing(reference.history)
+    assert _strip_timing(rundir.read_history(workdir)) == _strip_timing(reference.history)
 
 
 # --- 5. stateful generation equals re-reading the whole prefix ----------------------------------
@@ -700,8 +701,8 @@ def test_stateful_training_on_two_devices_equals_one():
     assert mesh.size == DEVICES
     assert parallel.padded_size(batch, mesh) == 4
     steps = {
-        name: train.make_train_steps(
-            loss_fn, opt, train.in_order(get_batch, num_windows, mesh=m), mesh=m, trace=True
+        name: train.make_trainer(
+            loss_fn, opt, in_order(get_batch, num_windows, mesh=m), mesh=m, trace=True
         )
         for name, m in (("one", None), ("two", mesh))
     }

@@ -157,6 +157,11 @@ def test_many_to_one_stops_at_target_resumes_bit_identically_and_compares(tmp_pa
         compare_topologies.run(compare_topologies.Config(runs=(fresh, str(other))), str(figures))
     with pytest.raises(ValueError, match=r"runs=.*no metrics.jsonl"):
         compare_topologies.run(compare_topologies.Config(runs=(str(tmp_path),)), str(figures))
+    char_lm_run = tmp_path / "char_lm"  # a run of another experiment: its rows have no topology
+    char_lm_run.mkdir()
+    (char_lm_run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "loss": 2.0}) + "\n")
+    with pytest.raises(ValueError, match=r"'.*char_lm' is not a run of experiments.topologies"):
+        compare_topologies.run(compare_topologies.Config(runs=(str(char_lm_run),)), str(figures))
     with pytest.raises(ValueError, match=r"runs=\(\) must list"):
         compare_topologies.Config()
 

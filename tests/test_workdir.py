@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -32,7 +33,9 @@ def _start_holder(workdir: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-    line = proc.stdout.readline()
+    # A generous bound, not a timing: a holder that never starts fails the test, never hangs it.
+    ready, _, _ = select.select([proc.stdout], [], [], 600)
+    line = proc.stdout.readline() if ready else "(nothing within 600 s)"
     if line != "locked\n":
         proc.kill()
         pytest.fail(f"the holder did not take the lock: {line!r} {proc.communicate()[1]}")

@@ -3,7 +3,7 @@ recall's cross-entropy, for expRNN at initialisation and trained with its paper'
 the comparison's (Adam 1e-2, clip 1), from experiments.gradient_flow workdirs (--trained_from a
 copy sweep). Run from the repository root after the commands in docs/gradients.md:
 
-    python docs/scripts/exprnn_copy_flow.py runs/issue10c docs/figures/exprnn_copy_flow.png
+    python docs/scripts/exprnn_copy_flow.py runs/memory_c docs/figures/exprnn_copy_flow.png
 """
 
 import json

@@ -53,6 +53,6 @@ for workdir in sys.argv[1:]:
         }
     out[workdir] = row
     print(workdir, json.dumps(row, indent=1))
-os.makedirs("runs/issue10b", exist_ok=True)
-with open("runs/issue10b/lru_analysis.json", "w") as f:
+os.makedirs("runs/memory_b", exist_ok=True)
+with open("runs/memory_b/lru_analysis.json", "w") as f:
     json.dump(out, f, indent=1)

@@ -59,6 +59,6 @@ for task_name, T in [("adding", 1000), ("copy", 500)]:
         )
         print(json.dumps(row), flush=True)
         out.append(row)
-os.makedirs("runs/issue10b", exist_ok=True)
-with open("runs/issue10b/lru_probe.json", "w") as f:
+os.makedirs("runs/memory_b", exist_ok=True)
+with open("runs/memory_b/lru_probe.json", "w") as f:
     json.dump(out, f)
