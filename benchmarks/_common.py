@@ -1,7 +1,8 @@
 """What every benchmark script shares: the pinned, single-threaded environment of the children
-it times, the machine it names in its results, and the text it reads."""
+it times, the machine it names in its results, the text it reads, and the peak-memory reader."""
 
 import os
+import resource
 import sys
 
 from rnn_jax import data
@@ -53,3 +54,17 @@ def text_args(text: str | None) -> list[str]:
 def text_name(text: str | None) -> str:
     """The text as a results page names it."""
     return text or "the alice corpus (rnn_jax.data.CORPORA, the book alone, tutorial cleaning)"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: ``VmHWM`` of /proc/self/status, not
+    ``ru_maxrss``, which Linux carries over from the parent across fork and exec (``ru_maxrss``
+    only where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -48,6 +48,7 @@ from absl import app, flags
 from benchmarks._common import (
     XLA_SINGLE_THREAD,
     cpu_name,
+    peak_rss_mb,
     pinned_env,
     pinned_module,
     read_text,
@@ -85,14 +86,6 @@ _CONFIG = char_lm.Config()
 
 def _pinned() -> bool:
     return os.sched_getaffinity(0) == {0} and XLA_SINGLE_THREAD in os.environ.get("XLA_FLAGS", "")
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Timings:
@@ -198,11 +191,8 @@ def _whole_run(text_path):
     with tempfile.TemporaryDirectory() as workdir:
         script = (
             "import atexit, sys, runpy\n"
-            "def rss():\n"
-            "    for line in open('/proc/self/status'):\n"
-            "        if line.startswith('VmHWM:'):\n"
-            "            print('@@ rss', line.split()[1], file=sys.stderr)\n"
-            "atexit.register(rss)\n"
+            "from benchmarks._common import peak_rss_mb\n"
+            "atexit.register(lambda: print('@@ rss', peak_rss_mb(), file=sys.stderr))\n"
             # Cold, as a first run is: no persistent compilation cache (benchmarks/startup.py
             # times what a warm one saves).
             # The tutorial trains on the whole text, as the Keras contender does: nothing held out.
@@ -222,9 +212,7 @@ def _whole_run(text_path):
         if proc.returncode != 0:
             raise RuntimeError(f"the whole run failed:\n{proc.stderr[-3000:]}")
         rss = [
-            float(line.split()[2]) / 1024
-            for line in proc.stderr.splitlines()
-            if line.startswith("@@ rss")
+            float(line.split()[2]) for line in proc.stderr.splitlines() if line.startswith("@@ rss")
         ]
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f if line.strip()][-1]
@@ -478,7 +466,7 @@ def _report(
         lines.append(f"- the experiment's whole default run: {whole[1]:.0f} MB")
     lines.append(
         f"- this benchmark process (every contender compiled, data on device): "
-        f"{_peak_rss_mb():.0f} MB"
+        f"{peak_rss_mb():.0f} MB"
     )
     if keras_end:
         rss = keras_end["peak_rss_mb"]

@@ -26,7 +26,7 @@ import keras  # after KERAS_BACKEND: the backend is chosen at import
 import numpy as np
 from absl import app, flags
 
-from benchmarks._common import read_text
+from benchmarks._common import peak_rss_mb, read_text
 from rnn_jax import data
 
 _TEXT = flags.DEFINE_string(
@@ -78,14 +78,6 @@ def generate(model, x, vocab, rng, num_preds: int) -> str:
         out.append(vocab.chars[pred])
         window = np.concatenate([window[1:], np.eye(vocab.size, dtype=np.float32)[pred][None]])
     return "".join(out)
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _timed(fn):

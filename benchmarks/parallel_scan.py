@@ -43,7 +43,7 @@ PINNING = "taskset -c 0 env XLA_FLAGS=--xla_cpu_multi_thread_eigen=false"
 def bare_min_gru(units: int) -> rnn_jax.Cell:
     """``h_t = (1 − σ(u_t)) ⊙ h_{t-1} + v_t`` with ``x_t = [u_t, v_t]`` as given: no params."""
 
-    def coefficients(params, z):
+    def coefficients(_params, z):
         gate = jax.nn.sigmoid(z[:, :units])
         return 1.0 - gate, z[:, units:], {"gates": {"update_gate": gate}, "tanh": {}}
 

@@ -23,7 +23,6 @@ vocabulary bytes. Results also go to benchmarks/out/scale.json.
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import time
 import jax
 from absl import app, flags
 
+from benchmarks._common import peak_rss_mb
 from experiments import char_lm
 from rnn_jax import data, train
 from rnn_jax.batches import shuffled_epoch
@@ -51,16 +51,6 @@ _TIME_OF = flags.DEFINE_list("time_of", None, "Internal: phase 2 on these corpus
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = char_lm.Config()  # the tutorial's model and batch
-
-
-def _peak_mb() -> float:
-    """This process's peak RSS: VmHWM, not ru_maxrss, which Linux carries over from the parent
-    across fork and exec (here, the parent that wrote the corpora)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(fn, *args):
@@ -105,8 +95,8 @@ class _Run:
             _CONFIG.batch_size,
             num_batches=num_batches,
         )
-        epoch = train.make_trainer(self.loss_fn, self.optimizer, batches)
-        return _timed(lambda: epoch.lower(self.state, self.windows).compile())
+        trainer = train.make_trainer(self.loss_fn, self.optimizer, batches)
+        return _timed(lambda: jax.jit(trainer.__call__).lower(self.state, self.windows).compile())
 
     def run(self, epoch) -> float:
         (self.state, self.metrics), seconds = _timed(epoch, self.state, self.windows)
@@ -114,9 +104,9 @@ class _Run:
 
 
 def measure_memory(path: str, num_batches: int) -> dict:
-    start = _peak_mb()
+    start = peak_rss_mb()
     run = _Run(path)
-    pipeline_mb = _peak_mb()
+    pipeline_mb = peak_rss_mb()
     epoch, compile_s = run.epoch(min(num_batches, run.batches))
     run.run(epoch)
     return {
@@ -125,7 +115,7 @@ def measure_memory(path: str, num_batches: int) -> dict:
         "compile_s": compile_s,
         "rss_start_mb": start,
         "rss_pipeline_mb": pipeline_mb,
-        "rss_peak_mb": _peak_mb(),
+        "rss_peak_mb": peak_rss_mb(),
     }
 
 

@@ -405,7 +405,7 @@ class _Mode(NamedTuple):
     random_seed: Callable[[int], np.ndarray]  # iteration -> seq_len training tokens
 
 
-def _windowed(config, model, loss_fn, optimizer, state, train_tokens, val_tokens, mesh, cell):
+def _windowed(config, loss_fn, optimizer, state, train_tokens, val_tokens, mesh, cell):
     """The tutorial's recipe: shuffled seq_len windows, step ``config.step``."""
     windows = data_lib.make_windows(train_tokens, config.seq_len, config.step)
     num_examples = int(windows.starts.shape[0])
@@ -532,9 +532,7 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
         what = f"{mode.epoch.num_steps} windows of {config.bptt} in {config.batch_size} streams"
     else:
         loss_fn = make_loss(model, config.compute_dtype)
-        mode = _windowed(
-            config, model, loss_fn, optimizer, state, train_tokens, val_tokens, mesh, cell
-        )
+        mode = _windowed(config, loss_fn, optimizer, state, train_tokens, val_tokens, mesh, cell)
         what = f"{mode.num_examples} training windows"
     held_out = f", {len(val_tokens)} held out" if val_tokens is not None else ""
     out(
@@ -581,7 +579,7 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
         "config": {**config.resume_key(), "text": text_id},
         "vocabulary": vocab.chars,
     }
-    with open_run(workdir, meta, files=(SAMPLES,), log=out) as run:
+    with open_run(workdir, meta, files=(SAMPLES,)) as run:
 
         def report(iteration, state, metrics):
             row = on_iteration(iteration, state, metrics)

@@ -387,7 +387,7 @@ def _stop_at_boundaries(interruptible: bool) -> None:
     reads at its next call boundary; a second signal, or one in a run without boundaries, stops
     at once."""
 
-    def handler(signum, frame):
+    def handler(signum, _frame):
         _received.append(signum)
         if STOP.is_set() or not interruptible:
             raise _Stopped

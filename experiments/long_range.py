@@ -281,10 +281,46 @@ def prepare(task, cell, config: Config, steps: int | None = None, eval_every: in
 
 
 def _compiled(train, params, keys, clips, test_xs, test_targets):
-    """The vmapped (clip settings × seeds) trainer, compiled ahead of time."""
+    """The vmapped (clip settings × seeds) trainer, compiled ahead of time.
+
+    Raises:
+      ValueError: the compiled program needs more memory than the device has free (XLA's own
+        estimate, before anything is allocated), naming the lengths and what to lower.
+    """
     over_seeds = jax.vmap(train, in_axes=(0, 0, None, None, None))
     over_clips = jax.vmap(over_seeds, in_axes=(None, None, 0, None, None))
-    return jax.jit(over_clips).lower(params, keys, clips, test_xs, test_targets).compile()
+    program = jax.jit(over_clips).lower(params, keys, clips, test_xs, test_targets).compile()
+    stats = program.memory_analysis()
+    if stats is not None:
+        needed = stats.temp_size_in_bytes + stats.argument_size_in_bytes
+        needed += stats.output_size_in_bytes
+        free = _free_memory()
+        if free is not None and needed > free:
+            raise ValueError(
+                f"lengths: at sequences of {test_xs.shape[1]} steps the sweep's program needs "
+                f"about {needed / 1e9:.1f} GB (XLA's estimate) and {free / 1e9:.1f} GB are "
+                "free; shorten lengths, or lower seeds, batch_size, test_size or units"
+            )
+    return program
+
+
+def _free_memory() -> int | None:
+    """Bytes the default device can still allocate: the accelerator's own count, or the host's
+    available memory (/proc/meminfo) for the CPU; None where neither is known."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def train_seeds(task, cell, config: Config, steps: int | None = None, timings=None):
@@ -337,6 +373,7 @@ def budget_steps(config: Config, seconds_per_step: float) -> int:
 def save_params(path, params) -> None:
     """Writes a params pytree (any leading axes) to an ``.npz``, keyed by pytree path."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
 
 
@@ -637,7 +674,6 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
 
 
 def _sweep(config: Config, workdir: str, run, out) -> list[dict]:
-    os.makedirs(os.path.join(workdir, "params"), exist_ok=True)
     clip_norms = config.clip_norms()
     longest = TASKS[config.task](max(config.lengths))
     per_step = {}  # cell -> seconds per step at the longest T (with budget_s)
@@ -658,6 +694,7 @@ def _sweep(config: Config, workdir: str, run, out) -> list[dict]:
             timings = {}
             params, curves = train_seeds(task, cell, config, steps, timings)
             curves = jax.tree.map(np.asarray, curves)
+            run.record()  # whose results these are, before the first of them
             save_params(params_path(workdir, name, length), params)
             seconds = time.perf_counter() - tic
             new = summarize(

@@ -501,7 +501,7 @@ def run(config: Config, workdir: str, out=print) -> list[dict]:
     )
     train_fn = make_trainer(task.loss_fn, optimizer, batches)
 
-    def on_iteration(iteration, state, metrics):
+    def on_iteration(_iteration, state, metrics):
         report = task.evaluate(state.params)
         report.update(elapsed_seconds=clock.seconds(), topology=config.topology, cell=config.cell)
         out(

@@ -579,7 +579,7 @@ def indrnn(units: int, max_length: int | None = None, recurrent_max: float | Non
         h = jax.nn.relu(zx + h * u.reshape((1,) * (h.ndim - 1) + u.shape))
         return h, h
 
-    def activations(prepared, h, zx):
+    def activations(_prepared, _h, _zx):
         return {"gates": {}, "tanh": {}}
 
     initial_carry = lambda batch: jnp.zeros((batch, units))
@@ -635,7 +635,7 @@ def exp_rnn(units: int) -> Cell:
         h = modrelu(zx + h @ prepared["recurrent_kernel"], prepared["bias"])
         return h, h
 
-    def activations(prepared, h, zx):
+    def activations(_prepared, _h, _zx):
         return {"gates": {}, "tanh": {}}
 
     initial_carry = lambda batch: jnp.zeros((batch, units))

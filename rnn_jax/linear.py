@@ -190,7 +190,7 @@ def min_gru(units: int) -> Cell:
     def project(params, x):
         return _project(params, x, params["bias"])
 
-    def coefficients(params, z):
+    def coefficients(_params, z):
         z_z, candidate = jnp.split(z, 2, axis=-1)
         update = jax.nn.sigmoid(z_z)
         return 1.0 - update, update * candidate, {"gates": {"update_gate": update}, "tanh": {}}
@@ -224,7 +224,7 @@ def min_lstm(units: int) -> Cell:
     def project(params, x):
         return _project(params, x, params["bias"])
 
-    def coefficients(params, z):
+    def coefficients(_params, z):
         z_f, z_i, candidate = jnp.split(z, 3, axis=-1)
         log_f, log_i = jax.nn.log_sigmoid(z_f), jax.nn.log_sigmoid(z_i)
         forget, keep_in = jax.nn.sigmoid(log_f - log_i), jax.nn.sigmoid(log_i - log_f)

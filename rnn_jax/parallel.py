@@ -16,7 +16,8 @@ def make_mesh(num_devices: int = 0, devices=None) -> Mesh:
     Args:
       num_devices: how many devices to use; 0 takes all of them (every host's, after
         ``jax.distributed.initialize``). On a CPU-only machine, virtual devices come from
-        ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set before jax is imported.
+        ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set before jax is imported (or
+        ``jax.config.update("jax_num_cpu_devices", N)`` before JAX starts its CPU backend).
       devices: the devices to choose from (default ``jax.devices()``, the global list).
 
     Raises:

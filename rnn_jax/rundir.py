@@ -5,7 +5,7 @@ change; opened once per run, the newest checkpoint read once."""
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -136,6 +136,7 @@ class RunDir:
         self.last_saved: int | None = None
         self._saved: Saved | None = None
         self._primary = jax.process_index() == 0  # multi-host: one process writes the files
+        self._recorded = False
 
     def file(self, name: str) -> str | None:
         return None if self.path is None else os.path.join(self.path, name)
@@ -143,6 +144,16 @@ class RunDir:
     @property
     def checkpoint_dir(self) -> str | None:
         return self.file(CHECKPOINTS)
+
+    def record(self) -> None:
+        """Writes ``run.json`` (atomically), once: done before the run's first file by every
+        method here; a run writing a file of its own calls it first. A run that stops before
+        writing anything leaves no record."""
+        if self._recorded or self.path is None or not self._primary:
+            return
+        self._recorded = True
+        data = (json.dumps(_as_json(self.meta), indent=1) + "\n").encode()
+        replace_file(self.file(RUN_RECORD), data)
 
     def restore(self, like: Any) -> Any:
         """The resumed checkpoint's state in the structure of ``like`` (``like`` itself when
@@ -162,6 +173,7 @@ class RunDir:
         if self._checkpoints is None:
             return
         step = int(state.step)
+        self.record()
         self._checkpoints.save(step, state, {**self.meta, PROGRESS_KEY: position.to_json()})
         self.last_saved = step
 
@@ -171,6 +183,7 @@ class RunDir:
         row = _as_json(row)
         self.history.append(row)
         if self.path is not None and self._primary:
+            self.record()
             append_log(self.file(METRICS), row)
         return row
 
@@ -178,11 +191,13 @@ class RunDir:
         """Appends ``text`` to the file ``name`` of the directory (e.g. generated samples),
         durable before it returns; never rewritten."""
         if self.path is not None and self._primary:
+            self.record()
             append_text(self.file(name), text)
 
     def write(self, name: str, data: bytes) -> None:
         """Replaces the file ``name`` atomically (a kill leaves the old or the new one)."""
         if self.path is not None and self._primary:
+            self.record()
             replace_file(self.file(name), data)
 
     def _check_owner(self) -> None:
@@ -218,7 +233,7 @@ class RunDir:
                 + "); pass another workdir, or the same flags to resume it"
             )
 
-    def _resume(self, log: Callable[[str], None]) -> None:
+    def _resume(self) -> None:
         intact = self._checkpoints.newest_intact()
         if intact.step is None and intact.skipped:
             raise CheckpointError(
@@ -273,7 +288,6 @@ def open_run(
     max_to_keep: int = 3,
     checkpoints: bool = True,
     files: tuple[str, ...] = (),
-    log: Callable[[str], None] | None = None,
 ) -> Iterator[RunDir]:
     """Opens a run's directory for the body: the one place a run touches its workdir.
 
@@ -283,7 +297,8 @@ def open_run(
     one line naming both); the newest intact checkpoint, read once (a damaged newer one named
     and skipped) and its meta checked against ``meta`` (a mismatch names what differs); the
     metrics log, repaired and cut to the iterations that checkpoint holds. ``run.json`` is
-    written (atomically) once all of that has passed.
+    written (atomically) before the run's first file, so a run stopped before it wrote anything
+    leaves no record.
 
     Args:
       path: the run's directory (created if missing), or None for a run that writes nothing.
@@ -294,7 +309,6 @@ def open_run(
         record only).
       files: the names of the other files the run writes there (e.g. ``samples.txt``),
         checked to be files.
-      log: where the resume line goes (default absl logging).
 
     Raises:
       WorkdirError: the directory cannot be used (busy, a file, read-only, another run's).
@@ -303,7 +317,6 @@ def open_run(
     if path is None:
         yield RunDir(None, meta)
         return
-    log = log or logging.info
     primary = jax.process_index() == 0
     with lock_workdir(path) if primary else contextlib.nullcontext():
         _check_kinds(path, files)
@@ -315,11 +328,9 @@ def open_run(
             run._checkpoints = store
         try:
             if store is not None:
-                run._resume(log)
+                run._resume()
             else:
                 run.history = read_log(run.file(METRICS), repair=primary)
-            if primary:
-                run.write(RUN_RECORD, (json.dumps(_as_json(meta), indent=1) + "\n").encode())
             yield run
         finally:
             if store is not None:

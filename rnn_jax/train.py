@@ -601,12 +601,13 @@ def fit(
                 if done == epoch_steps:
                     break
                 position = Position(iteration - 1, epoch, done, sums.as_dict(), seconds)
-                if asked() or (
+                stopping = asked()  # asked once a boundary
+                if stopping or (
                     checkpoint_every is not None
                     and int(state.step) - (run.last_saved or 0) >= checkpoint_every
                 ):
                     run.save(state, position)
-                if asked():
+                if stopping:
                     raise Interrupted(run.last_saved if run.path is not None else None)
                 if progress_seconds is not None and time.perf_counter() - last_line >= (
                     progress_seconds

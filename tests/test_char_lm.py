@@ -10,6 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from helpers import assert_bit_identical, snapshot, tiny_text
 
 from experiments import char_lm, cli
 from rnn_jax import checkpoint, rundir, train
@@ -24,39 +25,15 @@ SHARED_DESIGN = os.path.join(ROOT, "..", "shared", "DESIGN.md")
 TINY = dict(units=8, batch_size=64, num_preds=12)
 
 
-def _tiny_text():
-    rng = np.random.default_rng(0)
-    words = "the sky was falling and alice saw a white rabbit run down into the hole".split()
-    lines = [" ".join(rng.choice(words, 10)).capitalize() + "." for _ in range(40)]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def text_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "tiny.txt"
-    path.write_text(_tiny_text())
+    path.write_text(tiny_text())
     return str(path)
 
 
 def _quiet(*_):
     pass
-
-
-def _snapshot(directory):
-    """Every file under ``directory`` with its bytes."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = f.read()
-    return out
-
-
-def _assert_bit_identical(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
 
 
 def _strip_timing(history):
@@ -200,7 +177,7 @@ def tiny_run(tmp_path_factory, text_path):
 
 def test_run_end_to_end(tiny_run):
     workdir, (state, history, vocab), lines = tiny_run
-    text = clean_text(_tiny_text().encode())
+    text = clean_text(tiny_text().encode())
     assert vocab.chars == "".join(sorted(set(text)))
     assert [r["iteration"] for r in history] == [1, 2]
     assert "Iteration #: 1" in lines and "Iteration #: 2" in lines
@@ -251,7 +228,7 @@ def test_resumed_run_is_bit_identical(tiny_run, reference, text_path, tmp_path):
     assert "Iteration #: 3" in lines and "Iteration #: 2" not in lines  # only 3 was trained
     assert [h["iteration"] for h in history] == [1, 2, 3]  # the whole history comes back
     assert history[:2] == tiny_run[1].history
-    _assert_bit_identical(state, reference.state)
+    assert_bit_identical(state, reference.state)
     assert _strip_timing(history) == _strip_timing(reference.history)
     with open(os.path.join(workdir, "samples.txt")) as f:
         assert f.read().count("iteration ") == 3  # samples.txt holds the resumed rows too
@@ -260,10 +237,10 @@ def test_resumed_run_is_bit_identical(tiny_run, reference, text_path, tmp_path):
 def _refused(tiny_run, tmp_path, config):
     workdir = str(tmp_path / "run")
     shutil.copytree(tiny_run[0], workdir)
-    before = _snapshot(workdir)
+    before = snapshot(workdir)
     with pytest.raises(WorkdirError) as e:  # its run.json records another configuration
         char_lm.run(config, workdir, out=_quiet)
-    assert _snapshot(workdir) == before, "the refused run changed the existing workdir"
+    assert snapshot(workdir) == before, "the refused run changed the existing workdir"
     return cli.as_flags(str(e.value), [f.name for f in dataclasses.fields(char_lm.Config)])
 
 
@@ -369,7 +346,7 @@ def test_nan_keeps_last_good_checkpoint_and_resume_recovers(
 
     state, history, _ = char_lm.run(config, workdir, out=_quiet)
     assert [h["iteration"] for h in history] == [1, 2, 3]
-    _assert_bit_identical(state, reference.state)
+    assert_bit_identical(state, reference.state)
     assert _strip_timing(history) == _strip_timing(reference.history)
 
 
@@ -408,7 +385,8 @@ def test_a_cased_text_is_read_and_seeded_cased(text_path):
 # --- The tutorial's recipe on the alice corpus (the default text) --------------------------------
 
 
-def test_alice_loss_falls(alice_path):
+@pytest.mark.usefixtures("alice_path")  # skips where the corpus cannot be obtained
+def test_alice_loss_falls():
     lines = []
     _, history, vocab = char_lm.run(
         char_lm.Config(iterations=2, num_preds=20), None, out=lines.append

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from damage import FAULTS, flip
+from helpers import assert_bit_identical
 
 from rnn_jax import cells, checkpoint, train
 from rnn_jax.models import recurrent, sequence_classifier
@@ -38,14 +39,6 @@ def _state(name="lstm", seed=0, units=6):
     return jax.tree.map(fill, abstract)
 
 
-def _assert_identical(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
-
-
 @pytest.mark.parametrize("name", ["simple_rnn", "lstm", "gru"])
 def test_round_trip_bit_for_bit(tmp_path, name):
     state = _state(name)
@@ -54,7 +47,7 @@ def test_round_trip_bit_for_bit(tmp_path, name):
     assert checkpoint.latest_step(str(tmp_path)) == 3
     like = _state(name, seed=1)  # same structure, other values
     restored, restored_meta = checkpoint.restore_checkpoint(str(tmp_path), 3, like)
-    _assert_identical(restored, state)
+    assert_bit_identical(restored, state)
     assert isinstance(restored, train.TrainState)
     assert restored_meta == meta
     assert checkpoint.restore_meta(str(tmp_path), 3) == meta
@@ -156,7 +149,7 @@ def test_damaged_latest_step_is_reported_and_skipped(three_steps, tmp_path, faul
     assert line.startswith(f"checkpoint 3 in {path!r} is damaged (") and why in line
     assert line.endswith("); skipped")
     restored, meta = checkpoint.restore_checkpoint(directory, found.step, like)
-    _assert_identical(restored, states[2])
+    assert_bit_identical(restored, states[2])
     assert meta == META
 
     if fault == "garbage_meta":
@@ -193,7 +186,7 @@ def test_intact_steps_and_resaving_a_damaged_step(three_steps, tmp_path):
     assert checkpoint.newest_intact(directory)[1:] == ([],)
     assert checkpoint.newest_intact(directory).step == 3
     restored, _ = checkpoint.restore_checkpoint(directory, 3, states[3])
-    _assert_identical(restored, states[1])
+    assert_bit_identical(restored, states[1])
 
 
 def test_damaged_step_is_damaged_whatever_model_asks(three_steps, tmp_path):
@@ -223,7 +216,7 @@ def test_digest_is_sha256_of_paths_dtypes_shapes_and_bytes(tmp_path):
     assert digest["state_sha256"] == expected.hexdigest()
     assert digest["meta_sha256"] == hashlib.sha256(b'{"a":"x","z":[1,2]}').hexdigest()
     restored, restored_meta = checkpoint.restore_checkpoint(str(tmp_path), 1, state)
-    _assert_identical(restored, state)
+    assert_bit_identical(restored, state)
     assert restored_meta == {"z": [1, 2], "a": "x"}  # as JSON reads back; no "_digest"
 
 
@@ -261,7 +254,7 @@ def test_step_saved_before_digests_is_accepted(tmp_path, caplog):
     found = checkpoint.newest_intact(str(tmp_path))
     assert (found.step, found.skipped) == (1, [])
     restored, meta = checkpoint.restore_checkpoint(str(tmp_path), 1, state)
-    _assert_identical(restored, state)
+    assert_bit_identical(restored, state)
     assert meta == META and checkpoint.restore_meta(str(tmp_path), 1) == META
     assert "has no digest" in caplog.text
 
@@ -283,7 +276,7 @@ def test_a_full_disk_is_one_line_and_the_failed_save_is_cleaned_on_reopening(tmp
     before = sorted(os.listdir(directory))
     real_save = ocp.CheckpointManager.save
 
-    def full(self, step, *args, **kwargs):
+    def full(_self, step, *_args, **_kwargs):
         os.makedirs(os.path.join(directory, f"{step}.orbax-checkpoint-tmp-1234", "state"))
         raise ValueError(
             'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database: Failed to write 512 '
@@ -308,7 +301,7 @@ def test_a_full_disk_is_one_line_and_the_failed_save_is_cleaned_on_reopening(tmp
     assert sorted(os.listdir(directory)) == sorted([*before, "2"])
     restored, meta = checkpoint.restore_checkpoint(directory, 2, state)
     assert meta == {"a": 2}
-    _assert_identical(restored, state)
+    assert_bit_identical(restored, state)
     # Any other failure is not dressed up as a disk problem.
     monkeypatch.setattr(ocp.CheckpointManager, "save", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):

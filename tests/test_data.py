@@ -366,7 +366,8 @@ def test_fetch_into_a_read_only_cache(tmp_path, fetch_tmp, read_only_dir):
     assert os.listdir(read_only_dir) == [] and os.listdir(fetch_tmp) == []
 
 
-def test_fetch_by_url(tmp_path, fetch_tmp):
+@pytest.mark.usefixtures("fetch_tmp")
+def test_fetch_by_url(tmp_path):
     source = tmp_path / "input.txt"
     source.write_bytes(b"First Citizen:\nSpeak, speak.\n")
     corpus = dataclasses.replace(

@@ -23,10 +23,9 @@ import sys
 import time
 from collections.abc import Callable
 
-import jax
-import numpy as np
 import pytest
 from damage import delete_array_metadata, delete_arrays, flip, garbage_meta, truncate
+from helpers import assert_bit_identical, snapshot, tiny_text
 
 from experiments import char_lm
 from rnn_jax import checkpoint, rundir
@@ -36,17 +35,10 @@ TINY = dict(units=8, batch_size=64, num_preds=12)
 ITERATIONS = 3
 
 
-def _words(seed: int, count: int) -> str:
-    rng = np.random.default_rng(seed)
-    words = "the sky was falling and alice saw a white rabbit run down into the hole".split()
-    lines = [" ".join(rng.choice(words, 10)).capitalize() + "." for _ in range(count)]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text(_words(0, 40))
+    path.write_text(tiny_text(0, 40))
     return path
 
 
@@ -69,15 +61,6 @@ def launch(start_experiment) -> Callable[[list[str]], subprocess.Popen]:
     return lambda args: start_experiment("char_lm", *args)
 
 
-def _snapshot(directory: pathlib.Path) -> dict[str, bytes]:
-    """Every file under ``directory`` (the lock file aside: its record is the holder's)."""
-    out = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != ".lock":
-            out[str(path.relative_to(directory))] = path.read_bytes()
-    return out
-
-
 def _steps(workdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
@@ -85,11 +68,6 @@ def _steps(workdir: pathlib.Path) -> list[int]:
 def _final_state(workdir: pathlib.Path, like):
     ckpt = str(workdir / "checkpoints")
     return checkpoint.restore_checkpoint(ckpt, checkpoint.latest_step(ckpt), like)[0]
-
-
-def _assert_bit_identical(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
 # The only fields of a metrics row that differ between a run and its rerun: wall times.
@@ -161,7 +139,7 @@ def _other_text_same_vocabulary(workdir, tmp):
 
 
 def _utf16(workdir, tmp):
-    (tmp / "utf16.txt").write_text(_words(0, 40), encoding="utf-16")
+    (tmp / "utf16.txt").write_text(tiny_text(0, 40), encoding="utf-16")
     return {"text": tmp / "utf16.txt"}
 
 
@@ -337,9 +315,9 @@ def test_fault(fault, finished, corpus, tmp_path, launch):
     shutil.copy(corpus, tmp_path / "corpus.txt")
     if fault.finished:
         shutil.copytree(finished_dir, workdir)
-    before_damage = _snapshot(workdir) if fault.finished else None
+    before_damage = snapshot(workdir) if fault.finished else None
     flags = fault.damage(workdir, tmp_path)
-    before = _snapshot(workdir) if workdir.is_dir() else None
+    before = snapshot(workdir) if workdir.is_dir() else None
     if workdir.is_file():
         before = workdir.read_bytes()
     proc = launch(_args(tmp_path / "corpus.txt", workdir, **flags))
@@ -362,7 +340,7 @@ def test_fault(fault, finished, corpus, tmp_path, launch):
         elif isinstance(before, bytes):
             assert workdir.read_bytes() == before
         else:
-            assert _snapshot(workdir) == before
+            assert snapshot(workdir) == before
         return
     lines = stdout.splitlines() + stderr.splitlines()
     assert any(_matches(fault.says, line) for line in lines), stdout + stderr
@@ -376,7 +354,7 @@ def test_fault(fault, finished, corpus, tmp_path, launch):
         ), resumed
     # Recovered: every file of the finished run is still there, unchanged or set aside
     # (a damaged step), and the run ends where the uninterrupted one did, bit for bit.
-    after = _snapshot(workdir)
+    after = snapshot(workdir)
     for name, content in before_damage.items():
         if name == "metrics.jsonl":
             continue
@@ -388,7 +366,7 @@ def test_fault(fault, finished, corpus, tmp_path, launch):
             step, rest = name.split("/", 2)[1], name.split("/", 2)[2:]
             aside = os.path.join("checkpoints", f"{step}.replaced", *rest)
             assert after.get(aside) == before.get(name), name
-    _assert_bit_identical(_final_state(workdir, result.state), result.state)
+    assert_bit_identical(_final_state(workdir, result.state), result.state)
     if fault.whole_log:
         assert _rows(workdir) == _rows(finished_dir)
     else:  # nothing trained, nothing rebuilt: the log stays absent, samples.txt as it was
@@ -447,7 +425,7 @@ def test_disk_full_then_freed_and_read_only(finished, corpus, tmp_path, launch):
         assert found, errors[-1]
         failed, newest = int(found.group(1)), int(found.group(2))
         assert _steps(workdir)[-1] == newest < failed, _steps(workdir)
-        kept = _snapshot(workdir)
+        kept = snapshot(workdir)
 
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         proc = launch(args)
@@ -455,7 +433,7 @@ def test_disk_full_then_freed_and_read_only(finished, corpus, tmp_path, launch):
         errors = [line for line in stderr.splitlines() if line.strip()]
         assert proc.returncode == 1 and [e for e in errors if "error" in e] == errors[-1:], stderr
         assert "Read-only file system" in errors[-1] and errors[-1].startswith("error: --workdir=")
-        assert _snapshot(workdir) == kept
+        assert snapshot(workdir) == kept
 
         subprocess.run(["mount", "-o", "remount,rw,size=8m", str(disk)], check=True)
         proc = launch(args)
@@ -493,14 +471,14 @@ def test_second_run_on_a_busy_workdir_is_refused_writing_nothing(
     first = launch(_args(corpus, workdir, iterations=1000, progress_seconds=0.01))
     try:
         _wait_for(first, "Iteration #: 1")
-        before = _snapshot(workdir)
+        before = snapshot(workdir)
         second = launch(_args(corpus, workdir, iterations=1000))
         _, stderr = second.communicate(timeout=300)
         errors = [line for line in stderr.splitlines() if line.strip()]
         assert second.returncode == 1 and len(errors) == 1, stderr
         assert f"is in use by another run: pid {first.pid} on host " in errors[0]
         # Nothing written by the second run: the files are the first run's (which goes on).
-        after = _snapshot(workdir)
+        after = snapshot(workdir)
         assert set(before) <= set(after)
     finally:
         first.kill()
@@ -590,7 +568,7 @@ def test_kill_9_anywhere_resumes_bit_identically(corpus, tmp_path, launch):
     proc = launch(args)
     _, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr
-    _assert_bit_identical(_final_state(workdir, reference.state), reference.state)
+    assert_bit_identical(_final_state(workdir, reference.state), reference.state)
     rows = rundir.read_history(str(workdir))
     assert [{k: v for k, v in r.items() if k not in WALL} for r in rows] == [
         {k: v for k, v in r.items() if k not in WALL} for r in reference.history
@@ -623,7 +601,7 @@ def test_ctrl_c_and_sigterm_checkpoint_and_say_how_to_resume(corpus, tmp_path, l
     proc = launch(args)
     _, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr
-    _assert_bit_identical(_final_state(workdir, reference.state), reference.state)
+    assert_bit_identical(_final_state(workdir, reference.state), reference.state)
     assert _rows(workdir) == [
         {
             k: v

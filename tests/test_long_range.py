@@ -346,3 +346,19 @@ def test_bad_flag_is_one_line_and_exit_1(bad_flag):
     assert bad_flag.returncode == 1
     assert err.strip() == "error: --clip_norm=0.0 must be finite and > 0", err
     assert not os.path.exists(os.path.join(ROOT, "unused"))
+
+
+def test_a_sweep_that_cannot_fit_in_memory_is_refused_before_it_runs(tmp_path, monkeypatch):
+    """XLA's estimate of the compiled program against the memory free: over it, one line
+    naming the sequence length and what to lower, before anything is allocated or written."""
+    monkeypatch.setattr(long_range, "_free_memory", lambda: 1_000)  # 1 kB free
+    with pytest.raises(ValueError) as err:
+        long_range.run(TINY, str(tmp_path / "run"), out=lambda line: None)
+    message = str(err.value)
+    found = re.match(
+        r"^lengths: at sequences of 4 steps the sweep's program needs about ([0-9.]+) GB "
+        r"\(XLA's estimate\) and 0\.0 GB are free; shorten lengths",
+        message,
+    )
+    assert found and "\n" not in message, message
+    assert not (tmp_path / "run" / "results.json").exists()

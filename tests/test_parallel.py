@@ -1,8 +1,7 @@
 """Data parallelism: 8 virtual CPU devices train exactly as one device does.
 
-The 8-device tests need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before jax is
-imported, so :func:`test_eight_host_devices` reruns this file in a subprocess with it set; in
-the parent they are skipped with that reason. Tolerance (float32): after two fused epochs the
+The tests see 8 CPU devices in process (tests/conftest.py sets ``jax_num_cpu_devices``).
+Tolerance (float32): after two fused epochs the
 8-device parameters and optimiser state equal the 1-device ones to ``rtol=1e-5, atol=1e-6``;
 only the order of the float32 gradient sums differs.
 """
@@ -23,15 +22,9 @@ DEVICES = 8
 VOCAB, SEQ_LEN = 7, 5
 RTOL, ATOL = 1e-5, 1e-6
 eight = pytest.mark.skipif(
-    jax.device_count() < DEVICES, reason="needs 8 devices: run by test_eight_host_devices"
+    jax.device_count() < DEVICES,
+    reason="needs 8 devices (tests/conftest.py asks JAX for 8 CPU devices)",
 )
-
-
-def test_eight_host_devices(on_virtual_devices):
-    """Runs this file's 8-device tests in a subprocess that sees 8 virtual CPU devices."""
-    if jax.device_count() >= DEVICES:
-        pytest.skip("already on 8 devices")
-    print(on_virtual_devices(__file__, DEVICES, "eight_devices", passed=3))
 
 
 def _problem(cell_name="gru", n=50, seed=0):
@@ -74,7 +67,7 @@ def test_eight_devices_epoch_equals_one_device():
     model, loss_fn, batch, get_batch = _problem("gru")
     opt = train.rmsprop(1e-2, clip_norm=1.0)
     state = train.create_train_state(model.init(jax.random.PRNGKey(0)), opt, jax.random.PRNGKey(1))
-    mesh = parallel.make_mesh(0)
+    mesh = parallel.make_mesh(DEVICES)
     assert mesh.size == DEVICES
     seen = []
 

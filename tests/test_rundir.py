@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import snapshot
 
 from rnn_jax import checkpoint, rundir, workdir
 
@@ -25,16 +26,6 @@ class _State(NamedTuple):
 
 def _state(step: int, value: float = 1.0) -> _State:
     return _State(jnp.int32(step), jnp.full((3,), value, jnp.float32))
-
-
-def _snapshot(directory) -> dict:
-    found = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, directory)] = f.read()
-    return found
 
 
 def _train(path, iterations, meta=META, value=1.0):
@@ -85,13 +76,13 @@ def test_rows_logged_after_the_last_checkpoint_are_trained_again(tmp_path):
 )
 def test_another_experiment_or_configuration_is_refused_and_nothing_changes(tmp_path, other, named):
     _train(tmp_path / "run", 2)
-    before = _snapshot(tmp_path / "run")
+    before = snapshot(tmp_path / "run")
     with pytest.raises(workdir.WorkdirError) as err:
         _train(tmp_path / "run", 3, meta=other)
     message = str(err.value)
     assert message.startswith(f"workdir={str(tmp_path / 'run')!r} holds the results of toy")
     assert named in message and "pass another workdir" in message and "\n" not in message
-    assert _snapshot(tmp_path / "run") == before
+    assert snapshot(tmp_path / "run") == before
 
 
 def test_a_directory_without_a_record_is_checked_against_its_checkpoint(tmp_path):

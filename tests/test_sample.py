@@ -37,7 +37,7 @@ def _window_sum_cell():
     """Carry = one-hot of (sum of the tokens read) mod V: depends on the whole window."""
     shift = (np.arange(V)[:, None] - np.arange(V)[None, :]) % V  # [k, j] = (k - j) mod V
 
-    def recur(params, carry, z):
+    def recur(_params, carry, z):
         new = jnp.einsum("...j,...kj->...k", carry, z[..., shift])
         return new, new
 

@@ -17,7 +17,7 @@ CELL_NAMES = ["simple_rnn", "lstm", "gru"]
 def counter_cell(units=1):
     """A toy cell whose step adds 1 to its carry and outputs the new carry (input ignored)."""
 
-    def step(params, carry, x):
+    def step(_params, carry, x):
         carry = carry + 1.0 + 0.0 * x[:, :1]
         return carry, carry
 

@@ -21,6 +21,7 @@ import numpy as np
 import numpy_reference as ref
 import optax
 import pytest
+from helpers import assert_bit_identical, tiny_text
 
 from experiments import char_lm
 from rnn_jax import cells, checkpoint, parallel, rundir, train
@@ -34,13 +35,6 @@ CELLS = {"simple_rnn": cells.simple_rnn, "lstm": cells.lstm}
 
 def _quiet(*_):
     pass
-
-
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
 def _assert_trees_close(a, b, rtol, atol):
@@ -404,7 +398,7 @@ def test_dropout_keys_come_from_the_state_key_per_window():
     assert not np.allclose(m_keyed["step_loss"], m_plain["step_loss"])  # dropout acted
     part, _ = keyed.run(state, streams, 0, 3)
     part, _ = keyed.run(part, streams, 3, num_windows - 3)
-    _assert_trees_equal(part, whole)
+    assert_bit_identical(part, whole)
     # Window 0's loss by hand with the key the pass derives from state.key.
     _, pass_key = jax.random.split(state.key)
     (inp, tgt, mask), weights = stream_batch(streams, 0, bptt)
@@ -422,17 +416,10 @@ def test_dropout_keys_come_from_the_state_key_per_window():
 # --- 4. the experiment: a stateful run with mid-epoch checkpoints, interrupted and resumed -------
 
 
-def _tiny_text():
-    rng = np.random.default_rng(0)
-    words = "the sky was falling and alice saw a white rabbit run down into the hole".split()
-    lines = [" ".join(rng.choice(words, 10)).capitalize() + "." for _ in range(12)]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def text_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "tiny.txt"
-    path.write_text(_tiny_text())
+    path.write_text(tiny_text(lines=12))
     return str(path)
 
 
@@ -488,7 +475,7 @@ def stateful_run(tmp_path_factory, text_path):
 def test_stateful_mid_epoch_resume_is_bit_identical(stateful_run, text_path, tmp_path):
     _, reference, _, saved = stateful_run
     val, _ = _held_out(text_path)
-    train_pairs = len(ref.tutorial_clean(_tiny_text().encode())) - len(val) - 1
+    train_pairs = len(ref.tutorial_clean(tiny_text(lines=12).encode())) - len(val) - 1
     assert math.ceil(math.ceil(train_pairs / 4) / 25) == 6  # windows per epoch
     assert int(reference.state.step) == 12
     assert sorted(saved) == [2, 4, 6, 8, 10, 12]  # mid-epoch (2, 4, 8, 10) and iteration ends
@@ -509,7 +496,7 @@ def test_stateful_mid_epoch_resume_is_bit_identical(stateful_run, text_path, tmp
 
     # The carry is in the checkpoint: nonzero, the uninterrupted run's at that step.
     restored, _ = checkpoint.restore_checkpoint(ckpt, 8, reference.state)
-    _assert_trees_equal(restored, saved[8])
+    assert_bit_identical(restored, saved[8])
     assert all(np.abs(np.asarray(c)).max() > 1e-3 for c in jax.tree.leaves(restored.carry))
     # (and not the carry of the iteration's end, which the next epoch would reset anyway)
     assert any(
@@ -524,7 +511,7 @@ def test_stateful_mid_epoch_resume_is_bit_identical(stateful_run, text_path, tmp
         for line in resumed_lines
     ), resumed_lines
     assert "Iteration #: 1" not in resumed_lines and "Iteration #: 2" in resumed_lines
-    _assert_trees_equal(resumed.state, reference.state)  # params, opt_state, step, key, carry
+    assert_bit_identical(resumed.state, reference.state)  # params, opt_state, step, key, carry
     assert _strip_timing(resumed.history) == _strip_timing(reference.history)
     assert _strip_timing(rundir.read_history(workdir)) == _strip_timing(reference.history)
 
@@ -672,15 +659,9 @@ def test_layers_need_stateful_mode(text_path, tmp_path, start_experiment):
 
 DEVICES = 2
 two = pytest.mark.skipif(
-    jax.device_count() < DEVICES, reason="needs 2 devices: run by test_stateful_two_host_devices"
+    jax.device_count() < DEVICES,
+    reason="needs 2 devices (tests/conftest.py asks JAX for 8 CPU devices)",
 )
-
-
-def test_stateful_two_host_devices(on_virtual_devices):
-    """Runs this file's 2-device tests in a subprocess that sees 2 virtual CPU devices."""
-    if jax.device_count() >= DEVICES:
-        pytest.skip("already on several devices")
-    on_virtual_devices(__file__, DEVICES, "on_two_devices", passed=1)
 
 
 @two
@@ -697,7 +678,7 @@ def test_stateful_training_on_two_devices_equals_one():
     opt = train.rmsprop(1e-2)
     loss_fn = char_lm.make_stateful_loss(model)
     get_batch = lambda s, k: stream_batch(s, k, bptt)
-    mesh = parallel.make_mesh(0)
+    mesh = parallel.make_mesh(DEVICES)
     assert mesh.size == DEVICES
     assert parallel.padded_size(batch, mesh) == 4
     steps = {

@@ -2,6 +2,7 @@
 and hand sums, fit."""
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import numpy_reference as ref
 import optax
 import pytest
+from helpers import assert_bit_identical
 
 from rnn_jax import batches, cells, checkpoint, rundir, synthetic, train
 from rnn_jax.losses import accuracy, softmax_cross_entropy
@@ -30,13 +32,6 @@ def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
 
 
 # --- RMSprop ------------------------------------------------------------------------------------
@@ -327,7 +322,7 @@ def test_shuffled_epoch_equals_loop_of_updates():
     }
     # A new shuffle every call, drawn from the state's key: same state, same epoch.
     again, _ = run(state, data)
-    _assert_trees_equal(again, new)
+    assert_bit_identical(again, new)
     assert not np.array_equal(new2.key, new.key)
 
 
@@ -528,7 +523,7 @@ def test_fit_resumed_run_is_bit_identical(tmp_path):
     data, run = _data(), _epoch()
     state = train.create_train_state(_params(model, seed=4), OPT, jax.random.PRNGKey(2))
 
-    def on_iteration(iteration, state, metrics):
+    def on_iteration(_iteration, state, _metrics):
         return {"kernel_sum": float(jnp.sum(state.params["dense"]["kernel"]))}
 
     kwargs = dict(meta={"config": {"units": 8}}, on_iteration=on_iteration, epochs_per_iteration=2)
@@ -536,7 +531,7 @@ def test_fit_resumed_run_is_bit_identical(tmp_path):
     part, _ = _fit(state, run, data, iterations=1, workdir=str(tmp_path / "b"), **kwargs)
     resumed, history_b = _fit(state, run, data, iterations=3, workdir=str(tmp_path / "b"), **kwargs)
     assert int(part.step) == 6 and int(whole.step) == 18  # 3 batches per epoch, 2 per iteration
-    _assert_trees_equal(resumed, whole)
+    assert_bit_identical(resumed, whole)
 
     def drop_seconds(rows):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
@@ -548,7 +543,7 @@ def test_fit_resumed_run_is_bit_identical(tmp_path):
     assert len(history[-1]["step_loss"]) == 3  # the last epoch's trace, as a JSON list
     # Without a workdir: the same run, nothing written.
     plain, history_c = _fit(state, run, data, iterations=3, **kwargs)
-    _assert_trees_equal(plain, whole)
+    assert_bit_identical(plain, whole)
     assert drop_seconds(history_c) == drop_seconds(history)
 
 
@@ -684,7 +679,7 @@ def test_an_epoch_run_in_calls_equals_one_call():
                 np.testing.assert_array_equal(part.key, state.key)
             piece = jax.device_get(piece)
             sums, first = piece if sums is None else sums.merge(piece), first + size
-        _assert_trees_equal(part, whole)
+        assert_bit_identical(part, whole)
         merged = sums.means()
         assert list(merged) == list(metrics)  # the same names, in the same (sorted) order
         np.testing.assert_array_equal(merged["step_loss"], metrics["step_loss"])
@@ -760,9 +755,9 @@ def test_sums_read_back_from_a_checkpoints_flat_form():
     }
     sums = train.Sums.from_dict(flat)
     assert set(sums.totals) == {"accuracy", "loss"} and float(sums.examples) == 4.0
-    _assert_trees_equal(sums, _host_sums(6.0, 2.0, 4.0, [1.5, 0.5], [1.0, 2.0]))
+    assert_bit_identical(sums, _host_sums(6.0, 2.0, 4.0, [1.5, 0.5], [1.0, 2.0]))
     assert set(sums.as_dict()) == set(flat)
-    _assert_trees_equal(train.Sums.from_dict(sums.as_dict()), sums)
+    assert_bit_identical(train.Sums.from_dict(sums.as_dict()), sums)
 
 
 class _Interrupt(Exception):
@@ -818,7 +813,7 @@ def test_fit_checkpoints_inside_epochs_and_resumes_bit_identically(tmp_path):
         state, run, data, iterations=3, workdir=workdir, log=lines.append, **kwargs
     )
     assert lines[0].startswith(f"resuming from step 10 in {ckpt_b} (iteration 1 done, 4 of 6 ")
-    _assert_trees_equal(resumed, whole)
+    assert_bit_identical(resumed, whole)
 
     def drop_seconds(rows):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
@@ -831,7 +826,7 @@ def test_fit_checkpoints_inside_epochs_and_resumes_bit_identically(tmp_path):
     again, history_c = _fit(
         state, run, data, iterations=3, workdir=workdir, log=lines.append, **kwargs
     )
-    _assert_trees_equal(again, whole)
+    assert_bit_identical(again, whole)
     assert history_c == rundir.read_history(workdir)
     assert lines[-1].startswith("all 3 iterations are done (the checkpoint in ")
     assert "nothing to do; raise iterations to train further" in lines[-1]
@@ -859,4 +854,33 @@ def test_fit_resumes_a_checkpoint_written_before_mid_epoch_ones(tmp_path):
         state, run, data, iterations=2, workdir=str(tmp_path), meta=meta, log=lines.append
     )
     assert lines[0].startswith("resuming from step 1 in ") and "(iteration 1 done)" in lines[0]
-    _assert_trees_equal(resumed, whole)
+    assert_bit_identical(resumed, whole)
+
+
+def test_an_epoch_interrupted_and_resumed_keeps_its_training_seconds(tmp_path, monkeypatch):
+    """A clock that moves one second per reading makes each call of updates one second long:
+    an epoch of 3 calls asked to stop after 2 checkpoints them with 2 s counted and raises
+    Interrupted; resumed, its row says 3 s, as the run never stopped does (a resumed epoch
+    whose clock started again at 0 would say 1 s)."""
+    readings = itertools.count()
+    monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(readings)))
+    model = _char_model("simple_rnn")[0]
+    data, trainer = _data(), _epoch()
+    state = train.create_train_state(_params(model, seed=4), OPT, jax.random.PRNGKey(2))
+    kwargs = dict(iterations=1, steps_per_call=1)
+    _, whole = _fit(state, trainer, data, workdir=str(tmp_path / "whole"), **kwargs)
+    asked = []
+
+    def interrupted():
+        asked.append(1)
+        return len(asked) == 2
+
+    workdir = str(tmp_path / "run")
+    with pytest.raises(rundir.Interrupted) as err:
+        _fit(state, trainer, data, workdir=workdir, interrupted=interrupted, **kwargs)
+    assert err.value.step == 2 and checkpoint.latest_step(os.path.join(workdir, "checkpoints")) == 2
+    progress = checkpoint.restore_meta(os.path.join(workdir, "checkpoints"), 2)
+    assert progress[rundir.PROGRESS_KEY]["seconds"] == 2.0
+    final, resumed = _fit(state, trainer, data, workdir=workdir, **kwargs)
+    assert whole[0]["seconds"] == resumed[0]["seconds"] == 3.0
+    assert int(final.step) == 3

@@ -230,7 +230,7 @@ def test_a_failed_append_is_one_clear_error_and_the_log_stays_readable(tmp_path,
     path = str(tmp_path / "metrics.jsonl")
     wd.append_log(path, {"iteration": 1})
 
-    def full(fd):
+    def full(_fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
