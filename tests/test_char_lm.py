@@ -406,8 +406,8 @@ def test_alice_loss_falls():
 def test_command_line(tmp_path, start_experiment):
     bad = start_experiment("char_lm", f"--workdir={tmp_path / 'run'}", "--clip_norm=-1")
     listed = start_experiment("char_lm", "--helpshort")
-    bad.stdout, bad.stderr = bad.communicate(timeout=120)
-    listed.stdout, listed.stderr = listed.communicate(timeout=120)
+    bad.stdout, bad.stderr = bad.communicate(timeout=900)
+    listed.stdout, listed.stderr = listed.communicate(timeout=900)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr == "error: --clip_norm=-1.0 must be finite and > 0\n"
     assert not (tmp_path / "run").exists()

@@ -347,7 +347,7 @@ def test_the_library_changes_nothing_of_the_process(tmp_path):
         [sys.executable, "-c", _PROCESS_STATE, str(tmp_path / "checkpoints")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(__file__)},
     )
     assert run.returncode == 0 and run.stdout == "unchanged\n", run.stderr[-3000:]

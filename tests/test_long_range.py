@@ -342,7 +342,7 @@ def test_config_accepts_copy_delay_one():
 
 
 def test_bad_flag_is_one_line_and_exit_1(bad_flag):
-    _, err = bad_flag.communicate(timeout=300)
+    _, err = bad_flag.communicate(timeout=900)
     assert bad_flag.returncode == 1
     assert err.strip() == "error: --clip_norm=0.0 must be finite and > 0", err
     assert not os.path.exists(os.path.join(ROOT, "unused"))

@@ -129,7 +129,7 @@ def test_the_directory_is_locked_while_the_run_is_open(tmp_path):
             [sys.executable, "-c", _HOLDER_PROBE, str(tmp_path / "run")],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=900,
         )
         return done.stdout.strip()
 

@@ -648,7 +648,7 @@ def test_layers_need_stateful_mode(text_path, tmp_path, start_experiment):
     # On the command line: one line on stderr, the flags as flags, nothing written.
     workdir = tmp_path / "run"
     proc = start_experiment("char_lm", f"--workdir={workdir}", "--layers=2")
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 1 and stdout == ""
     assert stderr.startswith("error: --layers=2 needs --mode='stateful'")
     assert stderr.count("\n") == 1 and stderr.endswith("\n")

@@ -44,7 +44,7 @@ def _start_holder(workdir: str) -> subprocess.Popen:
 
 def _finish(proc: subprocess.Popen) -> int:
     """Closes the holder's stdin (or it was killed), waits, and closes its pipes."""
-    proc.communicate(timeout=30)
+    proc.communicate(timeout=900)
     return proc.returncode
 
 
@@ -109,7 +109,7 @@ def test_lock_is_reentrant_in_one_process_and_released_after_the_outer_block(tmp
             [sys.executable, "-c", HOLDER, wd.__file__, workdir],
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=900,
             check=False,
         )
         assert holder.returncode == 1
