@@ -429,6 +429,7 @@ def _store(raw: bytes, cached: str, corpus: Corpus) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{corpus.filename}.", dir=directory)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep it from the machine's other users
         os.replace(tmp, cached)
     except OSError as e:
         if tmp is not None and os.path.exists(tmp):
