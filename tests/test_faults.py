@@ -621,3 +621,72 @@ def test_ctrl_c_and_sigterm_checkpoint_and_say_how_to_resume(corpus, tmp_path, l
         }
         for r in reference.history
     ]
+
+
+# --- The other experiments' command lines: a workdir that holds another run's results --------
+
+_SWEEP = (
+    "--cells=lstm",
+    "--lengths=4",
+    "--seeds=2",
+    "--steps=4",
+    "--eval_every=2",
+    "--batch_size=4",
+    "--test_size=16",
+    "--units=3",
+)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, start_experiment) -> pathlib.Path:
+    """A finished long_range sweep's workdir (the command line, tiny)."""
+    workdir = tmp_path_factory.mktemp("sweep") / "run"
+    proc = start_experiment("long_range", *_SWEEP, f"--workdir={workdir}")
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "case,says",
+    [
+        ("another_sweep", r"holds the results of long_range with another configuration \(.*"),
+        ("probe_into_its_sweep", r"holds the results of long_range, not of gradient_flow"),
+        ("too_long_for_memory", r"^error: lengths: at sequences of 1000000 steps .* GB are free"),
+        ("compare_a_char_lm_run", r"is not a run of experiments\.topologies"),
+    ],
+)
+def test_other_experiments_refuse_in_one_line(
+    case, says, sweep, finished, tmp_path, launch, start_experiment
+):
+    """Each refusal is one line, exit 1, and every file of the workdir it names is kept."""
+    workdir = tmp_path / "run"
+    shutil.copytree(sweep, workdir)
+    if case == "another_sweep":  # the same sweep with another cell, in the same workdir
+        args = ("long_range", *_SWEEP[1:], "--cells=gru", f"--workdir={workdir}")
+    elif case == "probe_into_its_sweep":
+        args = (
+            "gradient_flow",
+            "--configs=lstm",
+            "--lengths=4",
+            "--units=3",
+            "--seeds=2",
+            f"--trained_from={workdir}",
+            f"--workdir={workdir}",
+        )
+    elif case == "too_long_for_memory":
+        workdir = tmp_path / "long"
+        args = ("long_range", "--cells=gru", "--lengths=1000000", "--seeds=1", "--test_size=1")
+        args += (f"--workdir={workdir}",)
+    else:
+        shutil.rmtree(workdir)
+        shutil.copytree(finished[0], workdir)
+        args = ("compare_topologies", f"--runs={workdir}", f"--workdir={tmp_path / 'figures'}")
+    before = snapshot(workdir) if workdir.exists() else {}
+    proc = start_experiment(*args)
+    _, stderr = proc.communicate(timeout=900)
+    errors = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, stderr
+    assert [e for e in errors if e.startswith("error:")] == errors[-1:], stderr
+    assert re.search(says, errors[-1]), errors[-1]
+    assert (snapshot(workdir) if workdir.exists() else {}) == before
