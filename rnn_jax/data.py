@@ -260,6 +260,8 @@ CORPORA = {
     )
 }
 DEFAULT_CORPUS = "alice"
+# The command that runs pip: this interpreter's.
+PIP = (sys.executable, "-m", "pip")
 
 
 def cache_dir() -> str:
@@ -299,7 +301,7 @@ def corpus_path(
     *,
     path: str | None = None,
     directory: str | None = None,
-    pip: tuple[str, ...] = (sys.executable, "-m", "pip"),
+    pip: tuple[str, ...] = PIP,
     log: Callable[[str], None] | None = None,
 ) -> str:
     """The path of a named corpus's file, its sha256 checked: the one place corpora are found.
@@ -321,7 +323,12 @@ def corpus_path(
         a damaged or changed download, a cache that cannot be written); the message says
         how to obtain it by hand, and that ``text=PATH`` trains on any file.
     """
-    corpus = _corpus(corpus)
+    return _verified(_corpus(corpus), path, directory, pip, log)[0]
+
+
+def _verified(corpus: Corpus, path, directory, pip, log) -> tuple[str, bytes]:
+    """``(path, bytes)`` of the corpus's file, checked (see :func:`corpus_path`): its bytes are
+    read once, for the digest and for whoever reads the text."""
     if path is not None:
         raw = _read_bytes(path)
         if raw is None:
@@ -331,18 +338,18 @@ def corpus_path(
                 f"path={path!r} has sha256 {_sha256(raw)}, not {corpus.name}'s {corpus.sha256}; "
                 f"pass the file of {corpus.source}"
             )
-        return path
+        return path, raw
     directory = cache_dir() if directory is None else directory
     cached = os.path.join(directory, corpus.filename)
     raw = _read_bytes(cached)
     if raw is not None and _sha256(raw) == corpus.sha256:
-        return cached
+        return cached, raw
     log = log or logging.info
     if raw is not None:
         log(f"{cached} has sha256 {_sha256(raw)}, not {corpus.sha256}: replacing it")
     raw = _obtain(corpus, cached, log, pip)
     _store(raw, cached, corpus)
-    return cached
+    return cached, raw
 
 
 def _unobtainable(corpus: Corpus, cached: str, why: str) -> TextError:
@@ -458,18 +465,25 @@ def gutenberg_body(raw: bytes) -> bytes:
     return b"\n".join(body[: closing[-1]] if closing else body)
 
 
-def read_corpus(corpus: "Corpus | str", cleaning: str | None = None, **where) -> str:
+def read_corpus(
+    corpus: "Corpus | str",
+    cleaning: str | None = None,
+    *,
+    path: str | None = None,
+    directory: str | None = None,
+    pip: tuple[str, ...] = PIP,
+    log: Callable[[str], None] | None = None,
+) -> str:
     """The text of a named corpus as experiments read it.
 
     Args:
       corpus: a name of :data:`CORPORA`, or a :class:`Corpus`.
       cleaning: one of :data:`CLEANINGS` (None: the corpus's own, whose result is checked
         against ``text_sha256``).
-      **where: :func:`corpus_path`'s keywords (``path``, ``directory``, ``pip``, ``log``).
+      path, directory, pip, log: as :func:`corpus_path` takes them.
     """
     corpus = _corpus(corpus)
-    with open(corpus_path(corpus, **where), "rb") as f:
-        raw = f.read()
+    _, raw = _verified(corpus, path, directory, pip, log)
     if corpus.gutenberg:
         raw = gutenberg_body(raw)
     text = clean_text(raw, corpus.cleaning if cleaning is None else cleaning)

@@ -281,18 +281,9 @@ def read_log(path: str, *, repair: bool = True) -> list[dict]:
 
 
 def append_log(path: str, row: dict):
-    """Appends ``row`` as one JSON line and makes it durable (flush + fsync) before returning."""
-    line = _encode(row)
-    new = not os.path.exists(path)
-    try:
-        with open(path, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        if new:
-            _fsync_dir(os.path.dirname(path))
-    except OSError as e:  # a part-written line is repaired by the next read_log
-        raise _storage_error(path, "append to", e) from e
+    """Appends ``row`` as one JSON line and makes it durable (flush + fsync) before returning;
+    a part-written line is repaired by the next :func:`read_log`."""
+    append_text(path, _encode(row).decode())
 
 
 def append_text(path: str, text: str):
@@ -309,17 +300,15 @@ def append_text(path: str, text: str):
         raise _storage_error(path, "append to", e) from e
 
 
-def replace_file(path: str, data: bytes):
-    """Replaces ``path`` with ``data`` atomically: a kill leaves the old file or the new one."""
+def replace_file(path: str, data: bytes, action: str = "write"):
+    """Replaces ``path`` with ``data`` atomically: a kill leaves the old file or the new one;
+    a failure is one :class:`WorkdirError` saying ``cannot {action} ...``."""
     try:
         _replace(path, data)
     except OSError as e:
-        raise _storage_error(path, "write", e) from e
+        raise _storage_error(path, action, e) from e
 
 
 def rewrite_log(path: str, rows: list[dict]):
     """Replaces the log with ``rows`` atomically: a kill leaves the old file or the new one."""
-    try:
-        _replace(path, b"".join(_encode(row) for row in rows))
-    except OSError as e:
-        raise _storage_error(path, "rewrite", e) from e
+    replace_file(path, b"".join(_encode(row) for row in rows), "rewrite")

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import pytest
+from helpers import tmpfs
 
 from rnn_jax import data
 
@@ -55,21 +56,14 @@ def read_only_dir(tmp_path):
     """An empty directory nothing can be written into: a read-only tmpfs where this machine
     mounts one (root ignores permissions), else one without write permission."""
     path = tmp_path / "read_only"
-    path.mkdir()
     if os.geteuid() != 0:
+        path.mkdir()
         path.chmod(0o555)
         yield path
         path.chmod(0o755)
         return
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.decode().strip()})")
-    try:
+    with tmpfs(path, "ro,size=64k"):
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def _start_experiment(name: str, *args: str, cache: str) -> subprocess.Popen:

@@ -1,10 +1,15 @@
 """What several test files share: bit-for-bit tree comparison, a tiny corpus, a snapshot of a
-directory's files."""
+directory's files, a small filesystem of its own (tmpfs)."""
 
+import contextlib
+import os
 import pathlib
+import subprocess
+from collections.abc import Iterator
 
 import jax
 import numpy as np
+import pytest
 
 WORDS = "the sky was falling and alice saw a white rabbit run down into the hole".split()
 
@@ -32,3 +37,31 @@ def snapshot(directory) -> dict[str, bytes]:
         if path.is_file() and path.name != ".lock":
             out[str(path.relative_to(directory))] = path.read_bytes()
     return out
+
+
+def mount_tmpfs(path, options: str) -> pathlib.Path:
+    """Mounts a tmpfs with ``options`` (e.g. ``size=900k``, ``ro,size=64k``) on the new
+    directory ``path``; skips the test, saying why, where this machine does not allow it.
+    :func:`unmount` undoes it."""
+    path = pathlib.Path(path)
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    return path
+
+
+def unmount(path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def tmpfs(path, options: str) -> Iterator[pathlib.Path]:
+    """:func:`mount_tmpfs` for the body."""
+    try:
+        yield mount_tmpfs(path, options)
+    finally:
+        if os.path.ismount(path):
+            unmount(path)

@@ -10,7 +10,6 @@ checkpoint write, in the middle of an epoch) followed by reruns must end bit-ide
 never stopped, with a whole ``metrics.jsonl``.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -25,7 +24,7 @@ from collections.abc import Callable
 
 import pytest
 from damage import delete_array_metadata, delete_arrays, flip, garbage_meta, truncate
-from helpers import assert_bit_identical, snapshot, tiny_text
+from helpers import assert_bit_identical, mount_tmpfs, snapshot, tiny_text, tmpfs, unmount
 
 from experiments import char_lm
 from rnn_jax import checkpoint, rundir
@@ -174,12 +173,7 @@ def _directory(name):
 
 
 def _read_only_workdir(workdir, tmp):
-    (tmp / "ro").mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(tmp / "ro")], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({mounted.stderr.decode().strip()})")
+    mount_tmpfs(tmp / "ro", "ro,size=64k")  # unmounted by test_fault
     return {"workdir": tmp / "ro" / "new"}
 
 
@@ -325,7 +319,7 @@ def test_fault(fault, finished, corpus, tmp_path, launch):
         stdout, stderr = proc.communicate(timeout=900)  # a bound against a hang, not a timing
     finally:
         if os.path.ismount(tmp_path / "ro"):
-            subprocess.run(["umount", "-l", str(tmp_path / "ro")], capture_output=True)
+            unmount(tmp_path / "ro")
     errors = [line for line in stderr.splitlines() if line.strip()]
     assert proc.returncode == fault.status, stderr
     if fault.status == 1:
@@ -381,20 +375,6 @@ def _matches(pattern: str, line: str) -> bool:
 # --- Disk full and read-only: a real small filesystem (tmpfs), where this machine may mount ---
 
 
-@contextlib.contextmanager
-def _tmpfs(path: pathlib.Path, size: str):
-    path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 def _allocated_kb(directory: pathlib.Path) -> int:
     """What ``directory`` takes on disk, in kB (``du``: whole 4 kB blocks, as tmpfs counts)."""
     out = subprocess.run(["du", "-sk", str(directory)], capture_output=True, text=True, check=True)
@@ -409,7 +389,7 @@ def test_disk_full_then_freed_and_read_only(finished, corpus, tmp_path, launch):
     never stopped."""
     finished_dir, _ = finished
     step_kb = _allocated_kb(finished_dir / "checkpoints" / str(_steps(finished_dir)[-1]))
-    with _tmpfs(tmp_path / "disk", f"{2 * step_kb}k") as disk:
+    with tmpfs(tmp_path / "disk", f"size={2 * step_kb}k") as disk:
         workdir = disk / "run"
         args = _args(corpus, workdir, iterations=5)
         proc = launch(args)
