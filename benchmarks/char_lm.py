@@ -56,7 +56,7 @@ from benchmarks._common import (
     text_name,
 )
 from experiments import char_lm
-from rnn_jax import data, train
+from rnn_jax import data, optim, train
 from rnn_jax.batches import shuffled_epoch
 from rnn_jax.sample import make_sampler
 
@@ -156,7 +156,7 @@ def _contenders(windows, vocab_size, num_batches):
                 continue
             config = char_lm.Config(cell=cell_name)
             _, model = char_lm.make_model(config, vocab_size)
-            optimizer = train.rmsprop()
+            optimizer = optim.rmsprop()
 
             def get_batch(w, idx, onehot=onehot):
                 inputs, labels = data.get_window_batch(w, idx, _CONFIG.seq_len)

@@ -35,9 +35,10 @@ from absl import app, flags, logging
 
 from rnn_jax import cells, gradients
 from rnn_jax.models import dense, dense_init
+from rnn_jax.optim import clipped
 from rnn_jax.sweep import make_task_trainer
 from rnn_jax.synthetic import adding_batch, adding_problem
-from rnn_jax.train import clipped, create_train_state, make_train_step
+from rnn_jax.train import create_train_state, make_train_step
 
 _T = flags.DEFINE_integer("time", 1000, "Sequence length for the probe benchmark.")
 _UNITS = flags.DEFINE_integer("units", 32, "LSTM units.")

@@ -34,7 +34,7 @@ from absl import app, flags
 
 from benchmarks._common import peak_rss_mb
 from experiments import char_lm
-from rnn_jax import data, train
+from rnn_jax import data, optim, train
 from rnn_jax.batches import shuffled_epoch
 
 _SIZES = flags.DEFINE_list("sizes_mb", ["0.15", "10", "100"], "Corpus sizes in MB (10**6 B).")
@@ -74,7 +74,7 @@ class _Run:
         self.examples = int(self.windows.starts.shape[0])
         self.batches = -(-self.examples // _CONFIG.batch_size)
         _, model = char_lm.make_model(_CONFIG, vocab.size)
-        self.loss_fn, self.optimizer = char_lm.make_loss(model), train.rmsprop()
+        self.loss_fn, self.optimizer = char_lm.make_loss(model), optim.rmsprop()
         self.state = train.create_train_state(
             model.init(jax.random.PRNGKey(0)), self.optimizer, jax.random.PRNGKey(1)
         )

@@ -33,18 +33,20 @@ import numpy as np
 
 from experiments import cli
 from rnn_jax import data as data_lib
-from rnn_jax import parallel, train
+from rnn_jax import loop, optim, parallel, train
 from rnn_jax.batches import in_order, shuffled_epoch
 from rnn_jax.cells import Cell
 from rnn_jax.losses import accuracy, masked_accuracy, masked_cross_entropy, softmax_cross_entropy
 from rnn_jax.models import Layer, Model, language_model, recurrent, sequence_classifier, stacked
 from rnn_jax.registry import NAMES, named_cell
-from rnn_jax.rundir import open_run
+from rnn_jax.rundir import RunDir, open_run
 from rnn_jax.sample import make_sampler, make_stateful_sampler
 
 MODES = ("windowed", "stateful")
 # The generated samples, one per iteration, appended as they are made (never rewritten).
 SAMPLES = "samples.txt"
+# The samples drawn at the end (sample_chars), at each of sample_temperatures.
+FINAL_SAMPLES = "final_samples.txt"
 
 # compute_dtype: the dot algorithm of every matrix product in the loss (forward and backward).
 # bfloat16 rounds the inputs of each product to bf16 and accumulates in float32, on the GPU/TPU
@@ -68,7 +70,22 @@ _NOT_RESUMED = frozenset(
         "steps_per_call",
         "checkpoint_every",
         "progress_seconds",
+        "max_train_seconds",
+        "val_block",
+        "keep_best",
+        "sample_chars",
+        "sample_temperatures",
     )
+)
+# Fields added after checkpoints existed: left out of the resume key at their defaults, so
+# that those checkpoints still resume.
+_ADDED = (
+    "optimizer",
+    "weight_decay",
+    "warmup_steps",
+    "decay_steps",
+    "steps_per_iteration",
+    "reset_carry",
 )
 
 
@@ -117,20 +134,68 @@ class Config:
         "Stateful mode: characters per window, where backpropagation is truncated.",
         check=cli.positive,
     )
+    reset_carry: bool = cli.field(
+        False,
+        "Stateful mode: every training window starts from a zero carry (independent blocks of "
+        "bptt characters, as nanoGPT trains) instead of the carry the window before ended with.",
+    )
     batch_size: int = cli.field(
         128, "Examples per update (stateful mode: streams).", check=cli.positive
     )
     dropout: float = cli.field(
         0.0,
-        "Stateful mode: dropout rate on the outputs the Dense head reads, in training.",
+        "Stateful mode: dropout rate on the outputs the Dense head reads and, with layers > 1, "
+        "on those each layer passes to the next, in training.",
         check=cli.fraction,
     )
     iterations: int = cli.field(25, "Train-then-generate iterations.", check=cli.positive)
     epochs_per_iteration: int = cli.field(1, "Epochs per iteration.", check=cli.positive)
+    steps_per_iteration: int | None = cli.field(
+        None,
+        "Updates per iteration (its evaluation, sample, checkpoint and metrics row), cut at "
+        "every epoch's end; unset: epochs_per_iteration epochs.",
+        check=cli.optional(cli.positive),
+    )
+    max_train_seconds: float | None = cli.field(
+        None,
+        "End the run once it has trained this long (compiling, evaluating and sampling not "
+        "counted), its last iteration cut there, evaluated, logged and checkpointed; a rerun "
+        "with a larger value goes on. Unset: no limit.",
+        check=cli.optional(cli.positive),
+    )
     num_preds: int = cli.field(100, "Characters generated per iteration.", check=cli.positive)
-    learning_rate: float = cli.field(1e-3, "RMSprop learning rate.", check=cli.positive_float32)
+    optimizer: str = cli.field(
+        "rmsprop",
+        "rmsprop (the tutorial's, Keras 3 defaults), adam, or adamw (decoupled weight decay on "
+        "the kernels, as nanoGPT's).",
+        choices=optim.OPTIMIZERS,
+    )
+    learning_rate: float = cli.field(
+        1e-3, "Learning rate (the peak, with a schedule).", check=cli.positive_float32
+    )
+    warmup_steps: int = cli.field(
+        0, "Updates of linear learning-rate warmup from 0.", check=cli.non_negative
+    )
+    decay_steps: int | None = cli.field(
+        None,
+        "Cosine decay of the learning rate to final_lr_fraction of it at this update (the "
+        "warmup's counted), constant after; unset: no decay.",
+        check=cli.optional(cli.positive),
+    )
+    final_lr_fraction: float = cli.field(
+        0.1, "With decay_steps: the final learning rate over the peak.", check=cli.fraction
+    )
     rho: float = cli.field(0.9, "RMSprop decay of the squared-gradients' mean.", check=cli.fraction)
-    epsilon: float = cli.field(1e-7, "RMSprop epsilon (Keras: 1e-7).", check=cli.positive_float32)
+    beta1: float = cli.field(0.9, "Adam(W) decay of the gradients' mean.", check=cli.fraction)
+    beta2: float = cli.field(
+        0.999, "Adam(W) decay of the squared gradients' mean.", check=cli.fraction
+    )
+    weight_decay: float = cli.field(
+        0.0, "AdamW decoupled weight decay of the kernels.", check=cli.non_negative
+    )
+    epsilon: float = cli.field(
+        1e-7, "RMSprop and Adam(W) epsilon (Keras: 1e-7).", check=cli.positive_float32
+    )
     eps_in_sqrt: bool = cli.field(
         True,
         "RMSprop epsilon inside the square root (Keras 3) or outside (Keras 2, PyTorch).",
@@ -144,8 +209,30 @@ class Config:
         "tiny_shakespeare 0.1 as nanoGPT; 0.05 for a text file).",
         check=cli.optional(cli.fraction),
     )
+    val_block: int | None = cli.field(
+        None,
+        "Stateful mode: score every held-out character, as one stream and in consecutive "
+        "blocks of this many characters each read from a zero carry (64: nanoGPT's "
+        "shakespeare_char CPU recipe); unset: one stream from the seq_len-th character on, "
+        "the characters the windowed mode scores.",
+        check=cli.optional(cli.positive),
+    )
+    keep_best: bool = cli.field(
+        False,
+        "Keep the state of the iteration with the lowest held-out loss (the block loss with "
+        "val_block) in workdir/best, and draw the final samples from it.",
+    )
     temperature: float = cli.field(
         0.0, "0: greedy (the tutorial); > 0: sample.", check=cli.non_negative
+    )
+    sample_chars: int = cli.field(
+        0,
+        "At the end, this many characters drawn at each of sample_temperatures from the best "
+        "state (keep_best) or the last, written to final_samples.txt (0: none).",
+        check=cli.non_negative,
+    )
+    sample_temperatures: tuple[float, ...] = cli.field(
+        (0.5, 0.8, 1.0), "The temperatures of the final samples.", check=cli.all_positive
     )
     seed_text: str | None = cli.field(
         None,
@@ -187,8 +274,17 @@ class Config:
 
     def __post_init__(self):
         cli.validate(self)
-        if self.dropout > 0 and self.mode != "stateful":
-            raise ValueError(f"dropout={self.dropout} needs mode='stateful'")
+        for name in ("dropout", "val_block", "reset_carry"):
+            if getattr(self, name) and self.mode != "stateful":
+                raise ValueError(f"{name}={getattr(self, name)} needs mode='stateful'")
+        if self.steps_per_iteration is not None and self.epochs_per_iteration != 1:
+            raise ValueError(
+                f"steps_per_iteration={self.steps_per_iteration} and epochs_per_iteration="
+                f"{self.epochs_per_iteration} both set the iteration's length; pass one"
+            )
+        if self.keep_best and self.held_out_fraction() == 0:
+            raise ValueError("keep_best=True needs a held-out text: val_fraction > 0")
+        self.optimizer_spec()  # its own checks (weight decay, schedule)
         if self.layers > 1 and self.mode != "stateful":
             raise ValueError(
                 f"layers={self.layers} needs mode='stateful': the windowed mode's rolling-window "
@@ -220,6 +316,24 @@ class Config:
         source = self.source()
         return 0.05 if source is None else source.val_fraction
 
+    def optimizer_spec(self):
+        """The optimiser (:func:`rnn_jax.optim.make_optimizer`) with its learning-rate
+        schedule (:func:`rnn_jax.optim.learning_rate_schedule`)."""
+        schedule = optim.learning_rate_schedule(
+            self.learning_rate, self.warmup_steps, self.decay_steps, self.final_lr_fraction
+        )
+        return optim.make_optimizer(
+            self.optimizer,
+            schedule,
+            rho=self.rho,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            epsilon=self.epsilon,
+            eps_in_sqrt=self.eps_in_sqrt,
+            weight_decay=self.weight_decay,
+            clip_norm=self.clip_norm,
+        )
+
     def resume_key(self) -> dict:
         """The fields a resumed run must share with the checkpoint.
 
@@ -227,7 +341,8 @@ class Config:
         may move between machines, and checkpoints written before those options existed still
         resume), nor the text's path: the text itself is identified beside them by ``run``.
         Nor ``mode``, ``bptt`` and ``layers`` in a run of the tutorial's shape (windowed, one
-        layer), where they play no part: its checkpoints from before they existed resume.
+        layer), where they play no part, nor the optimiser's fields at their defaults or where
+        the optimiser has no use for them: checkpoints from before they existed resume.
         """
         key = cli.resume_key(self, _NOT_RESUMED)
         key["val_fraction"] = self.held_out_fraction()
@@ -235,8 +350,20 @@ class Config:
             del key["mode"], key["bptt"], key["dropout"]
         elif self.dropout == 0:
             del key["dropout"]
+        elif self.layers > 1:  # dropout between the layers too (a checkpoint without: refused)
+            key["dropout"] = {"rate": self.dropout, "between_layers": True}
         if self.layers == 1:
             del key["layers"]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in _ADDED:
+            if key[name] == defaults[name]:
+                del key[name]
+        if self.decay_steps is None:
+            del key["final_lr_fraction"]
+        if self.optimizer == "rmsprop":
+            del key["beta1"], key["beta2"]
+        else:
+            del key["rho"], key["eps_in_sqrt"]
         return key
 
 
@@ -304,7 +431,7 @@ def _layer(config: Config) -> Layer:
     length = config.bptt if config.mode == "stateful" else config.seq_len
     unroll = config.unroll or (True if length <= 32 else 1)
     layers = [recurrent(make_cell(config), unroll_steps=unroll) for _ in range(config.layers)]
-    return layers[0] if config.layers == 1 else stacked(layers)
+    return layers[0] if config.layers == 1 else stacked(layers, config.dropout)
 
 
 def make_model(config: Config, vocab_size: int) -> tuple[Cell, Model]:
@@ -400,8 +527,9 @@ class _Mode(NamedTuple):
     epoch: train.Trainer
     data: object
     num_examples: int  # scored characters per epoch (windowed: windows)
-    evaluate: Callable | None  # params -> {"loss", "accuracy"} over the held-out tail
-    sample: Callable  # (params, seed tokens (n,), key) -> generated tokens (num_preds,)
+    evaluate: Callable | None  # params -> {name: mean loss} over the held-out tail
+    # (num_chars, temperature) -> sample(params, seed tokens (n,), key) -> tokens (num_chars,)
+    sampler: Callable[[int, float], Callable]
     random_seed: Callable[[int], np.ndarray]  # iteration -> seq_len training tokens
 
 
@@ -431,11 +559,13 @@ def _windowed(config, loss_fn, optimizer, state, train_tokens, val_tokens, mesh,
         scores = train.make_evaluate(loss_fn, val_batches, mesh=mesh)
         if mesh is not None:
             val_windows = parallel.replicate(val_windows, mesh)
-        evaluate = lambda params: scores(params, val_windows)
-    sampler = make_sampler(cell, config.num_preds, config.temperature)
+        evaluate = lambda params: {"val": scores(params, val_windows)["loss"]}
 
-    def sample(params, seed, key):
-        return sampler(params, jnp.asarray(seed[-config.seq_len :])[None], key)[0]
+    def sampler(num_chars, temperature):
+        rolling = make_sampler(cell, num_chars, temperature)
+        return lambda params, seed, key: rolling(
+            params, jnp.asarray(seed[-config.seq_len :])[None], key
+        )[0]
 
     def random_seed(iteration: int) -> np.ndarray:
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
@@ -443,7 +573,7 @@ def _windowed(config, loss_fn, optimizer, state, train_tokens, val_tokens, mesh,
         start = int(windows.starts[i])
         return np.asarray(windows.tokens[start : start + config.seq_len])
 
-    return _Mode(state, epoch, windows, num_examples, evaluate, sample, random_seed)
+    return _Mode(state, epoch, windows, num_examples, evaluate, sampler, random_seed)
 
 
 def _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh):
@@ -456,25 +586,20 @@ def _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh):
         streams, state = parallel.replicate((streams, state), mesh)
     get_batch = lambda s, k: data_lib.stream_batch(s, k, config.bptt)
     batches = in_order(get_batch, num_windows, mesh=mesh, with_keys=config.dropout > 0)
-    epoch = train.make_trainer(loss_fn, optimizer, batches, mesh=mesh)
+    train_loss = loss_fn
+    if config.reset_carry:  # every window from zeros: the carry passed in is not read
+
+        def train_loss(params, batch, carry):
+            return loss_fn(params, batch, jax.tree.map(jnp.zeros_like, carry))
+
+    epoch = train.make_trainer(train_loss, optimizer, batches, mesh=mesh)
     evaluate = None
     if val_tokens is not None:
-        # One stream over the whole tail, the carry passed across its windows; the first
-        # seq_len - 1 predictions warm the carry up and are not scored, so that both modes
-        # score the same characters.
-        val_streams, val_windows = data_lib.make_streams(
-            val_tokens, 1, config.bptt, scored_from=config.seq_len - 1
-        )
-        scores = train.make_evaluate(
-            loss_fn,
-            in_order(get_batch, val_windows),
-            carry=zero_carry(model, state.params, 1),
-        )
-        evaluate = lambda params: scores(params, val_streams)
-    sampler = make_stateful_sampler(model, config.num_preds, config.temperature)
+        evaluate = _held_out_scores(config, model, loss_fn, state.params, val_tokens)
 
-    def sample(params, seed, key):
-        return sampler(params, jnp.asarray(seed)[None], key)[0]
+    def sampler(num_chars, temperature):
+        carried = make_stateful_sampler(model, num_chars, temperature)
+        return lambda params, seed, key: carried(params, jnp.asarray(seed)[None], key)[0]
 
     def random_seed(iteration: int) -> np.ndarray:
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
@@ -482,7 +607,61 @@ def _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh):
         return np.asarray(train_tokens[start : start + config.seq_len])
 
     num_examples = int(np.sum(jax.device_get(streams.lengths)))
-    return _Mode(state, epoch, streams, num_examples, evaluate, sample, random_seed)
+    return _Mode(state, epoch, streams, num_examples, evaluate, sampler, random_seed)
+
+
+# Held-out blocks scored side by side in one batch (val_block).
+_BLOCK_ROWS = 256
+
+
+def _held_out_scores(config, model, loss_fn, params, val_tokens) -> Callable:
+    """``params -> {"val": loss}``, and ``"val_block"`` with ``val_block``: the held-out mean
+    cross-entropy (nats per character).
+
+    ``val``: the tail as one stream, the carry passed across its ``bptt`` windows. Without
+    ``val_block`` the first ``seq_len - 1`` predictions warm the carry up and are not scored,
+    so that both modes score the same characters; with it every character after the first is
+    scored, as nanoGPT does. ``val_block``: the same characters in consecutive blocks of
+    ``val_block``, each from a zero carry (:func:`rnn_jax.data.make_blocks`)."""
+    scored_from = 0 if config.val_block else config.seq_len - 1
+    streams, windows = data_lib.make_streams(val_tokens, 1, config.bptt, scored_from=scored_from)
+    get_batch = lambda s, k: data_lib.stream_batch(s, k, config.bptt)
+    stream = train.make_evaluate(
+        loss_fn, in_order(get_batch, windows), carry=zero_carry(model, params, 1)
+    )
+    if not config.val_block:
+        return lambda params: {"val": stream(params, streams)["loss"]}
+    rows = min(_BLOCK_ROWS, -(-(len(val_tokens) - 1) // config.val_block))
+    blocks, block_windows = data_lib.make_blocks(val_tokens, config.val_block, rows)
+    get_block = lambda s, k: data_lib.stream_batch(s, k, config.val_block)
+    from_zero = lambda params, batch: loss_fn(params, batch, None)[:2]
+    block = train.make_evaluate(from_zero, in_order(get_block, block_windows))
+    return lambda params: {
+        "val": stream(params, streams)["loss"],
+        "val_block": block(params, blocks)["loss"],
+    }
+
+
+def _final_samples(config, run: RunDir, mode: _Mode, state, vocab, seed_tokens, out) -> None:
+    """``sample_chars`` characters at each of ``sample_temperatures``, from the best state
+    (``keep_best``) or ``state``, into ``final_samples.txt`` and ``out``."""
+    where = f"the last state (step {int(state.step)})"
+    if config.keep_best:
+        kept = run.restore_best(state)
+        if kept is not None:
+            state, row = kept
+            where = f"the best state (iteration {row['iteration']}, step {row['step']})"
+    seed = seed_tokens if seed_tokens is not None else mode.random_seed(0)
+    shown = vocab.decode(seed if config.mode == "stateful" else seed[-config.seq_len :])
+    lines = []
+    for i, temperature in enumerate(config.sample_temperatures):
+        sample = mode.sampler(config.sample_chars, temperature)
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), i)
+        text = vocab.decode(sample(state.params, seed, key))
+        lines.append(f"# {where}, temperature {temperature:g}\n{shown}|{text}\n\n")
+    run.write(FINAL_SAMPLES, "".join(lines).encode())
+    out(f"final samples from {where} in {FINAL_SAMPLES}:")
+    out(lines[-1])
 
 
 def run(config: Config, workdir: str | None, out: Callable[[str], None] = print) -> Result:
@@ -522,9 +701,7 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
     )
 
     cell, model = make_model(config, vocab.size)
-    optimizer = train.rmsprop(
-        config.learning_rate, config.rho, config.epsilon, config.eps_in_sqrt, config.clip_norm
-    )
+    optimizer = config.optimizer_spec()
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     state = train.create_train_state(model.init(init_key), optimizer, train_key)
     if config.mode == "stateful":
@@ -540,18 +717,20 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
         + (f", batches split over {parallel.data_size(mesh)} devices" if mesh is not None else "")
     )
 
+    sample = mode.sampler(config.num_preds, config.temperature)
+
     def on_iteration(iteration, state, metrics):
         report = {
             "bits_per_char": metrics["loss"] / math.log(2),
-            "examples_per_second": mode.num_examples / metrics["seconds"],
+            "examples_per_second": metrics["examples"] / metrics["seconds"],
         }
         if mode.evaluate is not None:
-            val = jax.device_get(mode.evaluate(state.params))
-            report["val_loss"] = float(val["loss"])
-            report["val_bits_per_char"] = float(val["loss"]) / math.log(2)
+            for name, loss in jax.device_get(mode.evaluate(state.params)).items():
+                report[f"{name}_loss"] = float(loss)
+                report[f"{name}_bits_per_char"] = float(loss) / math.log(2)
         seed = seed_tokens if seed_tokens is not None else mode.random_seed(iteration)
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), iteration)
-        generated = vocab.decode(mode.sample(state.params, seed, key))
+        generated = vocab.decode(sample(state.params, seed, key))
         shown = seed if config.mode == "stateful" else seed[-config.seq_len :]
         report["seed"], report["generated"] = vocab.decode(shown), generated
         out("=" * 50)
@@ -561,7 +740,12 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
             f"bpc {report['bits_per_char']:.4f}  {metrics['seconds']:.2f} s  "
             f"{report['examples_per_second']:.0f} chars/s"
         )
-        if "val_bits_per_char" in report:
+        if "val_block_loss" in report:
+            line += (
+                f"  held-out nats: stream {report['val_loss']:.4f}, block "
+                f"{report['val_block_loss']:.4f}"
+            )
+        elif "val_bits_per_char" in report:
             line += f"  held-out bpc {report['val_bits_per_char']:.4f}"
         out(line)
         out(f'Generating from seed: "{report["seed"]}"')
@@ -579,7 +763,7 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
         "config": {**config.resume_key(), "text": text_id},
         "vocabulary": vocab.chars,
     }
-    with open_run(workdir, meta, files=(SAMPLES,)) as run:
+    with open_run(workdir, meta, files=(SAMPLES, FINAL_SAMPLES)) as run:
 
         def report(iteration, state, metrics):
             row = on_iteration(iteration, state, metrics)
@@ -591,32 +775,54 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
             return row
 
         try:
-            state, history = train.fit(
+            state, history = loop.fit(
                 mode.state,
                 mode.epoch,
                 mode.data,
                 run,
                 iterations=config.iterations,
                 epochs_per_iteration=config.epochs_per_iteration,
+                steps_per_iteration=config.steps_per_iteration,
                 on_iteration=report,
+                best=_held_out_loss if config.keep_best else None,
                 steps_per_call=config.steps_per_call,
                 checkpoint_every=config.checkpoint_every,
                 progress_seconds=config.progress_seconds,
+                max_train_seconds=config.max_train_seconds,
                 interrupted=cli.stop_requested,
                 log=out,
             )
-        except train.NonFiniteLossError as e:
-            raise train.NonFiniteLossError(
+        except loop.NonFiniteLossError as e:
+            raise loop.NonFiniteLossError(
                 f"{e} (learning_rate={config.learning_rate}, clip_norm={config.clip_norm})"
             ) from e
+        if config.sample_chars:
+            _final_samples(config, run, mode, state, vocab, seed_tokens, out)
     if history:
-        last = history[-1]
-        if "val_bits_per_char" in last:
-            out(
-                f"final: iteration {last['iteration']}, held-out bpc "
-                f"{last['val_bits_per_char']:.4f}, training bpc {last['bits_per_char']:.4f}"
-            )
+        _final_line(history, out)
     return Result(state, history, vocab)
+
+
+def _held_out_loss(row: dict) -> float:
+    """The held-out loss an iteration is judged by: the block loss where there is one."""
+    return row.get("val_block_loss", row["val_loss"])
+
+
+def _final_line(history: list[dict], out: Callable[[str], None]) -> None:
+    last = history[-1]
+    if "val_block_loss" in last:
+        best = min(history, key=_held_out_loss)
+        out(
+            f"final: iteration {last['iteration']}, step {last['step']}, held-out nats: stream "
+            f"{last['val_loss']:.4f}, block {last['val_block_loss']:.4f}; best: iteration "
+            f"{best['iteration']}, stream {best['val_loss']:.4f}, block "
+            f"{best['val_block_loss']:.4f}"
+        )
+    elif "val_bits_per_char" in last:
+        out(
+            f"final: iteration {last['iteration']}, held-out bpc "
+            f"{last['val_bits_per_char']:.4f}, training bpc {last['bits_per_char']:.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ from absl import app, flags, logging
 
 from rnn_jax.checkpoint import CheckpointError
 from rnn_jax.data import TextError
+from rnn_jax.loop import NonFiniteLossError
 from rnn_jax.rundir import Interrupted
-from rnn_jax.train import NonFiniteLossError
 
 # The flags main() defines belong to the script that calls it (so --helpshort lists them).
 flags.disclaim_key_flags()

@@ -253,7 +253,9 @@ def load_sweep(workdir, name, length, units):
     ``workdir`` (adding or copy task): ``(initial params, trained params, test_loss,
     grad_norm)`` with leading axis seeds, the last clip setting's runs; ``test_loss (seeds,
     evals)`` (the task's loss: MSE, or copy's cross-entropy per step), ``grad_norm (seeds,
-    steps)`` or None when the sweep did not save them."""
+    steps)`` or None when the sweep did not save them. The trained params are the checkpoint
+    of the steps its results record (:func:`experiments.long_range.load_params`: a damaged
+    one is named and refused)."""
     sweep, results = read_sweep(workdir, units)
     (result,) = [r for r in results if r["cell"] == name and r["T"] == length] or [None]
     if result is None:
@@ -261,7 +263,8 @@ def load_sweep(workdir, name, length, units):
     task = TASKS[sweep.task](length)
     cell = long_range.build_cell(sweep, name, task.length)  # the sweep's own (LRU: lru_r_min)
     _, _, initial, _, _ = long_range.prepare(task, cell, sweep, steps=sweep.eval_every)
-    trained = long_range.load_params(long_range.params_path(workdir, name, length), initial)
+    saved = long_range.params_path(workdir, name, length)
+    trained = long_range.load_params(saved, initial, step=result["steps"])
     trained = jax.tree.map(lambda a: a[-1], trained)
     test_loss = np.asarray(result["test_loss"][-1])
     grad_norm = result.get("grad_norm")

@@ -29,8 +29,9 @@ Writes ``results.json`` (per-seed test curves, steps, timings and gradient-norm 
 with --save_grad_norms every step's pre-clip norm; rewritten after every (cell, T)),
 ``results.csv`` (the printed table), ``curves_<task>.png`` (every seed, a panel per (T, cell)),
 ``summary_<task>.png`` (seed medians, a panel per T; :func:`replot` redraws both) and every
-(cell, T)'s trained params, ``params/<cell>_T<T>.npz`` (axes: clip setting, seed;
-:func:`load_params`), to --workdir.
+(cell, T)'s trained params (axes: clip setting, seed), an orbax checkpoint with a sha256
+digest, ``params/<cell>_T<T>/<steps>/`` (:func:`load_params`; a damaged one is named and
+refused), to --workdir.
 
 Measured here (2 CPU cores shared with other jobs; tables and plots in docs/gradients.md), with
 an earlier version of the trainer (its batches now come from another split of the key, so a
@@ -60,11 +61,13 @@ import optax
 
 from experiments import cli
 from rnn_jax import registry
+from rnn_jax.checkpoint import CheckpointError, Checkpoints, save_checkpoint
 from rnn_jax.linear import lru
+from rnn_jax.optim import rmsprop
 from rnn_jax.rundir import open_run
 from rnn_jax.sweep import make_task_trainer
 from rnn_jax.synthetic import TASKS
-from rnn_jax.train import rmsprop
+from rnn_jax.trees import leaf_name, named_leaves
 
 # rnn_jax.linear.lru's default largest initial modulus.
 _LRU_R_MAX = 0.999
@@ -113,15 +116,11 @@ def _factor_problem(values) -> str | None:
     return None if bad is None else f"{_FACTOR_FORM}: {bad!r} is not"
 
 
-def _name(path) -> str | None:
-    """A parameter's name: the last key of its pytree path."""
-    return getattr(path[-1], "key", None)
-
-
 def param_names(cell, input_dim: int) -> set[str]:
-    """The names (last path keys) of ``cell``'s parameters, from their shapes alone."""
+    """The names (:func:`rnn_jax.trees.leaf_name`) of ``cell``'s parameters, from their shapes
+    alone."""
     shapes = jax.eval_shape(lambda key: cell.init(key, input_dim), jax.random.PRNGKey(0))
-    return {_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    return {names[-1] for names, _ in named_leaves(shapes)}
 
 
 def cell_lr_factors(config, cell, input_dim: int) -> dict[str, float]:
@@ -134,12 +133,13 @@ def make_optimizer(
     name: str, learning_rate: float, lr_factors: dict[str, float] | None = None
 ) -> optax.GradientTransformation:
     """The sweep's optimiser: ``"adam"`` (``optax.adam``, default betas) or ``"rmsprop"`` (the
-    Keras 3 defaults of :func:`rnn_jax.train.rmsprop`) at ``learning_rate``.
+    Keras 3 defaults of :func:`rnn_jax.optim.rmsprop`) at ``learning_rate``.
 
-    ``lr_factors``: ``{param name: factor}``: every parameter whose name (the last key of its
-    path, e.g. ``"nu_log"``) is listed learns at ``factor × learning_rate``, its optimiser
-    update scaled by ``factor`` (with Adam exactly a smaller learning rate); the rest at
-    ``learning_rate``. An ``optax.multi_transform`` labels each parameter with its factor.
+    ``lr_factors``: ``{param name: factor}``: every parameter whose name
+    (:func:`rnn_jax.trees.leaf_name`, the last key of its path, e.g. ``"nu_log"``) is listed
+    learns at ``factor × learning_rate``, its optimiser update scaled by ``factor`` (with Adam
+    exactly a smaller learning rate); the rest at ``learning_rate``. An
+    ``optax.multi_transform`` labels each parameter with its factor.
     """
     if name not in ("adam", "rmsprop"):
         raise ValueError(f"optimizer={name!r} must be 'adam' or 'rmsprop'")
@@ -150,7 +150,7 @@ def make_optimizer(
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: repr(factors.get(_name(path), 1.0)), params
+            lambda path, _: repr(factors.get(leaf_name(path), 1.0)), params
         )
 
     scaled = {
@@ -370,26 +370,54 @@ def budget_steps(config: Config, seconds_per_step: float) -> int:
     return config.eval_every * min(max(chunks, 1), config.steps // config.eval_every)
 
 
-def save_params(path, params) -> None:
-    """Writes a params pytree (any leading axes) to an ``.npz``, keyed by pytree path."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
-
-
-def load_params(path, like):
-    """The params :func:`save_params` wrote, in the structure of ``like`` (e.g. a
-    ``model.init`` result); leaves keep the saved leading axes."""
-    with np.load(path) as saved:
-        paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-        return jax.tree_util.tree_unflatten(
-            treedef, [jnp.asarray(saved[jax.tree_util.keystr(k)]) for k, _ in paths]
-        )
-
-
 def params_path(workdir, cell_name, length) -> str:
-    """Where :func:`run` saves a (cell, T)'s trained params (axes: clip setting, seed)."""
-    return os.path.join(workdir, "params", f"{cell_name}_T{length}.npz")
+    """The checkpoint directory where :func:`run` saves a (cell, T)'s trained params."""
+    return os.path.join(workdir, "params", f"{cell_name}_T{length}")
+
+
+def save_params(directory, steps: int, params, clip_norms) -> None:
+    """Writes a (cell, T)'s trained ``params`` (axes: clip setting, seed) as checkpoint
+    ``steps`` of ``directory`` (:func:`rnn_jax.checkpoint.save_checkpoint`: atomic, with a
+    sha256 digest), the ``clip_norms`` in its meta. Every step is kept: a rerun's params of as
+    many steps set the earlier ones aside as ``<steps>.replaced``."""
+    meta = {"clip_norms": [None if math.isinf(c) else c for c in clip_norms]}
+    save_checkpoint(directory, steps, params, meta, max_to_keep=None)
+
+
+def load_params(directory, like, step: int | None = None):
+    """The params :func:`save_params` wrote to ``directory``, checked against their digest.
+
+    Args:
+      directory: :func:`params_path`.
+      like: params in the structure of the saved ones without their clip-setting axis, e.g.
+        the initial params of :func:`prepare` (axis: seed).
+      step: the checkpoint, the run's steps; None: the most steps saved there.
+
+    Returns:
+      ``like``'s structure, each leaf ``(clip settings, *like's shape)``.
+
+    Raises:
+      CheckpointError: there are no params in ``directory`` (or only the ``.npz`` of an earlier
+        version of this script), or they are another model's.
+      DamagedCheckpointError: their files are missing, unreadable or differ from the digest.
+    """
+    if not os.path.isdir(directory) and os.path.isfile(f"{directory}.npz"):
+        raise CheckpointError(
+            f"{directory}.npz holds params saved as .npz by an earlier version of "
+            "experiments.long_range, which are no longer read; rerun its sweep (the same "
+            "command) to save them as checkpoints"
+        )
+    with Checkpoints(directory, writable=False) as checkpoints:
+        steps = checkpoints.steps()
+        if not steps:
+            raise CheckpointError(
+                f"there are no saved params in {directory!r}; pass the workdir of a finished "
+                "experiments.long_range sweep"
+            )
+        step = steps[0] if step is None else step
+        clips = len(checkpoints.read_meta(step)[0]["clip_norms"])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((clips, *x.shape), x.dtype), like)
+        return checkpoints.restore(step, abstract)[0]
 
 
 def first_solved(test_loss: np.ndarray, threshold: float, eval_every: int):
@@ -695,7 +723,7 @@ def _sweep(config: Config, workdir: str, run, out) -> list[dict]:
             params, curves = train_seeds(task, cell, config, steps, timings)
             curves = jax.tree.map(np.asarray, curves)
             run.record()  # whose results these are, before the first of them
-            save_params(params_path(workdir, name, length), params)
+            save_params(params_path(workdir, name, length), steps, params, clip_norms)
             seconds = time.perf_counter() - tic
             new = summarize(
                 task, name, length, clip_norms, curves, config.eval_every, seconds, steps

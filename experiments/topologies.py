@@ -43,6 +43,7 @@ from rnn_jax.data import (
     tile_windows,
     truecasing_split,
 )
+from rnn_jax.loop import fit
 from rnn_jax.losses import (
     accuracy,
     exact_match,
@@ -52,10 +53,11 @@ from rnn_jax.losses import (
     softmax_cross_entropy,
 )
 from rnn_jax.models import bidirectional, recurrent, sequence_classifier, sequence_tagger, stacked
+from rnn_jax.optim import clipped, rmsprop
 from rnn_jax.rundir import open_run
 from rnn_jax.seq2seq import SequenceGenerator, encoder_decoder, one_to_many
 from rnn_jax.synthetic import SequencePairs
-from rnn_jax.train import clipped, create_train_state, fit, make_trainer, rmsprop
+from rnn_jax.train import create_train_state, make_trainer
 
 TOPOLOGIES = ("one_to_many", "many_to_one", "seq2seq", "synced")
 

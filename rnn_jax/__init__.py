@@ -53,6 +53,7 @@ from rnn_jax.gradients import (
     step_jacobians,
 )
 from rnn_jax.linear import LinearRecurrence, LRUCarry, lru, min_gru, min_lstm
+from rnn_jax.loop import NonFiniteLossError, fit
 from rnn_jax.losses import (
     accuracy,
     exact_match,
@@ -64,6 +65,7 @@ from rnn_jax.losses import (
     softmax_cross_entropy,
     squared_error,
 )
+from rnn_jax.metrics import Sums
 from rnn_jax.models import (
     Layer,
     Model,
@@ -75,6 +77,14 @@ from rnn_jax.models import (
     sequence_classifier,
     sequence_tagger,
     stacked,
+)
+from rnn_jax.optim import (
+    OPTIMIZERS,
+    clip_by_global_norm,
+    clipped,
+    learning_rate_schedule,
+    make_optimizer,
+    rmsprop,
 )
 from rnn_jax.parallel import make_mesh, shard_batch
 from rnn_jax.rundir import Interrupted, Position, RunDir, open_run, read_history
@@ -92,19 +102,13 @@ from rnn_jax.synthetic import (
     copy_task,
 )
 from rnn_jax.train import (
-    NonFiniteLossError,
-    Sums,
     Trainer,
     TrainState,
     apply_update,
-    clip_by_global_norm,
-    clipped,
     create_train_state,
-    fit,
     make_evaluate,
     make_train_step,
     make_trainer,
-    rmsprop,
     scan_updates,
 )
 from rnn_jax.workdir import WorkdirBusy, WorkdirError, lock_workdir, read_log

@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from rnn_jax.trees import named_leaves
 from rnn_jax.workdir import storage_problem
 
 # The key of the saved meta that holds the step's digests; callers' meta may not use it.
@@ -80,29 +81,15 @@ class Intact(NamedTuple):
 # --- digests -------------------------------------------------------------------------------------
 
 
-def _path_name(key) -> str | int:
-    for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey, SequenceKey
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return str(key)
-
-
-def _leaves(tree) -> list[tuple[tuple, Any]]:
-    """``[(path, leaf)]``, each path element reduced to its name or index, so that a
-    TrainState and the dicts and lists orbax stores it as compare equal."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return [(tuple(_path_name(k) for k in path), x) for path, x in leaves]
-
-
 def _leaf_specs(tree) -> dict:
     """``{path: (shape, dtype)}`` of every array in ``tree``."""
-    return {path: (tuple(x.shape), str(x.dtype)) for path, x in _leaves(tree)}
+    return {path: (tuple(x.shape), str(x.dtype)) for path, x in named_leaves(tree)}
 
 
 def _state_digest(state) -> str:
     """sha256 over every array's path, dtype, shape and bytes, in the order of the paths (a
     TrainState's fields and orbax's sorted dict keys then agree)."""
-    named = [("/".join(map(str, path)), x) for path, x in _leaves(state)]
+    named = [("/".join(map(str, path)), x) for path, x in named_leaves(state)]
     named.sort(key=lambda item: item[0])
     arrays = jax.device_get([x for _, x in named])
     sha = hashlib.sha256()
@@ -302,7 +289,7 @@ class Checkpoints:
         tree = self._attempt(
             lambda: self._manager.item_metadata(step)["state"], step, "its array metadata"
         )
-        if tree is None or not _leaves(tree):
+        if tree is None or not named_leaves(tree):
             raise self._damaged(step, "its array metadata is missing")
         return tree
 
@@ -377,7 +364,7 @@ def as_state(saved: Saved, like: Any, directory: str = "") -> Any:
       CheckpointError: the step holds another model or optimiser (naming the first array that
         differs).
     """
-    saved_arrays = dict(_leaves(saved.arrays))
+    saved_arrays = dict(named_leaves(saved.arrays))
     wanted = _leaf_specs(like)
     stored = {path: (tuple(x.shape), str(x.dtype)) for path, x in saved_arrays.items()}
     if stored != wanted:
@@ -391,21 +378,22 @@ def as_state(saved: Saved, like: Any, directory: str = "") -> Any:
             f"{stored.get(first)}, this run {wanted.get(first)}); use the configuration it was "
             "written with, or a new workdir"
         )
-    paths = [path for path, _ in _leaves(like)]
-    leaves, treedef = jax.tree.flatten(like, is_leaf=lambda x: hasattr(x, "shape"))
+    treedef = jax.tree.structure(like, is_leaf=lambda x: hasattr(x, "shape"))
 
     def place(path, leaf):
         array = saved_arrays[path]
         sharding = getattr(leaf, "sharding", None)
         return jax.device_put(array, sharding) if sharding is not None else jax.numpy.asarray(array)
 
-    return jax.tree.unflatten(treedef, [place(p, x) for p, x in zip(paths, leaves, strict=True)])
+    return jax.tree.unflatten(treedef, [place(p, x) for p, x in named_leaves(like)])
 
 
 # --- one call each, for code outside a run -------------------------------------------------------
 
 
-def save_checkpoint(directory: str, step: int, state: Any, meta: dict, max_to_keep: int = 3):
+def save_checkpoint(
+    directory: str, step: int, state: Any, meta: dict, max_to_keep: int | None = 3
+) -> None:
     """Writes checkpoint ``step`` of ``state`` with ``meta`` (:meth:`Checkpoints.save`)."""
     with Checkpoints(directory, max_to_keep=max_to_keep) as checkpoints:
         checkpoints.save(step, state, meta)

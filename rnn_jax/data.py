@@ -658,6 +658,35 @@ def make_streams(
     return streams, num_windows
 
 
+def make_blocks(tokens: np.ndarray, block: int, num_streams: int) -> tuple[Streams, int]:
+    """``(streams, num_windows)``: ``tokens``' pairs cut into consecutive blocks of ``block``
+    (the last one shorter), laid out as ``num_streams`` streams of whole blocks, so that
+    window ``k`` of stream ``b`` (:func:`stream_batch` with ``bptt = block``) is block
+    ``b · num_windows + k``: pairs ``[block · (b · num_windows + k), ...)``. Read each window
+    from a zero carry and every pair is scored once, with the context of its own block alone:
+    nanoGPT's evaluation of a ``block``-character model (its first pair predicts ``t[1]`` from
+    ``t[0]``). Streams past the last block have length 0 (no pair scored)."""
+    num_pairs = len(tokens) - 1
+    if block < 1 or num_streams < 1:
+        raise ValueError(f"block={block} and num_streams={num_streams} must be positive")
+    if num_pairs < 1:
+        raise ValueError(f"the text has {len(tokens)} characters: too few to score a block")
+    num_blocks = -(-num_pairs // block)
+    num_windows = -(-num_blocks // num_streams)
+    span = num_windows * block
+    starts = np.arange(num_streams, dtype=np.int64) * span
+    lengths = np.clip(num_pairs - starts, 0, span)
+    padded = np.zeros(num_streams * span + 1, np.int32)
+    padded[: len(tokens)] = tokens
+    rows = np.stack([padded[s : s + span + 1] for s in starts])
+    streams = Streams(
+        jax.device_put(rows),
+        jax.device_put(lengths.astype(np.int32)),
+        jax.device_put(np.zeros((num_streams,), np.int32)),
+    )
+    return streams, num_windows
+
+
 def stream_batch(streams: Streams, k: jax.Array, bptt: int):
     """Window ``k`` of every stream: ``((inputs, targets, mask), weights)``.
 

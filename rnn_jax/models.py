@@ -38,10 +38,11 @@ class Layer(NamedTuple):
 
     Attributes:
       init: ``(key, input_dim) -> params``.
-      apply: ``(params, xs, carry=None, *, lengths=None, return_sequences=False)
+      apply: ``(params, xs, carry=None, *, lengths=None, return_sequences=False, key=None)
         -> (carry, ys)``; ``xs`` is ``(batch, time, input_dim)`` float or ``(batch, time)``
         int, ``ys`` is ``(batch, time, units)`` with ``return_sequences`` (zero past each
-        length), else ``(batch, units)``.
+        length), else ``(batch, units)``; ``key``, in training only, drives a layer's dropout
+        (:func:`stacked`'s; the others have none).
       units: the width of ``ys``.
     """
 
@@ -57,7 +58,8 @@ def recurrent(cell: Cell, *, reverse: bool = False, unroll_steps: int | bool = 1
     step 0, as if it had been flipped alone; the last output is then step 0's.
     """
 
-    def apply(params, xs, carry=None, *, lengths=None, return_sequences=False):
+    def apply(params, xs, carry=None, *, lengths=None, return_sequences=False, key=None):
+        del key  # no dropout inside a recurrence
         return unroll(
             cell,
             params,
@@ -109,7 +111,8 @@ def bidirectional(
         k_f, k_b = jax.random.split(key)
         return {"forward": forward.init(k_f, input_dim), "backward": backward.init(k_b, input_dim)}
 
-    def apply(params, xs, carry=None, *, lengths=None, return_sequences=False):
+    def apply(params, xs, carry=None, *, lengths=None, return_sequences=False, key=None):
+        del key  # no dropout inside a recurrence
         carry_f, carry_b = (None, None) if carry is None else carry
         kwargs = dict(lengths=lengths, return_sequences=return_sequences, unroll=unroll_steps)
         carry_f, ys_f = unroll(forward, params["forward"], xs, carry_f, **kwargs)
@@ -119,15 +122,33 @@ def bidirectional(
     return Layer(init, apply, units)
 
 
-def stacked(layers: Sequence[Layer]) -> Layer:
+def inverted_dropout(key: jax.Array | None, rate: float, xs: jax.Array) -> jax.Array:
+    """Inverted dropout: each entry zeroed with probability ``rate``, the others scaled by
+    ``1 / (1 - rate)``; ``xs`` as it is without a ``key`` (evaluation) or at rate 0."""
+    if key is None or rate == 0.0:
+        return xs
+    keep = jax.random.bernoulli(key, 1.0 - rate, xs.shape)
+    return jnp.where(keep, xs / (1.0 - rate), 0.0)
+
+
+def _check_rate(rate: float) -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout={rate} must be in [0, 1)")
+
+
+def stacked(layers: Sequence[Layer], dropout_rate: float = 0.0) -> Layer:
     """Layers applied in turn, each reading every step of the one below (Keras stacked RNNs).
 
     Params: ``{"layer_0": ..., "layer_1": ...}``. Carry: a tuple with one carry per layer
-    (``carry=None`` starts every layer from zeros); ``lengths`` reach every layer.
+    (``carry=None`` starts every layer from zeros); ``lengths`` reach every layer. With
+    ``dropout_rate`` and a ``key`` (training), the outputs a layer passes to the next are
+    dropped out (:func:`inverted_dropout`, layer ``i``'s with ``fold_in(key, i)``), the carries left
+    alone (Zaremba et al. 2014).
     """
     layers = tuple(layers)
     if not layers:
         raise ValueError("stacked needs at least one layer")
+    _check_rate(dropout_rate)
 
     def init(key, input_dim):
         params = {}
@@ -136,11 +157,15 @@ def stacked(layers: Sequence[Layer]) -> Layer:
             input_dim = layer.units
         return params
 
-    def apply(params, xs, carry=None, *, lengths=None, return_sequences=False):
+    def apply(params, xs, carry=None, *, lengths=None, return_sequences=False, key=None):
         carries = (None,) * len(layers) if carry is None else tuple(carry)
         finals = []
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1
+            if i > 0:
+                xs = inverted_dropout(
+                    None if key is None else jax.random.fold_in(key, i), dropout_rate, xs
+                )
             c, xs = layer.apply(
                 params[f"layer_{i}"],
                 xs,
@@ -225,22 +250,21 @@ def language_model(layer: Layer | Cell, vocab_size: int, dropout: float = 0.0) -
       layer: a :class:`Layer` (e.g. :func:`stacked`) or a cell.
       vocab_size: tokens in and classes out.
       dropout: the rate of (inverted) dropout on the outputs the head reads, the carry left
-        alone (Zaremba et al. 2014); applied only when ``apply`` gets a ``key``.
+        alone (Zaremba et al. 2014); applied only when ``apply`` gets a ``key``, which also
+        reaches the layer (``fold_in(key, 1)``: a :func:`stacked` layer's dropout between its
+        layers).
 
     Returns:
       ``Model``: ``apply(params, tokens (batch, time), carry=None, key=None) -> (carry, logits
       (batch, time, vocab_size))``; ``carry=None`` starts from the layer's initial carry
       (zeros).
     """
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout} must be in [0, 1)")
-    layer = _as_layer(layer)
+    _check_rate(dropout)
+    layer, rate = _as_layer(layer), dropout
 
     def apply(params, tokens, carry=None, key=None):
-        carry, ys = layer.apply(params["rnn"], tokens, carry, return_sequences=True)
-        if key is not None and dropout > 0.0:
-            keep = jax.random.bernoulli(key, 1.0 - dropout, ys.shape)
-            ys = jnp.where(keep, ys / (1.0 - dropout), 0.0)
-        return carry, dense(params["dense"], ys)
+        layer_key = None if key is None else jax.random.fold_in(key, 1)
+        carry, ys = layer.apply(params["rnn"], tokens, carry, return_sequences=True, key=layer_key)
+        return carry, dense(params["dense"], inverted_dropout(key, rate, ys))
 
     return Model(_with_head(layer, vocab_size, vocab_size), apply)

@@ -24,6 +24,8 @@ from rnn_jax.workdir import (
 )
 
 CHECKPOINTS = "checkpoints"
+# The state of the iteration with the best score (fit's ``best``), one step, its row as meta.
+BEST = "best"
 METRICS = "metrics.jsonl"
 # Whose run the directory holds: the meta of the run that made it (experiment, configuration).
 RUN_RECORD = "run.json"
@@ -177,6 +179,34 @@ class RunDir:
         self._checkpoints.save(step, state, {**self.meta, PROGRESS_KEY: position.to_json()})
         self.last_saved = step
 
+    def save_best(self, state: Any, row: dict) -> None:
+        """Keeps ``state`` in ``best/`` as the best so far, its metrics ``row`` beside it (one
+        step kept; a step already there, saved before a kill and trained again bit for bit,
+        is left as it is)."""
+        if self._checkpoints is None:
+            return
+        self.record()
+        with Checkpoints(self.file(BEST), max_to_keep=1) as best:
+            if int(state.step) not in best.steps():
+                best.save(int(state.step), state, {**self.meta, "row": _as_json(row)})
+
+    def restore_best(self, like: Any) -> tuple[Any, dict] | None:
+        """``(state, row)`` of the best iteration kept by :meth:`save_best`, in the structure
+        of ``like``; None when there is none (no workdir, or nothing kept yet).
+
+        Raises:
+          CheckpointError: the kept step is damaged or holds another model.
+        """
+        if self.path is None or not os.path.isdir(self.file(BEST)):
+            return None
+        with Checkpoints(self.file(BEST), writable=False) as best:
+            intact = best.newest_intact()
+            if intact.saved is None:
+                if intact.skipped:
+                    raise CheckpointError(intact.skipped[0])
+                return None
+            return as_state(intact.saved, like, best.directory), intact.saved.meta["row"]
+
     def log(self, row: dict) -> dict:
         """Appends ``row`` to the metrics log (durable before it returns) and to ``history``;
         returns it as it reads back (string keys, lists)."""
@@ -269,7 +299,7 @@ class RunDir:
 
 def _check_kinds(path: str, files: tuple[str, ...]) -> None:
     """One line for a file of the directory that is a directory, or the other way round."""
-    kinds = [(METRICS, False), (RUN_RECORD, False), (CHECKPOINTS, True)]
+    kinds = [(METRICS, False), (RUN_RECORD, False), (CHECKPOINTS, True), (BEST, True)]
     for name, directory in kinds + [(name, False) for name in files]:
         where = os.path.join(path, name)
         if os.path.exists(where) and os.path.isdir(where) != directory:

@@ -8,7 +8,8 @@ import optax
 
 from rnn_jax.batches import generated
 from rnn_jax.models import sequence_classifier, sequence_tagger
-from rnn_jax.train import clipped, create_train_state, scan_updates
+from rnn_jax.optim import clipped
+from rnn_jax.train import create_train_state, scan_updates
 
 
 class TrainCurves(NamedTuple):
@@ -47,9 +48,9 @@ def make_task_trainer(
       cell: the recurrence.
       task: a :class:`rnn_jax.synthetic.Task`.
       optimizer: the optimiser, applied after the clipping, e.g. ``optax.adam(1e-2)`` or
-        :func:`rnn_jax.train.rmsprop`. Per-parameter learning rates are an
-        ``optax.multi_transform`` over the parameters' names (experiments/long_range.py's
-        ``make_optimizer``); the clip sees the whole gradient.
+        :func:`rnn_jax.optim.rmsprop`. Per-parameter learning rates are an
+        ``optax.multi_transform`` over the parameters' names (:func:`rnn_jax.trees.leaf_name`;
+        experiments/long_range.py's ``make_optimizer``); the clip sees the whole gradient.
       num_steps: updates; a multiple of ``eval_every``.
       eval_every: steps between test evaluations.
       batch_size: examples per update.

@@ -1,22 +1,20 @@
-"""TrainState, the Keras-default RMSprop, clipping, the one update engine (a jitted scan of
-updates, its metric sums), fit."""
+"""The update engine: TrainState, one pure update, a jitted scan of updates over a pass's
+batches (compiled as a :class:`Trainer`), and the held-out evaluation; :mod:`rnn_jax.loop`
+runs it."""
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from absl import logging
 from jax.sharding import Mesh
 
 from rnn_jax import parallel
 from rnn_jax.batches import Batches
 from rnn_jax.gradients import global_norm
-from rnn_jax.rundir import Interrupted, Position, RunDir
+from rnn_jax.metrics import Sums
 
 Params = Any
 Carry = Any
@@ -52,67 +50,6 @@ def create_train_state(
     :func:`rnn_jax.batches.in_order`).
     """
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key, carry)
-
-
-def rmsprop(
-    learning_rate: float = 1e-3,
-    rho: float = 0.9,
-    epsilon: float = 1e-7,
-    eps_in_sqrt: bool = True,
-    clip_norm: float | None = None,
-) -> optax.GradientTransformation:
-    """RMSprop with the Keras 3 defaults, optionally after global-norm clipping.
-
-    ``v ← ρ v + (1-ρ) g²``; ``θ ← θ - lr · g / sqrt(v + ε)`` with ``v₀ = 0``, no momentum, not
-    centred. ``eps_in_sqrt=True`` is Keras 3 (and optax's default placement);
-    ``eps_in_sqrt=False`` gives ``g / (sqrt(v) + ε)``, the standalone Keras 2 of the tutorial's
-    era and PyTorch (whose own defaults are lr 1e-2, α 0.99, ε 1e-8). Note optax's own
-    ``rmsprop`` default ``eps=1e-8`` differs from Keras's ``1e-7``.
-    """
-    opt = optax.rmsprop(learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=eps_in_sqrt)
-    return clipped(opt, clip_norm)
-
-
-def clipped(
-    transformation: optax.GradientTransformation, clip_norm: float | jax.Array | None
-) -> optax.GradientTransformation:
-    """``transformation`` after :func:`clip_by_global_norm` at ``clip_norm``: every optimiser
-    with clipping here is built by this function.
-
-    Args:
-      transformation: the optimiser, e.g. ``optax.adam(1e-3)`` or :func:`rmsprop`.
-      clip_norm: None: no clipping, ``transformation`` alone. A Python number must be finite
-        and > 0. An array is used as is, so it may be traced (vmapped over clipping settings);
-        ``inf`` then passes every finite gradient unchanged.
-    """
-    if clip_norm is None:
-        return transformation
-    if isinstance(clip_norm, (int, float)) and not (clip_norm > 0 and math.isfinite(clip_norm)):
-        raise ValueError(f"clip_norm={clip_norm} must be finite and > 0 (None: no clipping)")
-    return optax.chain(clip_by_global_norm(clip_norm), transformation)
-
-
-def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransformation:
-    """Scales the updates to global norm ``max_norm`` when theirs is larger (Pascanu et al. 2013).
-
-    ``optax.clip_by_global_norm`` squares float32 entries: a gradient whose entries pass ~1.8e19
-    has an infinite norm there, and every update is scaled by ``max_norm / inf = 0``: training
-    freezes without a sign. Here the norm is :func:`rnn_jax.gradients.global_norm` (scaled before
-    squaring), so a gradient of norm 1e25 is clipped to ``max_norm``, not zeroed. ``max_norm``
-    may be traced (vmapped over settings); ``inf`` passes every finite gradient unchanged.
-    """
-
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        del params
-        g_norm = global_norm(updates)
-        scale = jnp.where(g_norm > max_norm, max_norm / g_norm, 1.0)
-        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _weighted(loss_fn: LossFn, params, batch, weights, carry=None):
@@ -214,111 +151,6 @@ def make_train_step(
     return lambda state, batch, weights=None: step(parallel.replicate(state, mesh), batch, weights)
 
 
-class Sums(NamedTuple):
-    """What a run of updates reports, as sums that add up over consecutive runs of one pass.
-
-    The one home of a run's metrics: :func:`scan_updates` reports its :meth:`means`,
-    :meth:`Trainer.run` the sums themselves, which :func:`fit` joins (:meth:`merge`) across
-    the calls of an epoch and stores in mid-epoch checkpoints (:meth:`as_dict`). A pytree:
-    ``jit`` returns it, ``vmap`` maps it, ``jax.device_get`` fetches it.
-
-    Attributes:
-      totals: ``{name: sum}``: ``loss`` and each statistic of the loss function, weighted sums
-        over the examples seen.
-      examples: the sum of the weights (the examples seen).
-      grad_norm_max: the largest pre-clip global gradient norm.
-      nonfinite_step: ``state.step`` after the first update whose loss or gradient was NaN or
-        infinite; -1 when all were finite.
-      nonfinite_loss: that update's loss was NaN or infinite (False when all were finite).
-      nonfinite_gradient: that update's gradient was.
-      step_loss: with ``trace`` only (else None): ``(steps,)``, each step's mean loss over
-        its real examples, before its update.
-      step_grad_norm: with ``trace`` only: ``(steps,)``, each step's pre-clip gradient norm.
-    """
-
-    totals: dict[str, jax.Array]
-    examples: jax.Array
-    grad_norm_max: jax.Array
-    nonfinite_step: jax.Array
-    nonfinite_loss: jax.Array
-    nonfinite_gradient: jax.Array
-    step_loss: jax.Array | None = None
-    step_grad_norm: jax.Array | None = None
-
-    # The entries of means() that say whether the run stayed finite; fit reports the others.
-    STATUS = ("finite", "nonfinite_step", "nonfinite_loss", "nonfinite_gradient")
-
-    @classmethod
-    def of_updates(cls, per_step: dict, first_step, trace: bool) -> "Sums":
-        """The sums of a scan of :func:`apply_update`, whose per-step sums are ``per_step``
-        (leading axis: the steps) and whose state started at step ``first_step``."""
-        totals = dict(per_step)
-        grad_norms, examples = totals.pop("grad_norm"), totals.pop("examples")
-        loss_ok, grad_ok = jnp.isfinite(totals["loss"]), jnp.isfinite(grad_norms)
-        bad = jnp.argmin(loss_ok & grad_ok)  # the first False; 0 when there is none
-        return cls(
-            totals={k: jnp.sum(v) for k, v in totals.items()},
-            examples=jnp.sum(examples),
-            grad_norm_max=jnp.max(grad_norms),
-            nonfinite_step=jnp.where(jnp.all(loss_ok & grad_ok), -1, first_step + bad + 1),
-            nonfinite_loss=~loss_ok[bad],
-            nonfinite_gradient=~grad_ok[bad],
-            step_loss=totals["loss"] / jnp.maximum(examples, 1.0) if trace else None,
-            step_grad_norm=grad_norms if trace else None,
-        )
-
-    @property
-    def finite(self):
-        """False when a loss or gradient was NaN or infinite."""
-        return self.nonfinite_step < 0
-
-    def merge(self, later: "Sums") -> "Sums":
-        """These sums followed by ``later``'s, the next run of the same pass (host NumPy
-        values; float32 sums are added in float32). The first non-finite step is kept."""
-
-        def add(a, b):
-            return np.add(a, b, dtype=np.asarray(b).dtype)
-
-        bad = later if self.finite else self
-        traced = later.step_loss is not None
-        return Sums(
-            totals={k: add(self.totals[k], v) for k, v in later.totals.items()},
-            examples=add(self.examples, later.examples),
-            grad_norm_max=np.maximum(self.grad_norm_max, later.grad_norm_max),
-            nonfinite_step=bad.nonfinite_step,
-            nonfinite_loss=bad.nonfinite_loss,
-            nonfinite_gradient=bad.nonfinite_gradient,
-            step_loss=np.concatenate([self.step_loss, later.step_loss]) if traced else None,
-            step_grad_norm=(
-                np.concatenate([self.step_grad_norm, later.step_grad_norm]) if traced else None
-            ),
-        )
-
-    def means(self) -> dict:
-        """The metrics: each total as a mean over the examples seen, ``grad_norm_max``, the
-        :attr:`STATUS` entries and, with ``trace``, ``step_loss`` and ``step_grad_norm``.
-        Sorted by name, the order ``jit`` returns a dict in, wherever it is computed (inside
-        ``jit`` or on host values)."""
-        metrics = {**self.as_dict(), **{k: v / self.examples for k, v in self.totals.items()}}
-        del metrics["examples"]
-        return dict(sorted(metrics.items()))
-
-    def as_dict(self) -> dict:
-        """``{name: value}``, the totals beside the other fields and ``finite``: the form a
-        mid-epoch checkpoint's meta holds (:meth:`from_dict` reads it back)."""
-        rest = {k: v for k, v in self._asdict().items() if k != "totals" and v is not None}
-        return {**self.totals, **rest, "finite": self.finite}
-
-    @classmethod
-    def from_dict(cls, flat: dict) -> "Sums":
-        """The sums of :meth:`as_dict`'s form (``finite`` is read from ``nonfinite_step``)."""
-        named = set(cls._fields) | {"finite"}
-        return cls(
-            totals={k: v for k, v in flat.items() if k not in named},
-            **{k: flat.get(k) for k in cls._fields if k != "totals"},
-        )
-
-
 def _scan_part(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -400,7 +232,7 @@ class Trainer:
     """Compiled calls of :func:`scan_updates`' updates; what :func:`make_trainer` returns.
 
     ``trainer(state, data) -> (state, metrics)`` runs one whole pass (an epoch) as one
-    compiled call. :func:`fit` instead runs a pass as several calls of at most
+    compiled call. :func:`rnn_jax.loop.fit` instead runs a pass as several calls of at most
     ``steps_per_call`` steps (:meth:`run`), to report progress and checkpoint inside long
     epochs; the updates are the same either way (the pass's batches come from ``state.key``,
     tests/test_train.py pins the states bit-identical). :meth:`compile` compiles ahead of the
@@ -466,7 +298,7 @@ def make_trainer(
     device. With a ``mesh`` (:func:`rnn_jax.parallel.make_mesh`; give the batches the same
     mesh) params, optimiser state and ``data`` are replicated and each batch is split over the
     devices: the same updates as on one device, up to the order of float32 sums. The result is
-    a :class:`Trainer`, which :func:`fit` also runs in parts of an epoch.
+    a :class:`Trainer`, which :func:`rnn_jax.loop.fit` also runs in parts of an epoch.
     """
     return Trainer(loss_fn, optimizer, batches, mesh, trace)
 
@@ -499,199 +331,3 @@ def make_evaluate(
         return {k: jnp.sum(v) / seen for k, v in sums.items()}
 
     return _on_mesh(evaluate, mesh)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss or gradient; the last good checkpoint is kept."""
-
-
-def fit(
-    state: TrainState,
-    trainer: Trainer,
-    data: Any,
-    run: RunDir,
-    *,
-    iterations: int,
-    epochs_per_iteration: int = 1,
-    on_iteration: Callable[[int, TrainState, dict], dict] | None = None,
-    stop: Callable[[dict], bool] | None = None,
-    steps_per_call: int | None = None,
-    checkpoint_every: int | None = None,
-    progress_seconds: float | None = None,
-    interrupted: Callable[[], bool] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> tuple[TrainState, list[dict]]:
-    """The training loop over an opened run directory: resume, train, report, save.
-
-    ``run`` (:func:`rnn_jax.rundir.open_run`) holds the lock, the resumed checkpoint and the
-    metrics so far. Each iteration runs ``epochs_per_iteration`` epochs of ``trainer``
-    (:func:`make_trainer`) as compiled calls of at most ``steps_per_call`` updates, then
-    ``on_iteration(iteration, state, metrics)`` (evaluation, samples), whose dict joins the
-    iteration's metrics; the row is logged and the state checkpointed (indexed by
-    ``state.step``). Everything random is drawn from ``state.key``, so a resumed run ends
-    bit-identical to an uninterrupted one.
-
-    Between calls inside an epoch: a progress line (steps, examples/s, loss so far, ETA) once
-    ``progress_seconds`` have passed since the last; a checkpoint of the position inside the
-    epoch (with its metric sums so far) once ``checkpoint_every`` updates have passed since
-    the last checkpoint; and, once ``interrupted()`` is true, a checkpoint and
-    :class:`~rnn_jax.rundir.Interrupted`. The calls are compiled first
-    (:meth:`Trainer.compile`): the first row gets ``compile_seconds``, and its ``seconds`` are
-    training alone. An iteration whose updates left every parameter as it was (each update
-    underflowed in float32) is said so in a line.
-
-    Args:
-      stop: ``metrics -> bool``, asked after every iteration (and of the last one a resumed
-        run finds): true ends training there, e.g. once a target is met.
-      steps_per_call: the most updates per compiled call (None: a whole epoch per call).
-      checkpoint_every: updates between checkpoints inside an epoch (None: at iteration ends
-        only), counted at call boundaries.
-      progress_seconds: seconds between progress lines inside an epoch (None: none).
-      interrupted: asked at every call boundary (e.g. the command line's Ctrl-C and SIGTERM).
-      log: where the resume, compile, progress and warning lines go (default absl logging).
-
-    Raises:
-      NonFiniteLossError: a loss or gradient was NaN or infinite; nothing after the last
-        checkpoint is saved, so the last good checkpoint stays the latest.
-      Interrupted: ``interrupted()`` became true; the position is checkpointed.
-
-    Returns:
-      ``(state, history)``: the final state and one dict per iteration, those of an earlier
-      run that this one resumed included.
-    """
-    for name, value in (("steps_per_call", steps_per_call), ("checkpoint_every", checkpoint_every)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name}={value} must be a positive number of steps, or None")
-    log = logging.info if log is None else log
-    asked = interrupted or (lambda: False)
-    state, position = run.restore(state), run.position
-    if run.history and stop is not None and stop(run.history[-1]):
-        log(f"the stop condition holds at iteration {position.iteration}: nothing to do")
-        return state, run.history
-    if position.iteration >= iterations:
-        if run.resumed is not None:
-            log(
-                f"all {iterations} iterations are done (the checkpoint in {run.checkpoint_dir} "
-                f"is at iteration {position.iteration}): nothing to do; raise iterations to "
-                "train further"
-            )
-        return state, run.history
-    epoch_steps = trainer.num_steps
-    call = min(steps_per_call or epoch_steps, epoch_steps)
-    if run.resumed is not None:
-        log(_resume_line(position, run, epoch_steps, iterations))
-    counts = {call, epoch_steps % call or call, min(call, epoch_steps - position.steps)}
-    compile_seconds = trainer.compile(state, data, counts)
-    log(f"compiled the training steps in {compile_seconds:.1f} s")
-
-    for iteration in range(position.iteration + 1, iterations + 1):
-        before = state.params
-        for epoch in range(position.epoch, epochs_per_iteration):
-            sums = None if position.sums is None else Sums.from_dict(position.sums)
-            done, seconds, last_line = position.steps, position.seconds, time.perf_counter()
-            while done < epoch_steps:
-                count = min(call, epoch_steps - done)
-                tic = time.perf_counter()
-                state, part = trainer.run(state, data, done, count)
-                part = jax.device_get(part)
-                seconds += time.perf_counter() - tic
-                if not part.finite:
-                    raise NonFiniteLossError(_nonfinite_message(iteration, part, run))
-                sums, done = part if sums is None else sums.merge(part), done + count
-                if done == epoch_steps:
-                    break
-                position = Position(iteration - 1, epoch, done, sums.as_dict(), seconds)
-                stopping = asked()  # asked once a boundary
-                if stopping or (
-                    checkpoint_every is not None
-                    and int(state.step) - (run.last_saved or 0) >= checkpoint_every
-                ):
-                    run.save(state, position)
-                if stopping:
-                    raise Interrupted(run.last_saved if run.path is not None else None)
-                if progress_seconds is not None and time.perf_counter() - last_line >= (
-                    progress_seconds
-                ):
-                    log(_progress_line(position, sums, epoch_steps, epochs_per_iteration))
-                    last_line = time.perf_counter()
-            position = Position(iteration - 1, epoch + 1)
-        metrics = {k: v.tolist() for k, v in sums.means().items() if k not in Sums.STATUS}
-        metrics = {"iteration": iteration, "step": int(state.step), **metrics, "seconds": seconds}
-        if compile_seconds is not None:
-            metrics["compile_seconds"], compile_seconds = compile_seconds, None
-        if _unchanged(before, state.params):
-            updates = epochs_per_iteration * epoch_steps
-            log(
-                f"iteration {iteration}: no parameter changed in its {updates} updates: each "
-                "update underflowed in float32 (a learning rate or clip_norm too small for "
-                "float32?)"
-            )
-        if on_iteration is not None:
-            metrics.update(on_iteration(iteration, state, metrics))
-        row = run.log(metrics)
-        position = Position(iteration)
-        run.save(state, position)
-        if stop is not None and stop(row):
-            break
-        if asked() and iteration < iterations:
-            raise Interrupted(run.last_saved if run.path is not None else None)
-    return state, run.history
-
-
-@jax.jit
-def _unchanged(before, after) -> jax.Array:
-    """True when no entry of any array differs."""
-    same = [jnp.all(a == b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
-    return jnp.all(jnp.stack(same))
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(round(seconds), 0)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-def _resume_line(position: Position, run: RunDir, epoch_steps: int, iterations: int) -> str:
-    where = f"iteration {position.iteration} done"
-    if position.steps:
-        where += f", {position.steps} of {epoch_steps} steps into the next epoch"
-    return (
-        f"resuming from step {run.resumed} in {run.checkpoint_dir} ({where}); training up to "
-        f"iteration {iterations}"
-    )
-
-
-def _progress_line(position: Position, sums: Sums, epoch_steps: int, epochs: int) -> str:
-    rate = float(sums.examples) / max(position.seconds, 1e-9)
-    left = (epoch_steps - position.steps) * position.seconds / max(position.steps, 1)
-    epoch = f", epoch {position.epoch + 1}/{epochs}" if epochs > 1 else ""
-    return (
-        f"iteration {position.iteration + 1}{epoch}: {position.steps}/{epoch_steps} steps "
-        f"({100 * position.steps / epoch_steps:.0f}%), {rate:.0f} examples/s, loss so far "
-        f"{float(sums.totals['loss']) / float(sums.examples):.4f}, epoch ETA {_duration(left)}"
-    )
-
-
-def _nonfinite_message(iteration: int, sums: Sums, run: RunDir) -> str:
-    """What happened (which quantity, which step), what is kept, and what helps."""
-    step = int(sums.nonfinite_step)
-    at = f"at step {step}" if step >= 0 else "in this epoch"
-    if bool(sums.nonfinite_loss):
-        what = f"the loss became NaN or infinite {at} (the parameters diverged)"
-        advice = "lower the learning rate"
-    else:
-        what = f"the gradient became NaN or infinite {at} while the loss was finite"
-        advice = "clip the gradient norm (clip_norm), or lower the learning rate"
-    if run.path is None:
-        kept = "nothing is saved without a workdir"
-    elif run.last_saved is not None:
-        kept = f"the last good checkpoint, step {run.last_saved} in {run.checkpoint_dir}, is kept"
-    else:
-        kept = "no checkpoint had been written yet"
-    return (
-        f"iteration {iteration}: {what}; stopped without saving after it, {kept}. "
-        f"To go on, {advice}."
-    )

@@ -94,7 +94,7 @@ def lock_workdir(workdir: str) -> Iterator[str]:
     for the message a refused run prints; it is emptied on a clean release, never deleted
     (deleting would let two runs lock two different files of one name).
 
-    Re-entrant within a process: a script may hold the lock around :func:`~rnn_jax.train.fit`
+    Re-entrant within a process: a script may hold the lock around :func:`~rnn_jax.loop.fit`
     and what it writes afterwards, and fit's own ``lock_workdir`` inside is then a no-op.
 
     Filesystems: on local disks the lock is exact. On NFS, Linux emulates ``flock`` with

@@ -13,7 +13,7 @@ import pytest
 from helpers import assert_bit_identical, snapshot, tiny_text
 
 from experiments import char_lm, cli
-from rnn_jax import checkpoint, rundir, train
+from rnn_jax import checkpoint, loop, rundir, train
 from rnn_jax.data import TextError, clean_text, read_corpus
 from rnn_jax.workdir import WorkdirError
 
@@ -145,11 +145,49 @@ def test_defaults_are_the_recipe_of_design_md():
         (dict(compute_dtype="float16"), "compute_dtype='float16'"),
         (dict(text=""), "text='' "),
         (dict(seed_text="abc"), "seed_text='abc' has 3 characters.*seq_len=10"),
+        (dict(optimizer="sgd"), "optimizer='sgd': 'sgd' is not one of"),
+        (dict(weight_decay=0.1), "weight_decay=0.1 needs optimizer='adamw'"),
+        (dict(warmup_steps=5, decay_steps=5), "decay_steps=5 must be larger than warmup_steps=5"),
+        (dict(beta2=1.0), "beta2=1.0 "),
+        (dict(steps_per_iteration=0), "steps_per_iteration=0 "),
+        (
+            dict(steps_per_iteration=10, epochs_per_iteration=2),
+            "steps_per_iteration=10 and epochs_per_iteration=2 both set",
+        ),
+        (dict(max_train_seconds=0.0), "max_train_seconds=0.0 "),
+        (dict(val_block=64), "val_block=64 needs mode='stateful'"),
+        (dict(keep_best=True, val_fraction=0.0), "keep_best=True needs a held-out text"),
+        (dict(sample_temperatures=(0.5, 0.0)), "sample_temperatures=(0.5, 0.0) "),
     ],
 )
 def test_bad_config_values_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match="^" + re.escape(message).replace(r"\.\*", ".*")):
         char_lm.Config(**kwargs)
+
+
+def test_resume_key_leaves_the_new_fields_out_at_their_defaults():
+    """A checkpoint written before the optimiser, schedule and iteration-length fields existed
+    holds a key without them: the defaults' key is that key, so it resumes; set, they are in
+    it (a change is refused), and the fields of the optimiser not in use are left out."""
+    added = {"optimizer", "weight_decay", "warmup_steps", "decay_steps", "final_lr_fraction"}
+    added |= {"steps_per_iteration", "beta1", "beta2", "max_train_seconds", "val_block"}
+    added |= {"keep_best", "sample_chars", "sample_temperatures"}
+    assert not added & set(char_lm.Config().resume_key())
+    assert {"rho", "eps_in_sqrt"} <= set(char_lm.Config().resume_key())
+    adamw = char_lm.Config(
+        mode="stateful", optimizer="adamw", weight_decay=0.1, warmup_steps=2, decay_steps=9
+    ).resume_key()
+    assert {k: adamw[k] for k in ("optimizer", "weight_decay", "warmup_steps", "decay_steps")} == {
+        "optimizer": "adamw",
+        "weight_decay": 0.1,
+        "warmup_steps": 2,
+        "decay_steps": 9,
+    }
+    assert {"beta1", "beta2", "final_lr_fraction"} <= set(adamw)
+    assert not {"rho", "eps_in_sqrt"} & set(adamw)
+    # Dropout between layers is new for two layers: such a run's key says so.
+    two = char_lm.Config(mode="stateful", layers=2, dropout=0.25).resume_key()
+    assert two["dropout"] == {"rate": 0.25, "between_layers": True}
 
 
 def test_launch_flags():
@@ -283,7 +321,7 @@ def test_bad_text_files_name_the_text(tmp_path):
 
 def test_nan_loss_names_the_learning_rate(text_path, tmp_path):
     config = char_lm.Config(text=text_path, learning_rate=1e38, **TINY)
-    with pytest.raises(train.NonFiniteLossError, match=r"iteration 1: .*NaN.*learning_rate=1e\+38"):
+    with pytest.raises(loop.NonFiniteLossError, match=r"iteration 1: .*NaN.*learning_rate=1e\+38"):
         char_lm.run(config, str(tmp_path), out=_quiet)
     assert checkpoint.latest_step(os.path.join(tmp_path, "checkpoints")) is None
 
@@ -331,7 +369,7 @@ def test_nan_keeps_last_good_checkpoint_and_resume_recovers(
     workdir = str(tmp_path)
     config = char_lm.Config(text=text_path, iterations=3, **TINY)
     monkeypatch.setattr(train, "make_trainer", poisoned)
-    with pytest.raises(train.NonFiniteLossError, match=r"iteration 3.*last good checkpoint"):
+    with pytest.raises(loop.NonFiniteLossError, match=r"iteration 3.*last good checkpoint"):
         char_lm.run(config, workdir, out=_quiet)
     monkeypatch.setattr(train, "make_trainer", real)
 

@@ -18,14 +18,14 @@ import pytest
 from damage import FAULTS, flip
 from helpers import assert_bit_identical
 
-from rnn_jax import cells, checkpoint, train
+from rnn_jax import cells, checkpoint, optim, train
 from rnn_jax.models import recurrent, sequence_classifier
 
 
 def _state(name="lstm", seed=0, units=6):
     """A TrainState of the char model's structure (RMSprop after clipping), every leaf random."""
     model = sequence_classifier(recurrent(cells.CELLS[name](units)), 5, 5)
-    opt = train.rmsprop(clip_norm=1.0)
+    opt = optim.rmsprop(clip_norm=1.0)
     abstract = jax.eval_shape(
         lambda key: train.create_train_state(model.init(key), opt, key), jax.random.PRNGKey(0)
     )

@@ -632,6 +632,8 @@ def sweep(tmp_path_factory, start_experiment) -> pathlib.Path:
     [
         ("another_sweep", r"holds the results of long_range with another configuration \(.*"),
         ("probe_into_its_sweep", r"holds the results of long_range, not of gradient_flow"),
+        ("probe_damaged_params", r"checkpoint 4 in '.*/params/lstm_T4/4' is damaged \(.*"),
+        ("probe_npz_params", r"lstm_T4\.npz holds params saved as \.npz .* rerun its sweep"),
         ("too_long_for_memory", r"^error: lengths: at sequences of 1000000 steps .* GB are free"),
         ("compare_a_char_lm_run", r"is not a run of experiments\.topologies"),
     ],
@@ -644,7 +646,14 @@ def test_other_experiments_refuse_in_one_line(
     shutil.copytree(sweep, workdir)
     if case == "another_sweep":  # the same sweep with another cell, in the same workdir
         args = ("long_range", *_SWEEP[1:], "--cells=gru", f"--workdir={workdir}")
-    elif case == "probe_into_its_sweep":
+    elif case.startswith("probe_"):
+        params = workdir / "params" / "lstm_T4"
+        if case == "probe_damaged_params":
+            flip(params / "4", every=True)
+        elif case == "probe_npz_params":  # as an earlier long_range saved them
+            shutil.rmtree(params)
+            params.with_suffix(".npz").write_bytes(b"PK\x05\x06" + bytes(18))
+        flow = workdir if case == "probe_into_its_sweep" else tmp_path / "flow"
         args = (
             "gradient_flow",
             "--configs=lstm",
@@ -652,7 +661,7 @@ def test_other_experiments_refuse_in_one_line(
             "--units=3",
             "--seeds=2",
             f"--trained_from={workdir}",
-            f"--workdir={workdir}",
+            f"--workdir={flow}",
         )
     elif case == "too_long_for_memory":
         workdir = tmp_path / "long"

@@ -562,11 +562,14 @@ def test_gradient_flow_probes_a_copy_sweep(tmp_path, monkeypatch):
     xs, targets = map(np.asarray, copy_batch(jax.random.split(key, 4)[2], 2, COPY_DELAY))
     assert xs.shape == (2, COPY_DELAY + 2 * COPY_LENGTH)
     (init, init_out), (trained, trained_out) = probed
-    # The trained params are the sweep's (.npz, last clip setting); the initial ones are what
-    # its 2 Adam steps (each under ~3 lr per entry) started from.
-    with np.load(long_range.params_path(tmp_path / "sweep", "simple_rnn", COPY_DELAY)) as saved:
-        for path, leaf in jax.tree_util.tree_flatten_with_path(trained["params"])[0]:
-            np.testing.assert_array_equal(leaf, saved[jax.tree_util.keystr(path)][-1])
+    # The trained params are the sweep's (its checkpoint of 2 steps, last clip setting); the
+    # initial ones are what its 2 Adam steps (each under ~3 lr per entry) started from.
+    directory = long_range.params_path(tmp_path / "sweep", "simple_rnn", COPY_DELAY)
+    saved = rnn_jax.restore_checkpoint(
+        directory, sweep.steps, jax.tree.map(lambda a: a[None], init["params"])
+    )[0]
+    for a, b in zip(jax.tree.leaves(trained["params"]), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(a, b[-1])
     moved = jax.tree.leaves(
         jax.tree.map(lambda a, b: np.max(np.abs(a - b)), init["params"], trained["params"])
     )

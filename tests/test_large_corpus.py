@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from rnn_jax import batches, train
+from rnn_jax import batches, optim, train
 
 MB = 10**6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,7 @@ def _measure(path: str, num_batches: int) -> dict:
     num_examples = int(windows.starts.shape[0])
     config = char_lm.Config(units=32)
     _, model = char_lm.make_model(config, vocab.size)
-    opt = train.rmsprop()
+    opt = optim.rmsprop()
     state = train.create_train_state(model.init(jax.random.PRNGKey(0)), opt, jax.random.PRNGKey(1))
     epoch_batches = batches.shuffled_epoch(
         lambda w, idx: data.get_window_batch(w, idx, 10),

@@ -10,17 +10,22 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from damage import flip
+from helpers import snapshot
 
 from experiments import long_range
 from rnn_jax import cells, registry
+from rnn_jax.checkpoint import CheckpointError, DamagedCheckpointError, restore_meta
 from rnn_jax.sweep import make_task_trainer
 from rnn_jax.synthetic import adding_problem
+from rnn_jax.trees import named_leaves
 from rnn_jax.workdir import WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,8 +87,11 @@ def test_short_sweep_in_process(tmp_path):
         outputs = model.apply(jax.tree.map(lambda a, s=s: a[s], params), test_xs)
         mse = np.mean((np.asarray(outputs)[:, 0] - np.asarray(test_targets)) ** 2)
         np.testing.assert_allclose(test[:, s, 0], [mse, mse], rtol=1e-5)
-    # The trained params are saved per (cell, T), axes (clip setting, seed), in init's structure.
-    trained = long_range.load_params(long_range.params_path(str(tmp_path), "lstm", 4), params)
+    # The trained params are saved per (cell, T), axes (clip setting, seed), in init's structure,
+    # as the checkpoint of the steps trained.
+    saved = long_range.params_path(str(tmp_path), "lstm", 4)
+    assert os.listdir(saved) == ["4"]
+    trained = long_range.load_params(saved, params, step=4)
     assert jax.tree.structure(trained) == jax.tree.structure(params)
     for before, after in zip(jax.tree.leaves(params), jax.tree.leaves(trained)):
         assert after.shape == (2, *before.shape)
@@ -168,7 +176,7 @@ REGISTRY_TINY = long_range.Config(
 def test_every_registry_cell_traces_through_the_sweep(tmp_path, name):
     """Each cell of rnn_jax.registry goes through a sweep's program (T = 5, 2 seeds, traced,
     not compiled: compiling all eleven trainers costs ~100 s of CPU here) and its params
-    through save_params/load_params. One cell trains for real below, LRU in
+    through save_params/load_params, bit for bit. One cell trains for real below, LRU in
     tests/test_gradients.py (trained_from)."""
     task = adding_problem(5)
     cell = registry.named_cell(name, REGISTRY_TINY.units, task.length)
@@ -181,10 +189,56 @@ def test_every_registry_cell_traces_through_the_sweep(tmp_path, name):
     assert curves.test_loss.shape == (1, 2, 3)  # (clip settings, seeds, evaluations)
     assert curves.grad_norm.shape == (1, 2, 4)
     assert jax.tree.structure(trained) == jax.tree.structure(params)
-    long_range.save_params(tmp_path / "params.npz", params)
-    loaded = long_range.load_params(tmp_path / "params.npz", params)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    # The registry's params with a clip-setting axis in front, each setting its own values.
+    saved = jax.tree.map(lambda a: jnp.stack([a, 2 * a + 1]), params)
+    long_range.save_params(tmp_path / "params", 4, saved, [math.inf, 0.5])
+    loaded = long_range.load_params(tmp_path / "params", params)
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(loaded), strict=True):
         np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+
+
+def test_saved_params_are_a_digest_checked_checkpoint(tmp_path):
+    """save_params keeps every step (a rerun's params of as many steps set the earlier aside);
+    load_params takes the most steps by default, any step by number; flipped bytes are named
+    and refused with every file kept; a missing directory, or an .npz left by an earlier
+    version, is one line saying what to do."""
+    like = {"dense": {"bias": jnp.zeros((2, 1))}, "rnn": {"kernel": jnp.zeros((2, 3, 4))}}
+    first, second, third = (
+        jax.tree.map(lambda a, i=i: jnp.full((2, *a.shape), float(i)), like) for i in (1, 2, 3)
+    )
+    directory = long_range.params_path(str(tmp_path), "gru", 7)
+    assert directory == str(tmp_path / "params" / "gru_T7")
+    long_range.save_params(directory, 40, first, [math.inf, 0.5])
+    long_range.save_params(directory, 20, second, [math.inf, 0.5])
+    assert restore_meta(directory, 40) == {"clip_norms": [None, 0.5]}
+
+    def values(step=None):
+        loaded = long_range.load_params(directory, like, step)
+        return {path: float(np.unique(x)[0]) for path, x in named_leaves(loaded)}
+
+    assert values() == {("dense", "bias"): 1.0, ("rnn", "kernel"): 1.0}
+    assert values(20) == {("dense", "bias"): 2.0, ("rnn", "kernel"): 2.0}
+    long_range.save_params(directory, 40, third, [math.inf, 0.5])
+    assert sorted(os.listdir(directory)) == ["20", "40", "40.replaced"]
+    assert values() == {("dense", "bias"): 3.0, ("rnn", "kernel"): 3.0}
+
+    flip(pathlib.Path(directory) / "40", every=True)
+    kept = snapshot(tmp_path)
+    with pytest.raises(DamagedCheckpointError, match=r"checkpoint 40 in .* is damaged \(") as e:
+        long_range.load_params(directory, like)
+    assert e.value.path == os.path.join(directory, "40")
+    assert snapshot(tmp_path) == kept
+    assert values(20) == {("dense", "bias"): 2.0, ("rnn", "kernel"): 2.0}
+
+    old = long_range.params_path(str(tmp_path), "lstm", 4)
+    os.makedirs(os.path.dirname(old), exist_ok=True)
+    np.savez(f"{old}.npz", **{"['rnn']['kernel']": np.zeros((2, 2, 3, 4))})
+    with pytest.raises(CheckpointError, match=r"lstm_T4\.npz holds params saved as \.npz by an "):
+        long_range.load_params(old, like)
+    with pytest.raises(CheckpointError, match=r"there are no saved params in .*gru_T8"):
+        long_range.load_params(long_range.params_path(str(tmp_path), "gru", 8), like)
 
 
 def test_budget_sizes_the_steps(tmp_path):
@@ -269,11 +323,10 @@ def test_lr_factors_scale_the_first_adam_step():
     params = model.init(jax.random.PRNGKey(0))
     test = task.sample(jax.random.PRNGKey(1), 8)
     new, _ = jax.jit(train)(params, jax.random.PRNGKey(2), jnp.inf, *test)
-    for path, before in jax.tree_util.tree_flatten_with_path(params)[0]:
-        after = new
-        for key in path:
-            after = after[key.key]
-        size = np.abs(np.asarray(after) - np.asarray(before)) / (lr * factors.get(path[-1].key, 1))
+    moved = dict(named_leaves(new))
+    for path, before in named_leaves(params):
+        after = moved[path]
+        size = np.abs(np.asarray(after) - np.asarray(before)) / (lr * factors.get(path[-1], 1))
         assert np.all(size < 1 + 1e-4), path  # float32 rounding of params near 1
         assert np.median(size) > 0.99, path
 
@@ -301,11 +354,10 @@ def test_lr_factor_zero_freezes_a_parameter_over_many_steps(tmp_path):
         cell = registry.named_cell(name, config.units, task.length)
         _, _, initial, _, _ = long_range.prepare(task, cell, config)
         trained = long_range.load_params(long_range.params_path(tmp_path, name, 5), initial)
-        for path, before in jax.tree_util.tree_flatten_with_path(initial)[0]:
-            after = trained
-            for key in path:
-                after = after[key.key]
-            frozen = path[-1].key in ("nu_log", "theta_log")
+        final = dict(named_leaves(trained))
+        for path, before in named_leaves(initial):
+            after = final[path]
+            frozen = path[-1] in ("nu_log", "theta_log")
             # after: (clip settings, seeds, ...); before: (seeds, ...)
             moved = np.abs(np.asarray(after)[-1] - np.asarray(before)).max()
             assert (moved == 0.0) if frozen else (moved > 1e-4), (name, path, moved)

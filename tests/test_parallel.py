@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from experiments import char_lm
-from rnn_jax import cells, parallel, train
+from rnn_jax import cells, optim, parallel, train
 from rnn_jax.batches import shuffled_epoch
 from rnn_jax.losses import accuracy, softmax_cross_entropy
 from rnn_jax.models import recurrent, sequence_classifier
@@ -65,7 +65,7 @@ def test_eight_devices_epoch_equals_one_device():
     the step, SimpleRNN for the experiment) covers the three.
     """
     model, loss_fn, batch, get_batch = _problem("gru")
-    opt = train.rmsprop(1e-2, clip_norm=1.0)
+    opt = optim.rmsprop(1e-2, clip_norm=1.0)
     state = train.create_train_state(model.init(jax.random.PRNGKey(0)), opt, jax.random.PRNGKey(1))
     mesh = parallel.make_mesh(DEVICES)
     assert mesh.size == DEVICES
@@ -96,7 +96,7 @@ def test_eight_devices_epoch_equals_one_device():
 @eight
 def test_eight_devices_train_step():
     model, loss_fn, batch, _ = _problem("lstm", n=13)
-    opt = train.rmsprop(1e-2)
+    opt = optim.rmsprop(1e-2)
     state = train.create_train_state(model.init(jax.random.PRNGKey(2)), opt, jax.random.PRNGKey(3))
     mesh = parallel.make_mesh(DEVICES)
     want, m1 = train.make_train_step(loss_fn, opt)(state, batch)

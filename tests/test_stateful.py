@@ -12,6 +12,8 @@ keys that come from the state's key per window; layers > 1 outside stateful mode
 two (virtual CPU) devices train as one, and a state moves from one device to two.
 """
 
+import dataclasses
+import json
 import math
 import os
 
@@ -24,10 +26,10 @@ import pytest
 from helpers import assert_bit_identical, tiny_text
 
 from experiments import char_lm
-from rnn_jax import cells, checkpoint, parallel, rundir, train
+from rnn_jax import cells, checkpoint, optim, parallel, rundir, train
 from rnn_jax.batches import in_order
-from rnn_jax.data import make_streams, stream_batch
-from rnn_jax.models import language_model, recurrent, stacked
+from rnn_jax.data import make_blocks, make_streams, stream_batch
+from rnn_jax.models import inverted_dropout, language_model, recurrent, stacked
 from rnn_jax.sample import make_stateful_sampler
 
 CELLS = {"simple_rnn": cells.simple_rnn, "lstm": cells.lstm}
@@ -157,6 +159,30 @@ def test_scored_from_leaves_exactly_the_first_pairs_of_each_stream_unscored(
         assert b == a[scored_from:]
     if num_streams == 1:  # the held-out stream: n - 1 - scored_from characters scored
         assert len(part[0]) == n - 1 - scored_from
+
+
+@pytest.mark.parametrize(
+    "n, block, rows", [(58, 5, 4), (65, 64, 1), (65, 64, 3), (200, 7, 256), (2, 3, 2)]
+)
+def test_blocks_are_the_consecutive_blocks_of_the_pairs(n, block, rows):
+    """Window k of stream b is block b·W + k: pairs [block·(b·W + k), ...) of the text, the
+    last block shorter; every pair scored once; rows past the last block score nothing."""
+    tokens = np.arange(n) % 97
+    streams, windows = make_blocks(tokens, block, rows)
+    seen = []
+    for b in range(rows):
+        for k in range(windows):
+            (inputs, targets, mask), weights = stream_batch(streams, k, block)
+            inputs, targets, mask = (np.asarray(a[b]) for a in (inputs, targets, mask))
+            assert float(weights[b]) == mask.sum()
+            start = block * (b * windows + k)
+            count = int(mask.sum())
+            assert count == max(0, min(block, n - 1 - start))
+            assert mask[:count].all() and not mask[count:].any()
+            np.testing.assert_array_equal(inputs[:count], tokens[start : start + count])
+            np.testing.assert_array_equal(targets[:count], tokens[start + 1 : start + 1 + count])
+            seen += range(start, start + count)
+    assert seen == list(range(n - 1))
 
 
 def test_too_short_text_for_the_streams_names_batch_size():
@@ -376,6 +402,38 @@ def test_dropout_scales_the_outputs_the_head_reads_in_training_only():
         char_lm.Config(dropout=0.5)
 
 
+def test_dropout_between_stacked_layers_drops_what_the_next_layer_reads():
+    """stacked(layers, rate) with a key: layer 1 reads layer 0's outputs dropped out with
+    fold_in(key, 1) (layer 1 recomputed by hand from them), the carries left alone; a
+    language model passes fold_in(key, 1) to its layer and drops the head's inputs with the
+    key itself. Without a key, nothing is dropped."""
+    units, rate, vocab = 5, 0.3, 7
+    layers = [recurrent(cells.gru(units)), recurrent(cells.gru(units))]
+    layer = stacked(layers, rate)
+    params = layer.init(jax.random.PRNGKey(0), vocab)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, vocab, (4, 9)), jnp.int32)
+    key = jax.random.PRNGKey(5)
+    _, ys0 = layers[0].apply(params["layer_0"], tokens, return_sequences=True)
+    dropped = inverted_dropout(jax.random.fold_in(key, 1), rate, ys0)
+    assert 0 < float(jnp.mean(dropped == 0.0)) < 1
+    _, want = layers[1].apply(params["layer_1"], dropped, return_sequences=True)
+    _, got = layer.apply(params, tokens, return_sequences=True, key=key)
+    np.testing.assert_array_equal(got, want)
+    _, clean = layer.apply(params, tokens, return_sequences=True)
+    _, plain = stacked(layers).apply(params, tokens, return_sequences=True, key=key)
+    np.testing.assert_array_equal(clean, plain)
+    assert np.abs(np.asarray(clean) - np.asarray(got)).max() > 1e-3
+    # The language model: the layer's key is fold_in(key, 1), the head's the key.
+    model = language_model(layer, vocab, dropout=0.2)
+    lm = {"rnn": params, "dense": {"kernel": jnp.ones((units, vocab)), "bias": jnp.zeros(vocab)}}
+    _, logits = model.apply(lm, tokens, None, key)
+    _, ys = layer.apply(params, tokens, return_sequences=True, key=jax.random.fold_in(key, 1))
+    head = inverted_dropout(key, 0.2, ys)
+    np.testing.assert_allclose(logits, head @ lm["dense"]["kernel"], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^dropout=1.5 must be in \[0, 1\)"):
+        stacked(layers, 1.5)
+
+
 def test_dropout_keys_come_from_the_state_key_per_window():
     """With ``with_keys`` each window's key is the pass key folded with the window's index: an
     epoch run as calls equals one call, the next epoch draws other keys, evaluation none."""
@@ -507,7 +565,7 @@ def test_stateful_mid_epoch_resume_is_bit_identical(stateful_run, text_path, tmp
     resumed_lines = []
     resumed = char_lm.run(config, workdir, out=resumed_lines.append)
     assert any(
-        line.startswith("resuming from step 8 ") and "2 of 6 steps into the next epoch" in line
+        line.startswith("resuming from step 8 ") and "2 of 6 steps into the next" in line
         for line in resumed_lines
     ), resumed_lines
     assert "Iteration #: 1" not in resumed_lines and "Iteration #: 2" in resumed_lines
@@ -609,6 +667,68 @@ def test_stateful_held_out_bpc_by_hand(stateful_run, text_path):
     assert abs(float(np.mean(_bits(logits[0], val[1:]))) - want) > 1e-4
 
 
+def test_nanogpt_protocol_block_and_stream_scores_by_hand(text_path, tmp_path):
+    """val_block: every held-out character after the first scored twice, in nats: as one
+    stream from a zero carry, and in consecutive blocks of val_block pairs each from a zero
+    carry (float64 hand computations over the same characters); the two differ, since the
+    stream carries context across blocks. keep_best keeps the best iteration's state, whose
+    final samples are drawn by hand again from it."""
+    block = 5  # 58 pairs: 11 blocks of 5 and one of 3
+    settings = {**STATEFUL, "dropout": 0.0, "checkpoint_every": None, "progress_seconds": None}
+    config = char_lm.Config(
+        text=text_path,
+        **settings,
+        val_block=block,
+        keep_best=True,
+        sample_chars=7,
+        sample_temperatures=(0.5, 2.0),
+    )
+    workdir = str(tmp_path / "run")
+    result = char_lm.run(config, workdir, out=_quiet)
+    row = result.history[-1]
+    val, vocab = _held_out(text_path)
+    kinds = ("lstm", "lstm")
+    params = result.state.params
+    _, logits = _np_lm(kinds, params, val[None, :-1], vocab)
+    stream = ref.cross_entropy(logits[0], val[1:])
+    assert len(stream) == len(val) - 1
+    blocks = []
+    for start in range(0, len(val) - 1, block):
+        chunk = val[start : start + block + 1]
+        _, chunk_logits = _np_lm(kinds, params, chunk[None, :-1], vocab)
+        blocks.append(ref.cross_entropy(chunk_logits[0], chunk[1:]))
+    blocks = np.concatenate(blocks)
+    assert len(blocks) == len(val) - 1
+    assert row["val_loss"] == pytest.approx(float(np.mean(stream)), rel=1e-5)
+    assert row["val_block_loss"] == pytest.approx(float(np.mean(blocks)), rel=1e-5)
+    assert row["val_block_bits_per_char"] == pytest.approx(row["val_block_loss"] / math.log(2))
+    assert abs(row["val_loss"] - row["val_block_loss"]) > 1e-4
+
+    # The best state: the iteration with the lowest block loss, bit for bit.
+    best_row = min(result.history, key=lambda r: r["val_block_loss"])
+    with open(os.path.join(workdir, rundir.RUN_RECORD)) as f:
+        meta = json.load(f)
+    with rundir.open_run(workdir, meta) as run:
+        best, kept_row = run.restore_best(result.state)
+    assert kept_row["step"] == best_row["step"] == int(best.step)
+    if best_row is row:
+        assert_bit_identical(best.params, result.state.params)
+    # The final samples: each temperature's, drawn again by hand from the best params.
+    with open(os.path.join(workdir, char_lm.FINAL_SAMPLES)) as f:
+        written = f.read()
+    chars = result.vocabulary.chars
+    model = char_lm.make_model(config, vocab)[1]
+    for i, temperature in enumerate(config.sample_temperatures):
+        header = f"# the best state (iteration {best_row['iteration']}, step {best_row['step']})"
+        seed_text, sample = (
+            written.split(f"{header}, temperature {temperature:g}\n")[1].split("\n\n")[0].split("|")
+        )
+        seed = np.asarray([chars.index(c) for c in seed_text])
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), i)
+        drawn = make_stateful_sampler(model, 7, temperature)(best.params, seed[None], key)[0]
+        assert sample == "".join(chars[t] for t in np.asarray(drawn))
+
+
 def test_windowed_held_out_bpc_by_hand(text_path):
     config = char_lm.Config(
         text=text_path,
@@ -675,7 +795,7 @@ def test_stateful_training_on_two_devices_equals_one():
     params = _random_params(model, seed=8)
     tokens = np.random.default_rng(4).integers(0, V, 47).astype(np.int32)
     streams, num_windows = make_streams(tokens, batch, bptt)
-    opt = train.rmsprop(1e-2)
+    opt = optim.rmsprop(1e-2)
     loss_fn = char_lm.make_stateful_loss(model)
     get_batch = lambda s, k: stream_batch(s, k, bptt)
     mesh = parallel.make_mesh(DEVICES)
@@ -708,3 +828,35 @@ def test_stateful_training_on_two_devices_equals_one():
     moved, _ = steps["two"](jax.device_get(moved), streams)
     _assert_trees_close(moved.params, one.params, rtol=1e-5, atol=1e-6)
     _assert_trees_close(moved.carry, one.carry, rtol=1e-5, atol=1e-6)
+
+
+def test_reset_carry_trains_every_window_from_zeros(text_path):
+    """reset_carry=True: the run's updates are those of a loss that reads every window from
+    a zero carry (no carry in the state at all), and not those of the carry passed on."""
+    settings = {**STATEFUL, "dropout": 0.0, "iterations": 1, "checkpoint_every": None}
+    config = char_lm.Config(text=text_path, **settings, reset_carry=True)
+    result = char_lm.run(config, None, out=_quiet)
+    passed = char_lm.run(dataclasses.replace(config, reset_carry=False), None, out=_quiet)
+
+    with open(text_path, "rb") as f:
+        tokens = result.vocabulary.encode(ref.tutorial_clean(f.read()))
+    cut = int(len(tokens) * (1 - VAL_FRACTION))
+    streams, windows = make_streams(tokens[:cut], config.batch_size, config.bptt)
+    model = char_lm.make_model(config, result.vocabulary.size)[1]
+    loss_fn = char_lm.make_stateful_loss(model)
+    optimizer = config.optimizer_spec()
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    state = train.create_train_state(model.init(init_key), optimizer, train_key)
+    trainer = train.make_trainer(
+        lambda params, batch: loss_fn(params, batch, None)[:2],
+        optimizer,
+        in_order(lambda s, k: stream_batch(s, k, config.bptt), windows),
+    )
+    by_hand, _ = trainer(state, streams)
+    _assert_trees_close(result.state.params, by_hand.params, rtol=1e-5, atol=1e-6)
+    differ = jax.tree.leaves(
+        jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), passed.state.params, by_hand.params)
+    )
+    assert max(float(d) for d in differ) > 1e-4
+    with pytest.raises(ValueError, match=r"^reset_carry=True needs mode='stateful'"):
+        char_lm.Config(reset_carry=True)

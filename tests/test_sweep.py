@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from rnn_jax import cells, synthetic, train
+from rnn_jax import cells, optim, synthetic
 from rnn_jax.sweep import make_task_trainer
+from rnn_jax.trees import leaf_name, named_leaves
 
 
 def _params(model, seed=0):
@@ -34,7 +35,7 @@ def test_task_trainer_vmaps_over_seeds_and_clip_norm_and_learns():
     model, train_fn = make_task_trainer(
         cells.simple_rnn(4),
         task,
-        optimizer=train.rmsprop(lr),
+        optimizer=optim.rmsprop(lr),
         num_steps=num_steps,
         eval_every=eval_every,
         batch_size=batch_size,
@@ -115,7 +116,7 @@ def test_per_parameter_rates_as_a_multi_transform_clip_the_whole_gradient():
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: "slow" if path[-1].key == "recurrent_kernel" else "rest", params
+            lambda path, _: "slow" if leaf_name(path) == "recurrent_kernel" else "rest", params
         )
 
     opt = optax.multi_transform({"slow": optax.sgd(lr * factor), "rest": optax.sgd(lr)}, labels)
@@ -129,8 +130,8 @@ def test_per_parameter_rates_as_a_multi_transform_clip_the_whole_gradient():
     grad = jax.jit(
         jax.grad(lambda p, xs, targets: jnp.mean((model.apply(p, xs)[:, 0] - targets) ** 2))
     )
-    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    rates = [lr * factor if path[-1].key == "recurrent_kernel" else lr for path in paths]
+    names = [path[-1] for path, _ in named_leaves(params)]
+    rates = [lr * factor if name == "recurrent_kernel" else lr for name in names]
     p = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]
     _, plan_key = jax.random.split(key)
     for i, k in enumerate(jax.random.split(plan_key, 2)):

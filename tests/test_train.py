@@ -16,7 +16,7 @@ import optax
 import pytest
 from helpers import assert_bit_identical
 
-from rnn_jax import batches, cells, checkpoint, rundir, synthetic, train
+from rnn_jax import batches, cells, checkpoint, loop, metrics, optim, rundir, synthetic, train
 from rnn_jax.losses import accuracy, softmax_cross_entropy
 from rnn_jax.models import recurrent, sequence_classifier
 from rnn_jax.workdir import WorkdirError
@@ -48,7 +48,7 @@ def test_rmsprop_matches_formula(eps_in_sqrt):
     other = ref.rmsprop(params, grads, lr, rho, eps, not eps_in_sqrt)
     assert max(np.max(np.abs(want[k] - other[k])) for k in want) > 1e-5
     with jax.enable_x64(True):
-        opt = train.rmsprop(eps_in_sqrt=eps_in_sqrt)  # Keras defaults: 1e-3, 0.9, 1e-7
+        opt = optim.rmsprop(eps_in_sqrt=eps_in_sqrt)  # Keras defaults: 1e-3, 0.9, 1e-7
         p = jax.tree.map(jnp.asarray, params)
         state = opt.init(p)
         for g in grads:
@@ -66,7 +66,7 @@ def test_rmsprop_clipping():
     unclipped = ref.rmsprop(params, [g], 0.1, 0.9, 1e-7, True)
     with jax.enable_x64(True):
         for clip_norm, expected in [(2.0, want), (None, unclipped), (13.5, unclipped)]:
-            opt = train.rmsprop(0.1, clip_norm=clip_norm)
+            opt = optim.rmsprop(0.1, clip_norm=clip_norm)
             p = jax.tree.map(jnp.asarray, params)
             updates, _ = opt.update(jax.tree.map(jnp.asarray, g), opt.init(p), p)
             p = optax.apply_updates(p, updates)
@@ -77,10 +77,10 @@ def test_rmsprop_clipping():
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, -math.inf, math.nan])
 def test_rmsprop_refuses_bad_clip_norm(bad):
     with pytest.raises(ValueError, match="clip_norm=") as err:
-        train.rmsprop(clip_norm=bad)
+        optim.rmsprop(clip_norm=bad)
     assert f"clip_norm={bad}" in str(err.value)
     with pytest.raises(ValueError, match="must be finite and > 0"):
-        train.clipped(optax.sgd(1.0), bad)
+        optim.clipped(optax.sgd(1.0), bad)
 
 
 def test_clipped_sgd_steps_along_the_clipped_gradient():
@@ -89,14 +89,14 @@ def test_clipped_sgd_steps_along_the_clipped_gradient():
     g = {"a": np.float32([3.0, 4.0]), "b": np.float32([12.0])}  # global norm 13
     params = {"a": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)}
     sgd = optax.sgd(0.5)
-    assert train.clipped(sgd, None) is sgd
+    assert optim.clipped(sgd, None) is sgd
 
     def step(opt):
         return opt.update(g, opt.init(params), params)[0]
 
-    by_number = step(train.clipped(sgd, 2.0))
-    by_array = jax.jit(lambda c: step(train.clipped(sgd, c)))(jnp.float32(2.0))
-    unclipped = jax.jit(lambda c: step(train.clipped(sgd, c)))(jnp.float32(jnp.inf))
+    by_number = step(optim.clipped(sgd, 2.0))
+    by_array = jax.jit(lambda c: step(optim.clipped(sgd, c)))(jnp.float32(2.0))
+    unclipped = jax.jit(lambda c: step(optim.clipped(sgd, c)))(jnp.float32(jnp.inf))
     for k in g:
         np.testing.assert_allclose(by_number[k], -0.5 * g[k] * 2.0 / 13.0, rtol=1e-6)
         np.testing.assert_allclose(by_array[k], -0.5 * g[k] * 2.0 / 13.0, rtol=1e-6)
@@ -139,7 +139,7 @@ def _batch(n, seed=0):
 # The engine tests share one model, optimiser (RMSprop after clipping), data set and epoch, so
 # that the reference loop's update and the epoch compile once for the whole file.
 N, BATCH = 11, 4  # batches of 4, 4, 3: the last partial batch is kept
-OPT = train.rmsprop(1e-2, clip_norm=1.0)
+OPT = optim.rmsprop(1e-2, clip_norm=1.0)
 
 
 @functools.cache
@@ -182,14 +182,14 @@ def test_model_on_one_hot_equals_model_on_tokens():
 @functools.cache
 def _step(name):
     """A jitted train step of the char model with RMSprop (lr 1e-2), one per cell and file."""
-    return train.make_train_step(_char_model(name)[1], train.rmsprop(1e-2))
+    return train.make_train_step(_char_model(name)[1], optim.rmsprop(1e-2))
 
 
 @pytest.mark.parametrize("name", ["simple_rnn", "lstm", "gru"])
 def test_train_step_lowers_loss_moves_every_param_compiles_once(name):
     model = _char_model(name)[0]
     step = _step(name)
-    state = train.create_train_state(_params(model), train.rmsprop(1e-2), jax.random.PRNGKey(1))
+    state = train.create_train_state(_params(model), optim.rmsprop(1e-2), jax.random.PRNGKey(1))
     batch, ones = _batch(16), jnp.ones(16)
     new, metrics = step(state, batch, ones)
     new2, metrics2 = step(new, batch, ones)
@@ -214,7 +214,7 @@ def test_padding_rows_change_nothing():
     the real rows alone in test_apply_update_against_formula)."""
     model, loss_fn = _char_model("simple_rnn")
     step = _step("simple_rnn")  # compiled for batches of 16 by the test above (or now)
-    state = train.create_train_state(_params(model), train.rmsprop(1e-2), jax.random.PRNGKey(1))
+    state = train.create_train_state(_params(model), optim.rmsprop(1e-2), jax.random.PRNGKey(1))
     (inputs, labels), (junk_inputs, junk_labels) = _batch(16), _batch(16, seed=1)
     weights = jnp.asarray(np.arange(16) < 10, jnp.float32)
     a, m_a = step(state, (inputs, labels), weights)
@@ -418,9 +418,9 @@ def _counter_problem():
 
 
 def _fit(state, trainer, data, *, workdir=None, meta=None, **kwargs):
-    """:func:`rnn_jax.train.fit` over ``workdir`` opened as a run directory with ``meta``."""
+    """:func:`rnn_jax.loop.fit` over ``workdir`` opened as a run directory with ``meta``."""
     with rundir.open_run(workdir, meta or {}) as run:
-        return train.fit(state, trainer, data, run, **kwargs)
+        return loop.fit(state, trainer, data, run, **kwargs)
 
 
 def _lines(workdir):
@@ -431,7 +431,7 @@ def _lines(workdir):
 def test_fit_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     state, run, data = _counter_problem()
     workdir = str(tmp_path)
-    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint") as err:
+    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint") as err:
         _fit(state, run, data, iterations=5, workdir=workdir, meta={"config": {"a": 1}})
     # Which quantity, which step, which checkpoint is kept, what helps.
     message = str(err.value)
@@ -512,7 +512,7 @@ def test_fit_stop_ends_early_and_a_rerun_does_not_train(tmp_path):
     assert checkpoint.latest_step(ckpt) == 3 and _lines(workdir) == history
 
     # Without a stop condition the rerun resumes, and meets the NaN of iteration 4.
-    with pytest.raises(train.NonFiniteLossError, match="iteration 4"):
+    with pytest.raises(loop.NonFiniteLossError, match="iteration 4"):
         _fit(state, run, data, iterations=10, workdir=workdir)
 
 
@@ -540,7 +540,7 @@ def test_fit_resumed_run_is_bit_identical(tmp_path):
     assert [h["iteration"] for h in history] == [1, 2, 3]
     assert [h["step"] for h in history] == [6, 12, 18]
     assert history[-1]["kernel_sum"] == float(jnp.sum(whole.params["dense"]["kernel"]))
-    assert len(history[-1]["step_loss"]) == 3  # the last epoch's trace, as a JSON list
+    assert len(history[-1]["step_loss"]) == 6  # the iteration's two epochs, as a JSON list
     # Without a workdir: the same run, nothing written.
     plain, history_c = _fit(state, run, data, iterations=3, **kwargs)
     assert_bit_identical(plain, whole)
@@ -550,11 +550,11 @@ def test_fit_resumed_run_is_bit_identical(tmp_path):
 def test_fit_nan_before_any_checkpoint_names_no_checkpoint(tmp_path):
     state, run, data = _counter_problem()
     start = state._replace(params={"w": jnp.asarray(3.0)})  # NaN at the first step
-    with pytest.raises(train.NonFiniteLossError) as err:
+    with pytest.raises(loop.NonFiniteLossError) as err:
         _fit(start, run, data, iterations=2, workdir=str(tmp_path))
     assert "no checkpoint had been written yet" in str(err.value)
     assert "last good" not in str(err.value)
-    with pytest.raises(train.NonFiniteLossError, match="nothing is saved without a workdir"):
+    with pytest.raises(loop.NonFiniteLossError, match="nothing is saved without a workdir"):
         _fit(start, run, data, iterations=2)
 
 
@@ -575,7 +575,7 @@ def test_global_norm_is_exact_where_float32_squares_overflow_or_underflow():
 
 def test_clip_by_global_norm_clips_to_max_norm_without_overflow():
     grads = {"a": jnp.full((4,), 1e25, jnp.float32), "b": jnp.full((2, 2), -3e24, jnp.float32)}
-    clip = train.clip_by_global_norm(1.0)
+    clip = optim.clip_by_global_norm(1.0)
     clipped, _ = clip.update(grads, clip.init(grads))
     np.testing.assert_allclose(float(train.global_norm(clipped)), 1.0, rtol=1e-5)
     direction = np.concatenate([np.full(4, 1e25), np.full(4, -3e24)])
@@ -587,7 +587,7 @@ def test_clip_by_global_norm_clips_to_max_norm_without_overflow():
     small = {"a": jnp.array([0.3, 0.4])}
     passed, _ = clip.update(small, clip.init(small))
     np.testing.assert_array_equal(passed["a"], small["a"])  # under max_norm: unchanged
-    unclipped = train.clip_by_global_norm(jnp.inf)  # inf: no clipping, even of 1e25
+    unclipped = optim.clip_by_global_norm(jnp.inf)  # inf: no clipping, even of 1e25
     same, _ = unclipped.update(grads, unclipped.init(grads))
     np.testing.assert_array_equal(same["a"], grads["a"])
 
@@ -612,7 +612,7 @@ def test_plain_optax_clipping_freezes_a_gain3_rnn_and_ours_moves_it():
     assert 1e20 < float(train.global_norm(grads)) < 1e30
     moved = {}
     for name, clip in (("optax", optax.clip_by_global_norm(1.0)), ("ours", None)):
-        clip = train.clip_by_global_norm(1.0) if clip is None else clip
+        clip = optim.clip_by_global_norm(1.0) if clip is None else clip
         opt = optax.chain(clip, optax.adam(1e-2))
         state = train.create_train_state(params, opt, jax.random.PRNGKey(1))
         update = jax.jit(lambda s, opt=opt: train.apply_update(loss_fn, opt, s, batch, weights))
@@ -692,7 +692,7 @@ def _host_sums(loss, accuracy, examples, norms, step_losses, nonfinite=(-1, Fals
     """Host sums as ``jax.device_get`` gives them: NumPy float32, int32 and bool values."""
     f32 = lambda x: np.asarray(x, np.float32)
     step, bad_loss, bad_gradient = nonfinite
-    return train.Sums(
+    return metrics.Sums(
         totals={"accuracy": f32(accuracy), "loss": f32(loss)},
         examples=f32(examples),
         grad_norm_max=f32(max(norms)),
@@ -733,7 +733,7 @@ def test_sums_merge_into_means_over_all_examples():
     for sums in (first.merge(bad), first.merge(bad).merge(later), bad.merge(worse)):
         assert not sums.finite
         assert (int(sums.nonfinite_step), bool(sums.nonfinite_loss)) == (7, True)
-    assert set(train.Sums.STATUS) <= set(merged)
+    assert set(metrics.Sums.STATUS) <= set(merged)
     untraced = first._replace(step_loss=None, step_grad_norm=None)
     assert "step_loss" not in untraced.merge(untraced).means()
 
@@ -753,11 +753,11 @@ def test_sums_read_back_from_a_checkpoints_flat_form():
         "step_loss": np.float32([1.0, 2.0]),
         "step_grad_norm": np.float32([1.5, 0.5]),
     }
-    sums = train.Sums.from_dict(flat)
+    sums = metrics.Sums.from_dict(flat)
     assert set(sums.totals) == {"accuracy", "loss"} and float(sums.examples) == 4.0
     assert_bit_identical(sums, _host_sums(6.0, 2.0, 4.0, [1.5, 0.5], [1.0, 2.0]))
     assert set(sums.as_dict()) == set(flat)
-    assert_bit_identical(train.Sums.from_dict(sums.as_dict()), sums)
+    assert_bit_identical(metrics.Sums.from_dict(sums.as_dict()), sums)
 
 
 class _Interrupt(Exception):
@@ -784,7 +784,7 @@ def test_fit_checkpoints_inside_epochs_and_resumes_bit_identically(tmp_path):
     progress = [line for line in lines if "steps (" in line]
     assert len(progress) == 3 * 2  # after the 1st and 2nd call of each epoch, not the last
     assert progress[0].startswith("iteration 1: 2/6 steps (33%), ")
-    assert "examples/s, loss so far " in progress[0] and "epoch ETA " in progress[0]
+    assert "examples/s, loss so far " in progress[0] and "iteration ETA " in progress[0]
     assert any(line.startswith("compiled the training steps in ") for line in lines)
     assert history[0]["compile_seconds"] > 0 and "compile_seconds" not in history[1]
     ckpt_a = os.path.join(str(tmp_path / "a"), "checkpoints")
@@ -863,7 +863,7 @@ def test_an_epoch_interrupted_and_resumed_keeps_its_training_seconds(tmp_path, m
     Interrupted; resumed, its row says 3 s, as the run never stopped does (a resumed epoch
     whose clock started again at 0 would say 1 s)."""
     readings = itertools.count()
-    monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(readings)))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(readings)))
     model = _char_model("simple_rnn")[0]
     data, trainer = _data(), _epoch()
     state = train.create_train_state(_params(model, seed=4), OPT, jax.random.PRNGKey(2))
@@ -884,3 +884,109 @@ def test_an_epoch_interrupted_and_resumed_keeps_its_training_seconds(tmp_path, m
     final, resumed = _fit(state, trainer, data, workdir=workdir, **kwargs)
     assert whole[0]["seconds"] == resumed[0]["seconds"] == 3.0
     assert int(final.step) == 3
+
+
+def test_iterations_of_steps_are_cut_at_pass_ends_and_resume_bit_identically(tmp_path):
+    """Iterations of 4 steps over passes of 6 end at steps 4, 6, 10, 12, 16: a pass's end
+    cuts one short. Every row's metrics are the means over its own steps (its trace is those
+    steps'), and a run stopped after two iterations and resumed to five ends bit-identical to
+    one that never stopped, rows included."""
+    model = _char_model("simple_rnn")[0]
+    data, trainer = _data(), _long_epoch()
+    state = train.create_train_state(_params(model, seed=4), OPT, jax.random.PRNGKey(2))
+    kwargs = dict(meta={"config": {"units": 8}}, steps_per_iteration=4, steps_per_call=3)
+    whole, history = _fit(state, trainer, data, iterations=5, workdir=str(tmp_path / "a"), **kwargs)
+    assert [row["step"] for row in history] == [4, 6, 10, 12, 16]
+    assert [len(row["step_loss"]) for row in history] == [4, 2, 4, 2, 4]
+    # Each row's loss is the mean over its examples (batches of 2, the pass's last of 1).
+    for row, first in zip(history, [0, 4, 0, 4, 0], strict=True):
+        weights = [1 if first + i == 5 else 2 for i in range(len(row["step_loss"]))]
+        want = np.average(np.asarray(row["step_loss"], np.float64), weights=weights)
+        assert row["loss"] == pytest.approx(want, rel=1e-6)
+    # The same updates as five passes' worth of plain calls: 16 steps of the same passes.
+    plain = state
+    for _ in range(2):
+        plain, _ = trainer(plain, data)
+    plain, _ = trainer.run(plain, data, 0, 4)
+    assert_bit_identical(whole, plain)
+
+    _fit(state, trainer, data, iterations=2, workdir=str(tmp_path / "b"), **kwargs)
+    resumed, history_b = _fit(
+        state, trainer, data, iterations=5, workdir=str(tmp_path / "b"), **kwargs
+    )
+    assert_bit_identical(resumed, whole)
+
+    def drop_seconds(rows):
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+    assert drop_seconds(history_b) == drop_seconds(history)
+
+
+def test_max_train_seconds_ends_the_run_cleanly_and_a_larger_one_goes_on(tmp_path, monkeypatch):
+    """A clock that moves one second per reading makes each call one second long. With
+    max_train_seconds=3 and calls of 1 step, the run ends after its 3rd step: the row says
+    so, the state is checkpointed there, a rerun with the same budget has nothing to do, and a
+    rerun with none trains on to the same state as a run never limited."""
+    readings = itertools.count()
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(readings)))
+    model = _char_model("simple_rnn")[0]
+    data, trainer = _data(), _long_epoch()
+    state = train.create_train_state(_params(model, seed=4), OPT, jax.random.PRNGKey(2))
+    kwargs = dict(meta={"config": {"units": 8}}, steps_per_call=1, iterations=2)
+    whole, _ = _fit(state, trainer, data, workdir=str(tmp_path / "whole"), **kwargs)
+    workdir = str(tmp_path / "limited")
+    lines = []
+    limited, history = _fit(
+        state, trainer, data, workdir=workdir, max_train_seconds=3, log=lines.append, **kwargs
+    )
+    assert int(limited.step) == 3
+    assert [(r["iteration"], r["step"], r["seconds"]) for r in history] == [(1, 3, 3.0)]
+    assert history[0]["stopped"] == "max_train_seconds"
+    assert any("max_train_seconds=3 reached after 3.0 s of training, at step 3" in x for x in lines)
+    assert checkpoint.latest_step(os.path.join(workdir, "checkpoints")) == 3
+    lines = []
+    again, _ = _fit(
+        state, trainer, data, workdir=workdir, max_train_seconds=3, log=lines.append, **kwargs
+    )
+    assert int(again.step) == 3
+    assert lines == [
+        "the run has trained 3 s of max_train_seconds=3: nothing to do; raise "
+        "max_train_seconds to train further"
+    ]
+    # Unlimited, the run goes on: iteration 2 ends at the pass's end (step 6), iteration 3 at
+    # the next (step 12), where the run never limited ended its 2 iterations.
+    more = {**kwargs, "iterations": 3}
+    resumed, history = _fit(state, trainer, data, workdir=workdir, **more)
+    assert [r["step"] for r in history] == [3, 6, 12]
+    assert_bit_identical(resumed, whole)
+
+
+def test_best_keeps_the_state_of_the_lowest_score(tmp_path):
+    """best=score keeps the state of the iteration with the lowest score in best/, with its
+    row; an iteration that scores higher leaves it."""
+    model = _char_model("simple_rnn")[0]
+    data, trainer = _data(), _long_epoch()
+    state = train.create_train_state(_params(model, seed=4), OPT, jax.random.PRNGKey(2))
+    scores = iter([3.0, 1.0, 2.0])
+    states = {}
+
+    def on_iteration(iteration, state, _metrics):
+        states[iteration] = jax.device_get(state)
+        return {"score": next(scores)}
+
+    workdir = str(tmp_path)
+    with rundir.open_run(workdir, {"config": {}}) as run:
+        assert run.restore_best(state) is None
+        _, history = loop.fit(
+            state,
+            trainer,
+            data,
+            run,
+            iterations=3,
+            on_iteration=on_iteration,
+            best=lambda row: row["score"],
+        )
+        best, row = run.restore_best(state)
+    assert_bit_identical(best, states[2])
+    assert row == history[1] and row["score"] == 1.0
+    assert os.listdir(os.path.join(workdir, rundir.BEST)) == [str(row["step"])]
