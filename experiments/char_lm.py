@@ -444,6 +444,13 @@ def make_model(config: Config, vocab_size: int) -> tuple[Cell, Model]:
     return make_cell(config), sequence_classifier(_layer(config), vocab_size, vocab_size)
 
 
+def init_keys(config: Config) -> tuple[jax.Array, jax.Array]:
+    """``(init_key, train_key)``, both from ``config.seed``: the key the model's params are
+    drawn with, and the :class:`rnn_jax.train.TrainState`'s (shuffles, dropout)."""
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    return init_key, train_key
+
+
 def _apply_in_precision(apply, compute_dtype: str):
     precision = MATMUL_PRECISION[compute_dtype]
     if precision is None:  # leave JAX's default (and JAX_DEFAULT_MATMUL_PRECISION) alone
@@ -702,7 +709,7 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
 
     cell, model = make_model(config, vocab.size)
     optimizer = config.optimizer_spec()
-    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    init_key, train_key = init_keys(config)
     state = train.create_train_state(model.init(init_key), optimizer, train_key)
     if config.mode == "stateful":
         mode = _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh)

@@ -24,12 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import rnn_jax
 from experiments import char_lm, cli
 from rnn_jax import data
 from rnn_jax import nnx as rnx
 from rnn_jax.losses import masked_cross_entropy
-from rnn_jax.registry import named_cell
 
 # The experiment's flags are char_lm's: the same run, trained through Flax NNX.
 Config = char_lm.Config
@@ -163,22 +161,10 @@ def _check(config: char_lm.Config) -> None:
         raise ValueError(f"compute_dtype={config.compute_dtype!r}: this example runs float32")
 
 
-def read_text(config: char_lm.Config) -> str:
-    """The text of ``config``, as ``experiments.char_lm`` reads it."""
-    source, cleaning = config.source(), config.text_cleaning()
-    if source is None:
-        return data.load_text(config.text, name="text", cleaning=cleaning)
-    return data.read_corpus(source, cleaning, path=config.text)
-
-
 def pure_init(config: char_lm.Config, vocab_size: int):
-    """The params ``experiments.char_lm`` starts from at ``config.seed``: the pure
-    ``rnn_jax.language_model``'s init with the first half of the seed's key."""
-    cell = named_cell(config.cell, config.units, config.bptt)
-    layers = [rnn_jax.recurrent(cell) for _ in range(config.layers)]
-    layer = layers[0] if config.layers == 1 else rnn_jax.stacked(layers)
-    init_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-    return rnn_jax.language_model(layer, vocab_size).init(init_key)
+    """The params ``experiments.char_lm`` starts from at ``config.seed``: its model's init
+    with its init key (:func:`experiments.char_lm.init_keys`)."""
+    return char_lm.make_model(config, vocab_size)[1].init(char_lm.init_keys(config)[0])
 
 
 def run(config: char_lm.Config, workdir: str | None = None, out=print) -> Result:
@@ -187,7 +173,7 @@ def run(config: char_lm.Config, workdir: str | None = None, out=print) -> Result
     epochs, scoring the held-out tail after each. ``workdir``: where a checkpoint of model and
     optimiser goes after each iteration (None: nowhere)."""
     _check(config)
-    text = read_text(config)
+    text = char_lm.load_config_text(config, out)
     vocab = data.Vocabulary.from_text(text)
     train_tokens, val_tokens = data.split_tokens(
         vocab.encode(text), config.held_out_fraction(), config.seq_len
@@ -209,6 +195,10 @@ def run(config: char_lm.Config, workdir: str | None = None, out=print) -> Result
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     epoch = make_epoch(graphdef, num_windows, config.bptt)
+    if val_tokens is not None:
+        val_streams, val_windows = data.make_streams(
+            val_tokens, 1, config.bptt, scored_from=config.seq_len - 1
+        )
     out(f"{len(text)} characters, vocabulary of {vocab.size}, {num_windows} windows per epoch")
 
     history = []
@@ -223,9 +213,6 @@ def run(config: char_lm.Config, workdir: str | None = None, out=print) -> Result
         row = {"iteration": iteration, "loss": float(loss / examples)}
         row["bits_per_char"] = row["loss"] / math.log(2)
         if val_tokens is not None:
-            val_streams, val_windows = data.make_streams(
-                val_tokens, 1, config.bptt, scored_from=config.seq_len - 1
-            )
             row["val_loss"] = float(evaluate(model, val_streams, val_windows, config.bptt))
             row["val_bits_per_char"] = row["val_loss"] / math.log(2)
         history.append(row)

@@ -845,7 +845,7 @@ def test_reset_carry_trains_every_window_from_zeros(text_path):
     model = char_lm.make_model(config, result.vocabulary.size)[1]
     loss_fn = char_lm.make_stateful_loss(model)
     optimizer = config.optimizer_spec()
-    init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    init_key, train_key = char_lm.init_keys(config)
     state = train.create_train_state(model.init(init_key), optimizer, train_key)
     trainer = train.make_trainer(
         lambda params, batch: loss_fn(params, batch, None)[:2],
