@@ -34,7 +34,7 @@ import numpy as np
 from experiments import cli
 from rnn_jax import data as data_lib
 from rnn_jax import loop, optim, parallel, train
-from rnn_jax.batches import in_order, shuffled_epoch
+from rnn_jax.batches import in_order, shuffled_epoch, with_replacement
 from rnn_jax.cells import Cell
 from rnn_jax.losses import accuracy, masked_accuracy, masked_cross_entropy, softmax_cross_entropy
 from rnn_jax.models import Layer, Model, language_model, recurrent, sequence_classifier, stacked
@@ -86,6 +86,8 @@ _ADDED = (
     "decay_steps",
     "steps_per_iteration",
     "reset_carry",
+    "weight_drop",
+    "random_windows",
 )
 
 
@@ -139,6 +141,12 @@ class Config:
         "Stateful mode: every training window starts from a zero carry (independent blocks of "
         "bptt characters, as nanoGPT trains) instead of the carry the window before ended with.",
     )
+    random_windows: bool = cli.field(
+        False,
+        "Stateful mode with reset_carry: each update's windows start at offsets of the training "
+        "text drawn uniformly (nanoGPT's get_batch) instead of the streams' fixed windows in "
+        "order; an epoch is as many updates.",
+    )
     batch_size: int = cli.field(
         128, "Examples per update (stateful mode: streams).", check=cli.positive
     )
@@ -146,6 +154,12 @@ class Config:
         0.0,
         "Stateful mode: dropout rate on the outputs the Dense head reads and, with layers > 1, "
         "on those each layer passes to the next, in training.",
+        check=cli.fraction,
+    )
+    weight_drop: float = cli.field(
+        0.0,
+        "Stateful mode: DropConnect rate on each layer's recurrent kernel in training "
+        "(AWD-LSTM's weight drop), one mask per update shared by every stream and step.",
         check=cli.fraction,
     )
     iterations: int = cli.field(25, "Train-then-generate iterations.", check=cli.positive)
@@ -274,9 +288,19 @@ class Config:
 
     def __post_init__(self):
         cli.validate(self)
-        for name in ("dropout", "val_block", "reset_carry"):
+        for name in ("dropout", "weight_drop", "val_block", "reset_carry", "random_windows"):
             if getattr(self, name) and self.mode != "stateful":
                 raise ValueError(f"{name}={getattr(self, name)} needs mode='stateful'")
+        if self.random_windows and not self.reset_carry:
+            raise ValueError(
+                "random_windows=True reads windows at random offsets, so no carry passes from "
+                "one to the next: add reset_carry=True (--reset_carry)"
+            )
+        if self.random_windows and self.num_devices != 1:
+            raise ValueError(
+                f"random_windows=True runs on one device; num_devices={self.num_devices}: use "
+                "the streams (random_windows=False) to split batches over devices"
+            )
         if self.steps_per_iteration is not None and self.epochs_per_iteration != 1:
             raise ValueError(
                 f"steps_per_iteration={self.steps_per_iteration} and epochs_per_iteration="
@@ -285,6 +309,8 @@ class Config:
         if self.keep_best and self.held_out_fraction() == 0:
             raise ValueError("keep_best=True needs a held-out text: val_fraction > 0")
         self.optimizer_spec()  # its own checks (weight decay, schedule)
+        if self.weight_drop:  # the cell has a recurrent kernel to drop (else: what to do)
+            recurrent(make_cell(self), weight_drop=self.weight_drop)
         if self.layers > 1 and self.mode != "stateful":
             raise ValueError(
                 f"layers={self.layers} needs mode='stateful': the windowed mode's rolling-window "
@@ -430,7 +456,10 @@ def make_cell(config: Config) -> Cell:
 def _layer(config: Config) -> Layer:
     length = config.bptt if config.mode == "stateful" else config.seq_len
     unroll = config.unroll or (True if length <= 32 else 1)
-    layers = [recurrent(make_cell(config), unroll_steps=unroll) for _ in range(config.layers)]
+    layers = [
+        recurrent(make_cell(config), unroll_steps=unroll, weight_drop=config.weight_drop)
+        for _ in range(config.layers)
+    ]
     return layers[0] if config.layers == 1 else stacked(layers, config.dropout)
 
 
@@ -583,16 +612,35 @@ def _windowed(config, loss_fn, optimizer, state, train_tokens, val_tokens, mesh,
     return _Mode(state, epoch, windows, num_examples, evaluate, sampler, random_seed)
 
 
+def _drops(config: Config) -> bool:
+    """Whether training draws random masks (each window then gets a key of its own)."""
+    return config.dropout > 0 or config.weight_drop > 0
+
+
 def _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh):
-    """``batch_size`` contiguous streams read in ``bptt`` windows, the carry passed on."""
+    """``batch_size`` contiguous streams read in ``bptt`` windows, the carry passed on (or,
+    with ``random_windows``, as many updates of blocks at uniform offsets)."""
     loss_fn = make_stateful_loss(model, config.compute_dtype)
     streams, num_windows = data_lib.make_streams(train_tokens, config.batch_size, config.bptt)
     # A row per stream, whatever the devices: checkpoints resume on any number of them.
     state = state._replace(carry=zero_carry(model, state.params, config.batch_size))
-    if mesh is not None:
-        streams, state = parallel.replicate((streams, state), mesh)
-    get_batch = lambda s, k: data_lib.stream_batch(s, k, config.bptt)
-    batches = in_order(get_batch, num_windows, mesh=mesh, with_keys=config.dropout > 0)
+    if config.random_windows:  # num_windows updates an epoch, of blocks at uniform offsets
+        data = jax.device_put(np.asarray(train_tokens, np.int32))
+        batches = with_replacement(
+            lambda tokens, starts: data_lib.block_batch(tokens, starts, config.bptt),
+            len(train_tokens) - config.bptt,
+            config.batch_size,
+            num_windows,
+            weighted=True,
+            with_keys=_drops(config),
+        )
+        num_examples = num_windows * config.batch_size * config.bptt
+    else:
+        if mesh is not None:
+            streams, state = parallel.replicate((streams, state), mesh)
+        get_batch = lambda s, k: data_lib.stream_batch(s, k, config.bptt)
+        batches = in_order(get_batch, num_windows, mesh=mesh, with_keys=_drops(config))
+        data, num_examples = streams, int(np.sum(jax.device_get(streams.lengths)))
     train_loss = loss_fn
     if config.reset_carry:  # every window from zeros: the carry passed in is not read
 
@@ -613,8 +661,7 @@ def _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh):
         start = int(jax.random.randint(key, (), 0, len(train_tokens) - config.seq_len + 1))
         return np.asarray(train_tokens[start : start + config.seq_len])
 
-    num_examples = int(np.sum(jax.device_get(streams.lengths)))
-    return _Mode(state, epoch, streams, num_examples, evaluate, sampler, random_seed)
+    return _Mode(state, epoch, data, num_examples, evaluate, sampler, random_seed)
 
 
 # Held-out blocks scored side by side in one batch (val_block).
@@ -714,6 +761,9 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
     if config.mode == "stateful":
         mode = _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh)
         what = f"{mode.epoch.num_steps} windows of {config.bptt} in {config.batch_size} streams"
+        if config.random_windows:
+            what = f"epochs of {mode.epoch.num_steps} updates of {config.batch_size} windows of "
+            what += f"{config.bptt} at random offsets"
     else:
         loss_fn = make_loss(model, config.compute_dtype)
         mode = _windowed(config, loss_fn, optimizer, state, train_tokens, val_tokens, mesh, cell)

@@ -143,24 +143,50 @@ def shuffled_epoch(
 
 
 def with_replacement(
-    get_batch: Callable[[Any, jax.Array], Batch],
+    get_batch: Callable[[Any, jax.Array], Any],
     num_examples: int,
     batch_size: int,
     num_steps: int,
+    *,
+    weighted: bool = False,
+    with_keys: bool = False,
 ) -> Batches:
-    """``num_steps`` batches of examples drawn uniformly with replacement."""
+    """``num_steps`` batches of examples drawn uniformly with replacement.
+
+    Args:
+      get_batch: ``(data, indices (batch_size,)) -> batch``, or with ``weighted`` ``-> (batch,
+        weights (batch_size,))`` (e.g. :func:`rnn_jax.data.block_batch`, whose weights count
+        the characters each row scores); unweighted rows weigh 1.
+      num_examples: indices are drawn from ``0 .. num_examples - 1``.
+      batch_size: examples per step.
+      num_steps: steps per pass.
+      weighted: whether ``get_batch`` returns the weights.
+      with_keys: the loss gets ``(batch, key)`` (as :func:`in_order`'s): per-step randomness
+        such as dropout, the same in a pass run as several calls.
+    """
     if num_examples < 1 or batch_size < 1 or num_steps < 1:
         raise ValueError(
             f"num_examples={num_examples}, batch_size={batch_size} and num_steps={num_steps} "
             "must be positive"
         )
 
-    def plan(key, data):
-        del data
+    def draw(key):
         return jax.random.randint(key, (num_steps, batch_size), 0, num_examples)
 
-    def take(indices, data, i):
-        return get_batch(data, indices[i]), jnp.ones((batch_size,))
+    def plan(key, data):
+        del data
+        if not with_keys:
+            return draw(key), None
+        draw_key, step_key = jax.random.split(key)
+        return draw(draw_key), step_key
+
+    def take(plan, data, i):
+        indices, step_key = plan
+        batch = get_batch(data, indices[i])
+        batch, weights = batch if weighted else (batch, jnp.ones((batch_size,)))
+        if with_keys:
+            batch = (batch, jax.random.fold_in(step_key, i))
+        return batch, weights
 
     return Batches(plan, take, num_steps)
 

@@ -702,6 +702,17 @@ def stream_batch(streams: Streams, k: jax.Array, bptt: int):
     return (window[:, :-1], window[:, 1:], mask), jnp.sum(mask, axis=1)
 
 
+def block_batch(tokens: jax.Array, starts: jax.Array, bptt: int):
+    """Blocks of ``bptt`` pairs of one token sequence at ``starts``, as :func:`stream_batch`
+    gives windows: ``((inputs, targets, mask), weights)``, inputs ``tokens[s : s + bptt]``,
+    targets one ahead, every pair scored (``weights`` = ``bptt`` per row). ``starts`` lie in
+    ``[0, len(tokens) - bptt - 1]``; drawn uniformly (:func:`rnn_jax.batches.with_replacement`
+    over ``len(tokens) - bptt`` starts) they are nanoGPT's ``get_batch``. May be traced."""
+    window = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(tokens, s, bptt + 1))(starts)
+    mask = jnp.ones((starts.shape[0], bptt), jnp.float32)
+    return (window[:, :-1], window[:, 1:], mask), jnp.full(starts.shape, float(bptt))
+
+
 class Labelled(NamedTuple):
     """Variable-length token sequences with one label each (many-to-one).
 

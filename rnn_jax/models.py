@@ -51,15 +51,35 @@ class Layer(NamedTuple):
     units: int
 
 
-def recurrent(cell: Cell, *, reverse: bool = False, unroll_steps: int | bool = 1) -> Layer:
+def recurrent(
+    cell: Cell, *, reverse: bool = False, unroll_steps: int | bool = 1, weight_drop: float = 0.0
+) -> Layer:
     """One cell over the sequence (Keras ``RNN(cell, go_backwards=reverse)``, outputs in order).
 
     With ``reverse`` and ``lengths`` each sequence is read from its own last real step down to
     step 0, as if it had been flipped alone; the last output is then step 0's.
+
+    ``weight_drop`` regularises the recurrence itself (DropConnect on the recurrent weights,
+    the weight drop of Merity et al. 2018's AWD-LSTM): given a ``key`` (training), every entry
+    of the cell's ``recurrent_kernel`` is dropped with probability ``weight_drop`` and the rest
+    scaled by ``1 / (1 - weight_drop)`` (:func:`inverted_dropout`), one mask for the whole call,
+    shared by every sequence and step of it, so the carry passes on intact and the cell stays
+    the cell (any fused or parallel path included); without a key the kernel is read as it is.
+    The cell needs a ``recurrent_kernel`` parameter (every registry cell but ``min_gru`` and
+    ``exp_rnn``, whose recurrent weights are not a parameter of their own).
     """
+    _check_rate(weight_drop, "weight_drop")
+    if weight_drop and "recurrent_kernel" not in _param_names(cell):
+        raise ValueError(
+            f"weight_drop={weight_drop} drops entries of a cell's 'recurrent_kernel', and this "
+            f"cell's params are {sorted(_param_names(cell))}; use weight_drop=0 with it (or "
+            "dropout between layers)"
+        )
 
     def apply(params, xs, carry=None, *, lengths=None, return_sequences=False, key=None):
-        del key  # no dropout inside a recurrence
+        if key is not None and weight_drop:
+            dropped = inverted_dropout(key, weight_drop, params["recurrent_kernel"])
+            params = {**params, "recurrent_kernel": dropped}
         return unroll(
             cell,
             params,
@@ -131,9 +151,15 @@ def inverted_dropout(key: jax.Array | None, rate: float, xs: jax.Array) -> jax.A
     return jnp.where(keep, xs / (1.0 - rate), 0.0)
 
 
-def _check_rate(rate: float) -> None:
+def _check_rate(rate: float, name: str = "dropout") -> None:
     if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout={rate} must be in [0, 1)")
+        raise ValueError(f"{name}={rate} must be in [0, 1)")
+
+
+def _param_names(cell: Cell) -> set[str]:
+    """The names at the top of a cell's params (shapes only: nothing is drawn)."""
+    params = jax.eval_shape(lambda key: cell.init(key, 1), jax.random.PRNGKey(0))
+    return set(params) if isinstance(params, dict) else set()
 
 
 def stacked(layers: Sequence[Layer], dropout_rate: float = 0.0) -> Layer:
@@ -143,7 +169,8 @@ def stacked(layers: Sequence[Layer], dropout_rate: float = 0.0) -> Layer:
     (``carry=None`` starts every layer from zeros); ``lengths`` reach every layer. With
     ``dropout_rate`` and a ``key`` (training), the outputs a layer passes to the next are
     dropped out (:func:`inverted_dropout`, layer ``i``'s with ``fold_in(key, i)``), the carries left
-    alone (Zaremba et al. 2014).
+    alone (Zaremba et al. 2014); the key reaches layer ``i`` itself as ``fold_in(key, n + i)``
+    (``n`` layers: a :func:`recurrent` layer's ``weight_drop``).
     """
     layers = tuple(layers)
     if not layers:
@@ -172,6 +199,7 @@ def stacked(layers: Sequence[Layer], dropout_rate: float = 0.0) -> Layer:
                 carries[i],
                 lengths=lengths,
                 return_sequences=return_sequences or not last,
+                key=None if key is None else jax.random.fold_in(key, len(layers) + i),
             )
             finals.append(c)
         return tuple(finals), xs

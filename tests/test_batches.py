@@ -83,6 +83,30 @@ def test_with_replacement_draws_uniformly_in_range():
         batches.with_replacement(lambda d, i: i, n, batch_size, 0)
 
 
+def test_with_replacement_weighted_and_keyed():
+    """``weighted``: the weights are get_batch's own; ``with_keys``: step ``i``'s batch comes with
+    a key of its own (``fold_in`` of the plan's step key with ``i``), the same for the same
+    plan key, so a pass split into calls draws the same."""
+    n, batch_size, steps = 50, 6, 4
+
+    def get_batch(_data, idx):
+        return idx, 2.0 * idx.astype(jnp.float32)
+
+    draws = batches.with_replacement(get_batch, n, batch_size, steps, weighted=True)
+    idx, w = _take_all(draws, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(w, 2.0 * idx)
+    keyed = batches.with_replacement(get_batch, n, batch_size, steps, weighted=True, with_keys=True)
+    (kidx, keys), kw = _take_all(keyed, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(kw, 2.0 * kidx)
+    assert kidx.min() >= 0 and kidx.max() < n
+    assert len({tuple(k) for k in np.asarray(keys)}) == steps  # a key per step
+    (again, keys2), _ = _take_all(keyed, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(again, kidx)
+    np.testing.assert_array_equal(keys2, keys)
+    (other, _), _ = _take_all(keyed, jax.random.PRNGKey(1))
+    assert not np.array_equal(other, kidx)
+
+
 def test_in_order_takes_batch_k_at_step_k_and_folds_its_key():
     """Step ``k`` takes ``get_batch(data, k)`` whatever the key; with keys, the batch comes
     with ``fold_in(pass key, k)``, the pass key being the plan's key itself."""

@@ -171,7 +171,7 @@ def test_resume_key_leaves_the_new_fields_out_at_their_defaults():
     it (a change is refused), and the fields of the optimiser not in use are left out."""
     added = {"optimizer", "weight_decay", "warmup_steps", "decay_steps", "final_lr_fraction"}
     added |= {"steps_per_iteration", "beta1", "beta2", "max_train_seconds", "val_block"}
-    added |= {"keep_best", "sample_chars", "sample_temperatures"}
+    added |= {"keep_best", "sample_chars", "sample_temperatures", "weight_drop"}
     assert not added & set(char_lm.Config().resume_key())
     assert {"rho", "eps_in_sqrt"} <= set(char_lm.Config().resume_key())
     adamw = char_lm.Config(
@@ -188,6 +188,7 @@ def test_resume_key_leaves_the_new_fields_out_at_their_defaults():
     # Dropout between layers is new for two layers: such a run's key says so.
     two = char_lm.Config(mode="stateful", layers=2, dropout=0.25).resume_key()
     assert two["dropout"] == {"rate": 0.25, "between_layers": True}
+    assert char_lm.Config(mode="stateful", weight_drop=0.3).resume_key()["weight_drop"] == 0.3
 
 
 def test_launch_flags():

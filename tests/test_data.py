@@ -60,6 +60,21 @@ def test_windows_match_tutorial_loop(seq_len, step):
     assert inputs.dtype == jnp.int32 and inputs.shape == (len(want_inputs), seq_len)
 
 
+def test_block_batch_slices_blocks_at_the_starts():
+    """block_batch against Python slicing: inputs t[s:s+L], targets t[s+1:s+L+1], every pair
+    scored, L per row; the last start that fits is n - L - 1."""
+    tokens = np.random.default_rng(0).integers(0, 30, 100).astype(np.int32)
+    bptt, starts = 7, np.array([0, 5, 92, 41], np.int32)
+    (inputs, targets, mask), weights = jax.jit(data.block_batch, static_argnums=2)(
+        jnp.asarray(tokens), jnp.asarray(starts), bptt
+    )
+    t = tokens.tolist()
+    np.testing.assert_array_equal(inputs, [t[s : s + bptt] for s in starts])
+    np.testing.assert_array_equal(targets, [t[s + 1 : s + bptt + 1] for s in starts])
+    np.testing.assert_array_equal(mask, np.ones((4, bptt)))
+    np.testing.assert_array_equal(weights, [bptt] * 4)
+
+
 def test_clean_text_order_strip_lower_ascii():
     # Strip runs before the non-ASCII bytes are dropped, so the space after a curly quote stays.
     assert data.clean_text("\u201c Hi\n".encode()) == " hi"

@@ -334,7 +334,8 @@ def test_with_replacement_scan_equals_loop_of_updates():
     new, metrics = train.make_trainer(loss_fn, OPT, draws, trace=True)(state, data)
 
     key, plan_key = jax.random.split(state.key)
-    indices = np.asarray(draws.plan(plan_key, data))
+    indices, _ = draws.plan(plan_key, data)  # (the draws, no step keys)
+    indices = np.asarray(indices)
     assert indices.shape == (steps, BATCH) and indices.min() >= 0 and indices.max() < N
     taken = [(_gather(data, indices[i]), jnp.ones(BATCH)) for i in range(steps)]
     s, rows = _loop(_update(), state, taken)
