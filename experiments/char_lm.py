@@ -760,10 +760,11 @@ def run(config: Config, workdir: str | None, out: Callable[[str], None] = print)
     state = train.create_train_state(model.init(init_key), optimizer, train_key)
     if config.mode == "stateful":
         mode = _stateful(config, model, optimizer, state, train_tokens, val_tokens, mesh)
-        what = f"{mode.epoch.num_steps} windows of {config.bptt} in {config.batch_size} streams"
         if config.random_windows:
             what = f"epochs of {mode.epoch.num_steps} updates of {config.batch_size} windows of "
             what += f"{config.bptt} at random offsets"
+        else:
+            what = f"{mode.epoch.num_steps} windows of {config.bptt} in {config.batch_size} streams"
     else:
         loss_fn = make_loss(model, config.compute_dtype)
         mode = _windowed(config, loss_fn, optimizer, state, train_tokens, val_tokens, mesh, cell)
