@@ -27,7 +27,9 @@ the calibration run measures the contender's updates per training second on this
 alone: compiling, evaluating, sampling and checkpoints excluded); the held-out scores are taken
 ``--evals`` times along the way, and the best block score's state is kept and sampled from
 (500 characters at temperature 0.8). Rounds (``--rounds``) run every contender once each,
-interleaved; scores are min / median over rounds. Peak RSS is the child's own (``wait4``).
+interleaved, round r with char_lm's ``--seed=SEED+r`` (``--seed``, default 0: another
+initialisation, dropout and batch order); scores are min / median over rounds. Peak RSS is
+the child's own (``wait4``).
 """
 
 import json
@@ -54,6 +56,8 @@ CONTENDERS = {
     "gru": dict(cell="gru", units=256, learning_rate=8e-3),
     "ln_lstm": dict(cell="ln_lstm", units=256, learning_rate=8e-3),
     "min_gru": dict(cell="min_gru", units=512, learning_rate=8e-3),
+    # minGRU's gates read only the input: depth is where its mixing across units comes from.
+    "min_gru_3x512": dict(cell="min_gru", units=512, layers=3, learning_rate=4e-3),
     # The 30-minute budget: wider, and (the last) more dropout against overfitting.
     "gru_512": dict(cell="gru", units=512, learning_rate=5e-3, dropout=0.1),
     "ln_lstm_512": dict(cell="ln_lstm", units=512, learning_rate=3e-3, dropout=0.1),
@@ -71,6 +75,10 @@ CONTENDERS = {
     "ln_lstm_512_wd25_rw": dict(cell="ln_lstm", learning_rate=3e-3, **_WD25_RW),
     "simple_rnn_512_rw": dict(
         cell="simple_rnn", units=512, learning_rate=4e-3, dropout=0.1, random_windows=True
+    ),
+    # minGRU has no recurrent kernel to drop: depth, dropout 0.3 between its layers.
+    "min_gru_3x512_rw": dict(
+        cell="min_gru", units=512, layers=3, learning_rate=3e-3, dropout=0.3, random_windows=True
     ),
 }
 # Every contender's optimiser and schedule (decay_steps comes from the calibration).
@@ -97,6 +105,9 @@ _SET = flags.DEFINE_multi_string(
     "set", [], "name:flag=value, a change to a contender's flags (searching), e.g. gru:units=384."
 )
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Interleaved rounds.")
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Round r runs every contender with char_lm --seed=SEED+r (unless --set gives one)."
+)
 _EVALS = flags.DEFINE_integer("evals", 10, "Held-out evaluations along a run.")
 _CALIBRATION = flags.DEFINE_float("calibration", 20.0, "Training seconds of a calibration run.")
 _CORE = flags.DEFINE_integer("core", 0, "The core every child is pinned to.")
@@ -176,6 +187,17 @@ def _parameters(settings: dict) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(shapes))
 
 
+def schedule(contenders: dict, rounds: int, seed: int) -> list[tuple[int, str, dict]]:
+    """``(round, name, settings)`` in running order: round by round, every contender once per
+    round (interleaved, so a slow spell of the machine falls on all of them), round ``r`` with
+    ``seed + r`` unless the contender's settings name a seed of their own."""
+    return [
+        (r, name, {"seed": seed + r, **settings})
+        for r in range(rounds)
+        for name, settings in contenders.items()
+    ]
+
+
 def run_contender(name: str, settings: dict, budget: float, scratch: str) -> dict:
     """Calibrates, then trains ``name`` for ``budget`` training seconds; its row."""
     base = {**_protocol(_TEXT.value), **COMMON, **settings}
@@ -251,29 +273,31 @@ def _summary(results: list[dict]) -> list[dict]:
 
 def table(results: dict) -> str:
     rounds = results["rounds"]
-    spread = "" if rounds == 1 else f" (min / median over {rounds} rounds)"
+    spread = "" if rounds == 1 else " (min / median over the contender's runs)"
     lines = [
         f"Budget {results['budget']:g} training seconds, each contender on one core of "
         f"{results['cpu']} (core {results['core']}), single-threaded XLA; nats per character: "
         f"the run's best held-out block score and the stream score of the same state{spread}.",
         "",
-        "| contender | params | chars/s | peak RSS MB | block nats | stream nats | final block |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| contender | runs | params | chars/s | peak RSS MB | block nats | stream nats | "
+        "final block |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in results["summary"]:
 
         def both(key, s=s):
-            if rounds == 1:
+            if s["rounds"] == 1:
                 return f"{s['min_' + key]:.4f}"
             return f"{s['min_' + key]:.4f} / {s['median_' + key]:.4f}"
 
         lines.append(
-            f"| {s['name']} | {s['parameters'] / 1e6:.2f}M | {s['chars_per_second']:.0f} | "
+            f"| {s['name']} | {s['rounds']} | {s['parameters'] / 1e6:.2f}M | "
+            f"{s['chars_per_second']:.0f} | "
             f"{s['peak_rss_mb']:.0f} | {both('best_block')} | {both('best_stream')} | "
             f"{both('final_block')} |"
         )
     for label, value in REFERENCES.items():
-        lines.append(f"| {label} | | | | {value:.4f} | | |")
+        lines.append(f"| {label} | | | | | {value:.4f} | | |")
     return "\n".join(lines)
 
 
@@ -284,10 +308,17 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    # One colour per contender, its runs (rounds, seeds) drawn alike and labelled once.
+    names = list(dict.fromkeys(run["name"] for run in results["runs"]))
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors = {name: palette(i % palette.N) for i, name in enumerate(names)}
+    labelled = set()
     for run in results["runs"]:
-        seconds = [c[0] for c in run["curve"]]
-        (line,) = ax.plot(seconds, [c[2] for c in run["curve"]], label=f"{run['name']} block")
-        ax.plot(seconds, [c[3] for c in run["curve"]], ls="--", color=line.get_color(), lw=1)
+        name, seconds = run["name"], [c[0] for c in run["curve"]]
+        label = None if name in labelled else f"{name} block"
+        labelled.add(name)
+        ax.plot(seconds, [c[2] for c in run["curve"]], color=colors[name], label=label)
+        ax.plot(seconds, [c[3] for c in run["curve"]], ls="--", color=colors[name], lw=1)
     for (label, value), style in zip(REFERENCES.items(), (":", "-."), strict=True):
         ax.axhline(value, color="k", ls=style, lw=1, label=label)
     ax.set_xlabel("training seconds (one core)")
@@ -348,19 +379,16 @@ def main(argv):
             contenders[name][key] = _value(value)
         runs = []
         with tempfile.TemporaryDirectory() as scratch:
-            for r in range(_ROUNDS.value):
-                for name, settings in contenders.items():
-                    row = run_contender(
-                        name, settings, _BUDGET.value, os.path.join(scratch, str(r))
-                    )
-                    row["round"], row["core"] = r, _CORE.value
-                    runs.append(row)
-                    print(
-                        f"round {r} {name}: best block {row['best_block']:.4f}, stream "
-                        f"{row['best_stream']:.4f} ({row['train_seconds']:.0f} s training, "
-                        f"{row['wall_seconds']:.0f} s wall)",
-                        flush=True,
-                    )
+            for r, name, settings in schedule(contenders, _ROUNDS.value, _SEED.value):
+                row = run_contender(name, settings, _BUDGET.value, os.path.join(scratch, str(r)))
+                row["round"], row["core"], row["seed"] = r, _CORE.value, settings["seed"]
+                runs.append(row)
+                print(
+                    f"round {r} {name}: best block {row['best_block']:.4f}, stream "
+                    f"{row['best_stream']:.4f} ({row['train_seconds']:.0f} s training, "
+                    f"{row['wall_seconds']:.0f} s wall)",
+                    flush=True,
+                )
         results = {
             "budget": _BUDGET.value,
             "cpu": cpu_name(),
