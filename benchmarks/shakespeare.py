@@ -4,7 +4,7 @@ core, with nanoGPT's documented numbers as the reference lines.
 
 Run: .venv/bin/python -m benchmarks.shakespeare --text=../shared/data/tiny_shakespeare.txt \
          --budget=175 --contenders=simple_rnn,lstm,gru,ln_lstm
-       (each contender: a 20-s calibration run, then a run of --budget training seconds;
+       (each contender: a calibration run of at least 20 s, then --budget training seconds;
        writes benchmarks/shakespeare_175.json and docs/figures/shakespeare_175.png and prints
        the table of docs/shakespeare.md)
      .venv/bin/python -m benchmarks.shakespeare --budget=1800 --contenders=gru_large ...
@@ -109,7 +109,11 @@ _SEED = flags.DEFINE_integer(
     "seed", 0, "Round r runs every contender with char_lm --seed=SEED+r (unless --set gives one)."
 )
 _EVALS = flags.DEFINE_integer("evals", 10, "Held-out evaluations along a run.")
-_CALIBRATION = flags.DEFINE_float("calibration", 20.0, "Training seconds of a calibration run.")
+_CALIBRATION = flags.DEFINE_float(
+    "calibration",
+    20.0,
+    "Least training seconds of a calibration run (it ends at the first epoch's end past them).",
+)
 _CORE = flags.DEFINE_integer("core", 0, "The core every child is pinned to.")
 _OUT = flags.DEFINE_string(
     "out", None, "Results file (default benchmarks/shakespeare_<budget>.json)."
@@ -202,6 +206,8 @@ def run_contender(name: str, settings: dict, budget: float, scratch: str) -> dic
     """Calibrates, then trains ``name`` for ``budget`` training seconds; its row."""
     base = {**_protocol(_TEXT.value), **COMMON, **settings}
     cal_dir = os.path.join(scratch, f"{name}_calibration")
+    # char_lm checks its budget between compiled calls, here whole epochs (246 updates of
+    # 64 x 64): the calibration is at least --calibration seconds, and at least one epoch.
     cal = {**base, "max_train_seconds": _CALIBRATION.value, "steps_per_iteration": 100000}
     _child(cal, cal_dir, cal_dir + ".log")
     cal_rows = _rows(cal_dir)
