@@ -345,16 +345,19 @@ def merge(parts: list[dict]) -> dict:
         raise app.UsageError(f"--from_json: the files' budgets differ ({sorted(budgets)})")
     if len(parts) == 1:
         return parts[0]
-    runs = []
+    runs, commands = [], []
     for part in parts:
         runs += [{"core": part["core"], **run} for run in part["runs"]]
+        # A merged file's command is already the list of its parts': merged again, flat.
+        command = part["command"]
+        commands += command if isinstance(command, list) else [command]
     cores = sorted({str(run["core"]) for run in runs})
     summary = _summary(runs)
     return {
         **parts[0],
         "core": cores[0] if len(cores) == 1 else " and ".join(cores),
         "rounds": max(s["rounds"] for s in summary),
-        "command": [part["command"] for part in parts],
+        "command": commands,
         "runs": runs,
         "summary": summary,
     }

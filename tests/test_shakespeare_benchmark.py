@@ -104,3 +104,16 @@ def test_schedule_interleaves_rounds_and_seeds_each_round():
         (1, "b", {"seed": 7, "units": 4}),
     ]
     assert contenders == {"a": {"units": 8}, "b": {"units": 4, "seed": 7}}  # not changed
+
+
+def test_from_json_merging_a_merged_file_keeps_one_flat_list_of_commands(tmp_path):
+    a = _part(175.0, 0, [_run("gru", 1.5)])
+    b = _part(175.0, 1, [_run("gru", 1.6)])
+    c = _part(175.0, 0, [_run("lstm", 1.8)])
+    first = _part(175.0, "0 and 1", [_run("gru", 1.5), _run("gru", 1.6)])
+    first["command"] = [a["command"], b["command"]]
+    proc, out, _ = _merge(tmp_path, [first, c])
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(out.read_text())
+    assert merged["command"] == [a["command"], b["command"], c["command"]]
+    assert [r["best_block"] for r in merged["runs"]] == [1.5, 1.6, 1.8]
